@@ -1,0 +1,110 @@
+//! Errors of the contract: each says what was wrong and what is allowed.
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid config.json: {message}")]
+    Json { path: String, message: String },
+    #[error("config.json has no `{0}`, which is required")]
+    Missing(&'static str),
+    #[error(
+        "config.json has no `head_dim`; Gemma's head_dim is not hidden_size / num_attention_heads \
+         (7B: 16 heads x 256 = 4096 != 3072), so the file must give it"
+    )]
+    MissingHeadDim,
+    #[error("config.json: `{field}` is {value}; allowed: {allowed}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        allowed: String,
+    },
+    #[error("{path}: {inner}")]
+    InFile {
+        path: String,
+        inner: Box<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(field: &'static str, value: &str, allowed: &str) -> Self {
+        ConfigError::Invalid {
+            field,
+            value: value.to_string(),
+            allowed: allowed.to_string(),
+        }
+    }
+
+    /// Names the file an error came from.
+    pub(crate) fn in_file(self, path: &Path) -> Self {
+        let path = path.display().to_string();
+        match self {
+            ConfigError::Json { message, .. } => ConfigError::Json { path, message },
+            e @ (ConfigError::Read { .. } | ConfigError::InFile { .. }) => e,
+            inner => ConfigError::InFile {
+                path,
+                inner: Box::new(inner),
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("{what}={value} is not allowed; it must be at least 1")]
+    Zero { what: &'static str, value: usize },
+    #[error("tp={tp} does not divide {heads} attention heads; use {allowed}")]
+    HeadsNotDivisible {
+        tp: usize,
+        heads: usize,
+        allowed: String,
+    },
+    #[error(
+        "tp={tp} cannot share {kv_heads} key-value heads: tp must divide them or be a multiple of \
+         them; use {allowed}"
+    )]
+    KvHeadsIncompatible {
+        tp: usize,
+        kv_heads: usize,
+        allowed: String,
+    },
+    #[error("pp={pp} exceeds the model's {layers} layers; use 1 to {layers}")]
+    TooManyStages { pp: usize, layers: usize },
+    #[error("layers per stage {given:?} has {len} entries but pp={pp}; give one count per stage")]
+    StageCountMismatch {
+        given: Vec<usize>,
+        len: usize,
+        pp: usize,
+    },
+    #[error(
+        "layers per stage {given:?} sum to {sum} but the model has {layers} layers; the counts \
+         must add up to {layers}, each at least 1"
+    )]
+    LayerSumMismatch {
+        given: Vec<usize>,
+        sum: usize,
+        layers: usize,
+    },
+    #[error("layers per stage {given:?} gives stage {stage} no layers; every stage needs at least 1")]
+    EmptyStage { given: Vec<usize>, stage: usize },
+    #[error("tp={tp} exceeds intermediate_size {intermediate}")]
+    TooManyRanks { tp: usize, intermediate: usize },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KvError {
+    #[error(
+        "out of KV blocks: {needed} more needed, {free} free of {total} (block size {block_size})"
+    )]
+    OutOfBlocks {
+        needed: usize,
+        free: usize,
+        total: usize,
+        block_size: usize,
+    },
+}

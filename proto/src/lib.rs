@@ -1,0 +1,14 @@
+//! The contract between the coordinator and the workers: the model config, the shard plan, the KV
+//! block tables and the step. The coordinator depends on this crate only, never on the worker.
+
+pub mod config;
+pub mod error;
+pub mod kv_blocks;
+pub mod plan;
+pub mod step;
+
+pub use config::{Activation, Architecture, ModelConfig};
+pub use error::{ConfigError, KvError, PlanError};
+pub use kv_blocks::{KvAllocation, KvBlockManager, DEFAULT_BLOCK_SIZE};
+pub use plan::{PlanRequest, ShardPlan, ShardSpec};
+pub use step::{SeqStep, StepBatch};

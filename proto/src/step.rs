@@ -1,0 +1,34 @@
+//! One step of the cluster: the same small message goes to every worker.
+
+use serde::{Deserialize, Serialize};
+
+/// One sequence's part of a step: its new tokens and where they go in its KV cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqStep {
+    pub seq_id: u64,
+    /// Token ids to process: the prompt (or a chunk of it) at prefill, one token at decode.
+    pub tokens: Vec<u32>,
+    /// Position of `tokens[0]`; positions before it are already in the cache.
+    pub start_pos: usize,
+    /// KV blocks of the sequence in position order; must cover `start_pos + tokens.len()`.
+    pub block_table: Vec<u32>,
+}
+
+impl SeqStep {
+    /// Positions covered once this step is done.
+    pub fn end_pos(&self) -> usize {
+        self.start_pos + self.tokens.len()
+    }
+}
+
+/// A batch step: any mix of prefill chunks and decodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepBatch {
+    pub seqs: Vec<SeqStep>,
+}
+
+impl StepBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.tokens.len()).sum()
+    }
+}

@@ -1,0 +1,90 @@
+//! Errors of the worker library. Loading errors name the file, the tensor, and expected vs found.
+
+use gemma_proto::{ConfigError, PlanError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "{dir}: no model.safetensors and no model.safetensors.index.json; a HuggingFace model \
+         folder needs one of them"
+    )]
+    NoWeights { dir: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("{path}: not a valid safetensors index: {reason}")]
+    BadIndex { path: String, reason: String },
+    #[error("tensor {tensor} not found in {files}")]
+    MissingTensor { tensor: String, files: String },
+    #[error("{path}: tensor {tensor} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        path: String,
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: tensor {tensor} of shape {shape:?} cannot be sliced as {slice}")]
+    Slice {
+        path: String,
+        tensor: String,
+        shape: Vec<usize>,
+        slice: String,
+    },
+    #[error("{path}: tensor {tensor} is stored as {found}; supported: F32, BF16, F16")]
+    Dtype {
+        path: String,
+        tensor: String,
+        found: String,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("tensor {tensor}: {source}")]
+    Candle {
+        tensor: String,
+        source: candle_core::Error,
+    },
+    #[error("allocating the KV cache: {0}")]
+    KvCache(candle_core::Error),
+}
+
+/// Why a step was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("invalid step: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error("compute: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum CollectiveError {
+    #[error("all-reduce on rank {rank}: no partial from {missing:?} within {waited_ms} ms")]
+    Timeout {
+        rank: usize,
+        missing: Vec<usize>,
+        waited_ms: u128,
+    },
+    #[error("all-reduce aborted: {0}")]
+    Aborted(String),
+    #[error("all-reduce: partials disagree: {0}")]
+    Mismatch(String),
+}
+
+/// Why a generation run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("prompt {0} is empty; every prompt needs at least one token (<bos>)")]
+    EmptyPrompt(usize),
+    #[error(transparent)]
+    Kv(#[from] gemma_proto::KvError),
+    #[error(transparent)]
+    Step(#[from] StepError),
+}

@@ -1,0 +1,18 @@
+//! A gemma-cluster worker: one shard (pipeline stage x tensor rank) of a Gemma model, its paged
+//! KV cache, and the collective that joins it to the other ranks of its stage.
+
+pub mod collective;
+pub mod error;
+pub mod folder;
+pub mod generate;
+pub mod kv_cache;
+pub mod local;
+pub mod model;
+pub mod weights;
+
+pub use collective::{Collective, InProcessCollective, SoloCollective};
+pub use error::{CollectiveError, LoadError, RunError, StepError};
+pub use folder::ModelFolder;
+pub use generate::{generate_greedy, GreedyOptions, GreedyOutput};
+pub use local::LocalCluster;
+pub use model::{Shard, ShardOptions, StageOutput};

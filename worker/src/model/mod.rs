@@ -1,0 +1,295 @@
+//! A loaded shard of a Gemma model: pipeline stage p x tensor rank t of a [`ShardPlan`].
+//!
+//! [`ShardPlan`]: gemma_proto::ShardPlan
+
+pub mod attention;
+pub mod context;
+pub mod embedding;
+pub mod layer;
+pub mod linear;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+
+use std::collections::HashSet;
+
+use candle_core::{DType, Device, Tensor};
+use gemma_proto::{ModelConfig, ShardSpec, StepBatch};
+
+use crate::collective::Collective;
+use crate::error::{LoadError, StepError};
+use crate::kv_cache::KvCache;
+use crate::weights::WeightFiles;
+use context::StepContext;
+use embedding::VocabParallelEmbedding;
+use layer::DecoderLayer;
+use norm::RmsNorm;
+use rope::Rope;
+
+/// How a shard is loaded.
+#[derive(Debug, Clone)]
+pub struct ShardOptions {
+    /// Compute dtype: f32 on the CPU by default (candle's bf16 CPU matmul is ~30x slower).
+    pub dtype: DType,
+    pub device: Device,
+    /// KV blocks in this shard's pool (the same number on every shard of a cluster).
+    pub kv_blocks: usize,
+    pub block_size: usize,
+}
+
+impl Default for ShardOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            kv_blocks: 256,
+            block_size: gemma_proto::DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
+/// What a stage hands on: hidden states to the next stage, or (last stage) the logits of this
+/// rank's vocabulary slice at each sequence's last token.
+#[derive(Debug)]
+pub enum StageOutput {
+    /// [tokens, hidden] in the compute dtype.
+    Hidden(Tensor),
+    /// [seqs, vocab slice] in f32.
+    Logits(Tensor),
+}
+
+/// A shard that exists only loaded: there is no way to step one that is not.
+pub struct Shard {
+    cfg: ModelConfig,
+    spec: ShardSpec,
+    dtype: DType,
+    device: Device,
+    /// Stage 0 embeds with it, the last stage computes logits with it (tied).
+    embedding: Option<VocabParallelEmbedding>,
+    layers: Vec<DecoderLayer>,
+    final_norm: Option<RmsNorm>,
+    rope: Rope,
+    kv: KvCache,
+    group: Box<dyn Collective>,
+    weight_bytes: u64,
+}
+
+impl Shard {
+    /// Loads `spec`'s slices of the model; `group` connects it to the other ranks of its stage.
+    pub fn load(
+        files: &WeightFiles,
+        cfg: &ModelConfig,
+        spec: &ShardSpec,
+        opts: &ShardOptions,
+        group: Box<dyn Collective>,
+    ) -> Result<Self, LoadError> {
+        let (dtype, device) = (opts.dtype, &opts.device);
+        let before = files.bytes_read();
+        let embedding = if spec.is_first_stage() || spec.is_last_stage() {
+            Some(VocabParallelEmbedding::load(
+                files,
+                cfg.vocab_size,
+                cfg.hidden_size,
+                spec.vocab_rows.clone(),
+                dtype,
+                device,
+            )?)
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(spec.layers.len());
+        for i in spec.layers.clone() {
+            layers.push(DecoderLayer::load(files, i, cfg, spec, dtype, device)?);
+            tracing::debug!(
+                stage = spec.stage,
+                rank = spec.rank,
+                layer = i,
+                bytes_loaded = files.bytes_read() - before,
+                "loaded layer"
+            );
+        }
+        let final_norm = if spec.is_last_stage() {
+            Some(RmsNorm::load(
+                files,
+                "model.norm.weight",
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                device,
+            )?)
+        } else {
+            None
+        };
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.max_position_embeddings,
+            dtype,
+            device,
+        )
+        .map_err(|source| LoadError::Candle {
+            tensor: "rope tables".to_string(),
+            source,
+        })?;
+        let kv = KvCache::new(
+            layers.len(),
+            opts.kv_blocks,
+            opts.block_size,
+            spec.kv_heads.len(),
+            cfg.head_dim,
+            dtype,
+            device,
+        )
+        .map_err(LoadError::KvCache)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            spec: spec.clone(),
+            dtype,
+            device: device.clone(),
+            embedding,
+            layers,
+            final_norm,
+            rope,
+            kv,
+            group,
+            weight_bytes: files.bytes_read() - before,
+        })
+    }
+
+    pub fn spec(&self) -> &ShardSpec {
+        &self.spec
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Bytes of weights this shard read from the model files.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    pub fn kv_blocks(&self) -> usize {
+        self.kv.num_blocks()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs one step of the batch through this shard's layers. Stage 0 embeds the batch's tokens;
+    /// later stages take the previous stage's hidden states as `input`.
+    pub fn step(&self, batch: &StepBatch, input: Option<&Tensor>) -> Result<StageOutput, StepError> {
+        let _span = tracing::debug_span!(
+            "shard_step",
+            stage = self.spec.stage,
+            rank = self.spec.rank,
+            seqs = batch.seqs.len(),
+            tokens = batch.num_tokens()
+        )
+        .entered();
+        self.validate(batch, input)?;
+        let ctx = StepContext::new(batch, &self.rope, &self.kv, &self.device)?;
+        let result = self.forward(batch, input, &ctx);
+        if let Err(e) = &result {
+            // Peers may be waiting in a collective this rank will never reach.
+            self.group.abort(&e.to_string());
+        }
+        result
+    }
+
+    fn forward(
+        &self,
+        batch: &StepBatch,
+        input: Option<&Tensor>,
+        ctx: &StepContext,
+    ) -> Result<StageOutput, StepError> {
+        let mut x = match (&self.embedding, input) {
+            (Some(emb), _) if self.spec.is_first_stage() => self.embed(emb, batch)?,
+            (_, Some(hidden)) => hidden.clone(),
+            _ => return Err(StepError::Invalid("no input hidden states".to_string())),
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = self
+                .kv
+                .layer(i)
+                .ok_or_else(|| StepError::Invalid(format!("no KV cache for layer {i}")))?;
+            x = layer.forward(&x, ctx, kv, self.group.as_ref())?;
+        }
+        match (&self.final_norm, &self.embedding) {
+            (Some(norm), Some(emb)) => {
+                let last = x.index_select(&ctx.last_rows, 0)?;
+                Ok(StageOutput::Logits(emb.logits(&norm.forward(&last)?)?))
+            }
+            _ => Ok(StageOutput::Hidden(x)),
+        }
+    }
+
+    /// Vocab-parallel embedding, all-reduced, times sqrt(hidden) rounded to the compute dtype
+    /// first (in bf16 sqrt(3072) is 55.5).
+    fn embed(&self, emb: &VocabParallelEmbedding, batch: &StepBatch) -> Result<Tensor, StepError> {
+        let tokens: Vec<u32> = batch.seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let x = self.group.all_reduce_sum(&emb.embed_partial(&tokens)?)?;
+        let normalizer = Tensor::new((self.cfg.hidden_size as f32).sqrt(), &self.device)?
+            .to_dtype(self.dtype)?;
+        Ok(x.broadcast_mul(&normalizer)?)
+    }
+
+    /// Refuses what would corrupt the cache or index out of range, identically on every rank and
+    /// before any collective, so a bad step fails cleanly everywhere.
+    fn validate(&self, batch: &StepBatch, input: Option<&Tensor>) -> Result<(), StepError> {
+        let invalid = |m: String| Err(StepError::Invalid(m));
+        if batch.seqs.is_empty() {
+            return invalid("the step has no sequences".to_string());
+        }
+        let mut blocks = HashSet::new();
+        for seq in &batch.seqs {
+            if seq.tokens.is_empty() {
+                return invalid(format!("sequence {} has no tokens", seq.seq_id));
+            }
+            if let Some(t) = seq.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return invalid(format!(
+                    "sequence {}: token id {t} is outside the vocabulary of {}",
+                    seq.seq_id, self.cfg.vocab_size
+                ));
+            }
+            if seq.end_pos() > self.rope.max_positions() {
+                return invalid(format!(
+                    "sequence {}: positions up to {} exceed max_position_embeddings {}",
+                    seq.seq_id,
+                    seq.end_pos(),
+                    self.rope.max_positions()
+                ));
+            }
+            for &b in &seq.block_table {
+                if !blocks.insert(b) {
+                    return invalid(format!(
+                        "KV block {b} appears twice in the step (sequence {})",
+                        seq.seq_id
+                    ));
+                }
+            }
+        }
+        if !self.spec.is_first_stage() {
+            let expected = [batch.num_tokens(), self.cfg.hidden_size];
+            match input {
+                Some(h) if h.dims() == expected && h.dtype() == self.dtype => {}
+                Some(h) => {
+                    return invalid(format!(
+                        "stage {} expects hidden states {expected:?} {:?}, got {:?} {:?}",
+                        self.spec.stage,
+                        self.dtype,
+                        h.dims(),
+                        h.dtype()
+                    ))
+                }
+                None => {
+                    return invalid(format!(
+                        "stage {} needs the previous stage's hidden states",
+                        self.spec.stage
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
