@@ -1,0 +1,213 @@
+//! Fixtures shared by the worker's tests: tiny models written once per test binary, prompts, and
+//! the single-process reference (candle-transformers' Gemma, in f32).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::gemma;
+use gemma_cluster_tests::{SplitMix64, Storage, TinyGemma};
+use gemma_proto::{KvBlockManager, ModelConfig, PlanRequest};
+use gemma_worker::{generate_greedy, GreedyOptions, GreedyOutput, LocalCluster, ModelFolder, ShardOptions};
+
+pub const NEW_TOKENS: usize = 32;
+/// Logits of a plan vs the single-process reference (f32).
+pub const F32_TOLERANCE: f32 = 1e-4;
+
+struct Fixtures {
+    _root: tempfile::TempDir,
+    mha: PathBuf,
+    mqa: PathBuf,
+    mha_bf16: PathBuf,
+    mha_sharded_files: PathBuf,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| {
+        let root = tempfile::tempdir().expect("temp dir");
+        let write = |name: &str, m: TinyGemma| {
+            let dir = root.path().join(name);
+            m.write(&dir).expect("write tiny model");
+            dir
+        };
+        Fixtures {
+            mha: write("mha", TinyGemma::mha_like_7b()),
+            mqa: write("mqa", TinyGemma::mqa_like_2b()),
+            mha_bf16: write("mha-bf16", TinyGemma::mha_like_7b().with_storage(Storage::Bf16)),
+            mha_sharded_files: write("mha-3-files", TinyGemma::mha_like_7b().with_files(3)),
+            _root: root,
+        }
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Model {
+    Mha,
+    Mqa,
+    MhaBf16,
+    MhaShardedFiles,
+}
+
+impl Model {
+    pub fn dir(self) -> &'static Path {
+        let f = fixtures();
+        match self {
+            Model::Mha => &f.mha,
+            Model::Mqa => &f.mqa,
+            Model::MhaBf16 => &f.mha_bf16,
+            Model::MhaShardedFiles => &f.mha_sharded_files,
+        }
+    }
+}
+
+/// Three prompts of different lengths, each starting with <bos>.
+pub fn prompts() -> Vec<Vec<u32>> {
+    let mut rng = SplitMix64(42);
+    [5usize, 11, 23]
+        .iter()
+        .map(|&n| {
+            std::iter::once(2)
+                .chain((1..n).map(|_| 3 + (rng.next_u64() % 255_990) as u32))
+                .collect()
+        })
+        .collect()
+}
+
+/// The reference: each prompt alone through candle-transformers' Gemma, greedy, with the
+/// smallest top-two margin seen along the way.
+pub struct Reference {
+    pub prefill_logits: Vec<Vec<f32>>,
+    pub tokens: Vec<Vec<u32>>,
+    pub min_margin: f32,
+}
+
+pub fn reference(model: Model) -> &'static Reference {
+    static MHA: OnceLock<Reference> = OnceLock::new();
+    static MQA: OnceLock<Reference> = OnceLock::new();
+    let cell = match model {
+        Model::Mqa => &MQA,
+        _ => &MHA,
+    };
+    let dir = match model {
+        Model::Mqa => Model::Mqa.dir(),
+        _ => Model::Mha.dir(),
+    };
+    cell.get_or_init(|| run_reference(dir))
+}
+
+fn run_reference(dir: &Path) -> Reference {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
+    let rcfg = gemma::Config {
+        attention_bias: false,
+        head_dim: cfg.head_dim,
+        hidden_act: None,
+        hidden_activation: Some(candle_nn::Activation::GeluPytorchTanh),
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        num_attention_heads: cfg.num_attention_heads,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_key_value_heads: cfg.num_key_value_heads,
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope_theta: cfg.rope_theta,
+        vocab_size: cfg.vocab_size,
+        max_position_embeddings: cfg.max_position_embeddings,
+    };
+    let dev = Device::Cpu;
+    // SAFETY: the fixture file is written once and never modified while mapped.
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev)
+    }
+    .expect("reference weights");
+    let mut m = gemma::Model::new(false, &rcfg, vb).expect("reference model");
+    let mut out = Reference {
+        prefill_logits: Vec::new(),
+        tokens: Vec::new(),
+        min_margin: f32::INFINITY,
+    };
+    for prompt in prompts() {
+        m.clear_kv_cache();
+        let input = Tensor::new(prompt.as_slice(), &dev).and_then(|t| t.unsqueeze(0)).expect("ids");
+        let mut logits = last_logits(&m.forward(&input, 0).expect("prefill"));
+        out.prefill_logits.push(logits.clone());
+        let mut toks = Vec::new();
+        let mut pos = prompt.len();
+        for _ in 0..NEW_TOKENS {
+            out.min_margin = out.min_margin.min(top2_margin(&logits));
+            let t = gemma_worker::generate::argmax(&logits);
+            toks.push(t);
+            let input = Tensor::new(&[[t]], &dev).expect("id");
+            logits = last_logits(&m.forward(&input, pos).expect("decode"));
+            pos += 1;
+        }
+        out.tokens.push(toks);
+    }
+    out
+}
+
+fn last_logits(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("logits")
+}
+
+pub fn top2_margin(row: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in row {
+        if v > a {
+            b = a;
+            a = v;
+        } else if v > b {
+            b = v;
+        }
+    }
+    a - b
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "logit rows differ in length");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Loads `model` with `req` in one process and generates greedily for [`prompts`].
+pub fn run_plan(model: Model, req: PlanRequest, opts: ShardOptions) -> GreedyOutput {
+    let folder = ModelFolder::open(model.dir()).expect("open model folder");
+    let cluster = LocalCluster::load(&folder, &req, &opts).expect("load plan");
+    let kv = KvBlockManager::new(opts.kv_blocks, opts.block_size);
+    let out = generate_greedy(
+        &cluster,
+        &kv,
+        &prompts(),
+        &GreedyOptions {
+            max_new_tokens: NEW_TOKENS,
+            prefill_chunk: 8,
+        },
+    )
+    .expect("generate");
+    assert_eq!(kv.used_blocks(), 0, "every KV block returns to the pool");
+    out
+}
+
+/// Small blocks so that prompts span several blocks and the tables are non-trivial.
+pub fn small_blocks() -> ShardOptions {
+    ShardOptions {
+        kv_blocks: 64,
+        block_size: 4,
+        ..ShardOptions::default()
+    }
+}
+
+/// Asserts a run agrees with the reference: logits within `tol`, identical greedy tokens.
+pub fn assert_matches_reference(out: &GreedyOutput, reference: &Reference, tol: f32) {
+    assert!(
+        reference.min_margin > 10.0 * tol,
+        "the prompts must keep the reference's top-two margins ({}) clear of the tolerance {tol}",
+        reference.min_margin
+    );
+    for (i, (got, want)) in out.prefill_logits.iter().zip(&reference.prefill_logits).enumerate() {
+        let d = max_abs_diff(got, want);
+        assert!(d <= tol, "prompt {i}: last-position logits differ by {d} > {tol}");
+    }
+    assert_eq!(out.tokens, reference.tokens, "greedy tokens differ from the reference");
+}
