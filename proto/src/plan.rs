@@ -142,7 +142,7 @@ impl ShardPlan {
 /// TP values that would work for this model, for error messages.
 fn allowed_tp(cfg: &ModelConfig) -> String {
     let ok: Vec<String> = (1..=cfg.num_attention_heads)
-        .filter(|&tp| check_heads(cfg, tp).is_ok())
+        .filter(|&tp| heads_fit(cfg, tp))
         .map(|tp| tp.to_string())
         .collect();
     match ok.as_slice() {
@@ -150,6 +150,13 @@ fn allowed_tp(cfg: &ModelConfig) -> String {
         [one] => one.clone(),
         [rest @ .., last] => format!("{} or {}", rest.join(", "), last),
     }
+}
+
+/// TP must divide the query heads, and either divide the KV heads (each rank owns whole KV heads)
+/// or be a multiple of them (each KV head is replicated on the ranks whose query heads read it).
+fn heads_fit(cfg: &ModelConfig, tp: usize) -> bool {
+    let (heads, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    heads % tp == 0 && (kv % tp == 0 || tp % kv == 0)
 }
 
 fn check_heads(cfg: &ModelConfig, tp: usize) -> Result<(), PlanError> {
@@ -162,9 +169,7 @@ fn check_heads(cfg: &ModelConfig, tp: usize) -> Result<(), PlanError> {
             allowed: allowed_tp(cfg),
         });
     }
-    // Either each rank owns whole KV heads, or each KV head is replicated on tp/kv ranks whose
-    // query heads all read that one head.
-    if kv % tp != 0 && tp % kv != 0 {
+    if !heads_fit(cfg, tp) {
         return Err(PlanError::KvHeadsIncompatible {
             tp,
             kv_heads: kv,

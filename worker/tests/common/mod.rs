@@ -22,6 +22,7 @@ struct Fixtures {
     mha: PathBuf,
     mqa: PathBuf,
     mha_bf16: PathBuf,
+    mha_f16: PathBuf,
     mha_sharded_files: PathBuf,
 }
 
@@ -38,6 +39,7 @@ fn fixtures() -> &'static Fixtures {
             mha: write("mha", TinyGemma::mha_like_7b()),
             mqa: write("mqa", TinyGemma::mqa_like_2b()),
             mha_bf16: write("mha-bf16", TinyGemma::mha_like_7b().with_storage(Storage::Bf16)),
+            mha_f16: write("mha-f16", TinyGemma::mha_like_7b().with_storage(Storage::F16)),
             mha_sharded_files: write("mha-3-files", TinyGemma::mha_like_7b().with_files(3)),
             _root: root,
         }
@@ -49,6 +51,7 @@ pub enum Model {
     Mha,
     Mqa,
     MhaBf16,
+    MhaF16,
     MhaShardedFiles,
 }
 
@@ -59,6 +62,7 @@ impl Model {
             Model::Mha => &f.mha,
             Model::Mqa => &f.mqa,
             Model::MhaBf16 => &f.mha_bf16,
+            Model::MhaF16 => &f.mha_f16,
             Model::MhaShardedFiles => &f.mha_sharded_files,
         }
     }
@@ -85,18 +89,20 @@ pub struct Reference {
     pub min_margin: f32,
 }
 
+/// The reference for `model`'s weights (computed once per test binary).
 pub fn reference(model: Model) -> &'static Reference {
     static MHA: OnceLock<Reference> = OnceLock::new();
     static MQA: OnceLock<Reference> = OnceLock::new();
-    let cell = match model {
-        Model::Mqa => &MQA,
-        _ => &MHA,
+    static MHA_BF16: OnceLock<Reference> = OnceLock::new();
+    static MHA_F16: OnceLock<Reference> = OnceLock::new();
+    let (cell, source) = match model {
+        // The same weights as Mha, split over three files.
+        Model::Mha | Model::MhaShardedFiles => (&MHA, Model::Mha),
+        Model::Mqa => (&MQA, Model::Mqa),
+        Model::MhaBf16 => (&MHA_BF16, Model::MhaBf16),
+        Model::MhaF16 => (&MHA_F16, Model::MhaF16),
     };
-    let dir = match model {
-        Model::Mqa => Model::Mqa.dir(),
-        _ => Model::Mha.dir(),
-    };
-    cell.get_or_init(|| run_reference(dir))
+    cell.get_or_init(|| run_reference(source.dir()))
 }
 
 fn run_reference(dir: &Path) -> Reference {
