@@ -151,8 +151,7 @@ impl WeightFiles {
         }
         let base = file.data_start + info.data_offsets.0;
         let (pieces, out_shape) = slice_pieces(base, shape, &slice, elem);
-        let tensor = decode(&file.mmap, &pieces, info.dtype, &out_shape, dtype, device);
-        file.release(base, info.data_offsets.1 - info.data_offsets.0);
+        let tensor = decode(file, &pieces, info.dtype, &out_shape, dtype, device);
         let read: usize = pieces.iter().map(|r| r.len()).sum();
         self.bytes_read
             .fetch_add(read as u64, std::sync::atomic::Ordering::Relaxed);
@@ -299,7 +298,7 @@ fn slice_pieces(
 /// transient memory of a load is one slice), then converts to the compute dtype: bf16/f16 -> f32
 /// is exact; f32 -> bf16/f16 rounds to nearest even, as torch's `.to()` does.
 fn decode(
-    mmap: &Mmap,
+    file: &MappedFile,
     pieces: &[Range<usize>],
     from: StDtype,
     shape: &[usize],
@@ -307,23 +306,43 @@ fn decode(
     device: &Device,
 ) -> candle_core::Result<Tensor> {
     let stored = match from {
-        StDtype::BF16 => Tensor::from_vec(decode_le(mmap, pieces, bf16::from_le_bytes), shape, device)?,
-        StDtype::F16 => Tensor::from_vec(decode_le(mmap, pieces, f16::from_le_bytes), shape, device)?,
-        _ => Tensor::from_vec(decode_le(mmap, pieces, f32::from_le_bytes), shape, device)?,
+        StDtype::BF16 => Tensor::from_vec(decode_le(file, pieces, bf16::from_le_bytes), shape, device)?,
+        StDtype::F16 => Tensor::from_vec(decode_le(file, pieces, f16::from_le_bytes), shape, device)?,
+        _ => Tensor::from_vec(decode_le(file, pieces, f32::from_le_bytes), shape, device)?,
     };
     stored.to_dtype(to)
 }
 
+/// Bytes decoded between two releases of mapped pages: bounds a load's transient RSS.
+const RELEASE_EVERY: usize = 8 << 20;
+
 fn decode_le<T, const N: usize>(
-    mmap: &Mmap,
+    file: &MappedFile,
     pieces: &[Range<usize>],
     from_le: fn([u8; N]) -> T,
 ) -> Vec<T> {
     let total: usize = pieces.iter().map(|r| r.len() / N).sum();
     let mut out = Vec::with_capacity(total);
+    // Pages touched since the last release, as one span (pieces are in file order).
+    let mut touched: Option<Range<usize>> = None;
     for r in pieces {
-        let (elems, _) = mmap[r.clone()].as_chunks::<N>();
-        out.extend(elems.iter().map(|&b| from_le(b)));
+        let mut at = r.start;
+        while at < r.end {
+            let end = (at + RELEASE_EVERY).min(r.end);
+            let (elems, _) = file.mmap[at..end].as_chunks::<N>();
+            out.extend(elems.iter().map(|&b| from_le(b)));
+            let span = touched.map_or(at..end, |t| t.start..end);
+            if span.len() >= RELEASE_EVERY {
+                file.release(span.start, span.len());
+                touched = None;
+            } else {
+                touched = Some(span);
+            }
+            at = end;
+        }
+    }
+    if let Some(span) = touched {
+        file.release(span.start, span.len());
     }
     out
 }
