@@ -149,14 +149,17 @@ impl ModelConfig {
                 return Err(ConfigError::invalid(name, "0", "a positive integer"));
             }
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(ConfigError::invalid(
                 "head_dim",
                 &self.head_dim.to_string(),
                 "an even number (RoPE rotates pairs)",
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(ConfigError::invalid(
                 "num_key_value_heads",
                 &self.num_key_value_heads.to_string(),
@@ -166,7 +169,8 @@ impl ModelConfig {
                 ),
             ));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
             return Err(ConfigError::invalid(
                 "rms_norm_eps/rope_theta",
                 &format!("{}/{}", self.rms_norm_eps, self.rope_theta),

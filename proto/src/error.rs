@@ -90,7 +90,9 @@ pub enum PlanError {
         sum: usize,
         layers: usize,
     },
-    #[error("layers per stage {given:?} gives stage {stage} no layers; every stage needs at least 1")]
+    #[error(
+        "layers per stage {given:?} gives stage {stage} no layers; every stage needs at least 1"
+    )]
     EmptyStage { given: Vec<usize>, stage: usize },
     #[error("tp={tp} exceeds intermediate_size {intermediate}")]
     TooManyRanks { tp: usize, intermediate: usize },

@@ -138,7 +138,9 @@ mod tests {
         let mut a = m.allocate(17).expect("2 blocks fit");
         assert_eq!(a.block_table(), &[0, 1]);
         assert_eq!(m.used_blocks(), 2);
-        let err = a.ensure_capacity(16 * 5).expect_err("5 blocks do not fit in 4");
+        let err = a
+            .ensure_capacity(16 * 5)
+            .expect_err("5 blocks do not fit in 4");
         assert_eq!(
             err,
             KvError::OutOfBlocks {

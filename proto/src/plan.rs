@@ -156,13 +156,13 @@ fn allowed_tp(cfg: &ModelConfig) -> String {
 /// or be a multiple of them (each KV head is replicated on the ranks whose query heads read it).
 fn heads_fit(cfg: &ModelConfig, tp: usize) -> bool {
     let (heads, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    heads % tp == 0 && (kv % tp == 0 || tp % kv == 0)
+    heads.is_multiple_of(tp) && (kv.is_multiple_of(tp) || tp.is_multiple_of(kv))
 }
 
 fn check_heads(cfg: &ModelConfig, tp: usize) -> Result<(), PlanError> {
     let heads = cfg.num_attention_heads;
     let kv = cfg.num_key_value_heads;
-    if heads % tp != 0 {
+    if !heads.is_multiple_of(tp) {
         return Err(PlanError::HeadsNotDivisible {
             tp,
             heads,

@@ -12,7 +12,10 @@ fn config(name: &str) -> ModelConfig {
     ModelConfig::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-fn json_with(name: &str, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+fn json_with(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/configs")
         .join(name);
@@ -27,11 +30,19 @@ fn gemma_1_configs_parse() {
     for name in ["gemma-7b.json", "gemma-1.1-7b-it.json"] {
         let c = config(name);
         assert_eq!(
-            (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (
+                c.hidden_size,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim
+            ),
             (3072, 16, 16, 256),
             "{name}"
         );
-        assert_eq!((c.num_hidden_layers, c.intermediate_size, c.vocab_size), (28, 24576, 256000));
+        assert_eq!(
+            (c.num_hidden_layers, c.intermediate_size, c.vocab_size),
+            (28, 24576, 256000)
+        );
         // head_dim is read: 16 x 256 = 4096 != 3072.
         assert_ne!(c.num_attention_heads * c.head_dim, c.hidden_size);
         assert_eq!(c.activation, Activation::GeluTanh, "{name}");
@@ -39,7 +50,12 @@ fn gemma_1_configs_parse() {
     for name in ["gemma-2b.json", "gemma-1.1-2b-it.json"] {
         let c = config(name);
         assert_eq!(
-            (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (
+                c.hidden_size,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim
+            ),
             (2048, 8, 1, 256),
             "{name}"
         );
@@ -57,12 +73,18 @@ fn activation_rules() {
     let erf = json_with("gemma-1.1-2b-it.json", |m| {
         m.insert("hidden_activation".into(), "gelu".into());
     });
-    assert_eq!(ModelConfig::from_json(&erf).expect("gelu").activation, Activation::GeluErf);
+    assert_eq!(
+        ModelConfig::from_json(&erf).expect("gelu").activation,
+        Activation::GeluErf
+    );
     let bad = json_with("gemma-2b.json", |m| {
         m.insert("hidden_activation".into(), "relu".into());
     });
     let e = ModelConfig::from_json(&bad).expect_err("relu").to_string();
-    assert!(e.contains("hidden_activation") && e.contains("relu") && e.contains("gelu_pytorch_tanh"), "{e}");
+    assert!(
+        e.contains("hidden_activation") && e.contains("relu") && e.contains("gelu_pytorch_tanh"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -77,14 +99,21 @@ fn config_errors_name_the_field_and_what_is_allowed() {
     let no_vocab = json_with("gemma-7b.json", |m| {
         m.remove("vocab_size");
     });
-    let e = ModelConfig::from_json(&no_vocab).expect_err("vocab").to_string();
+    let e = ModelConfig::from_json(&no_vocab)
+        .expect_err("vocab")
+        .to_string();
     assert!(e.contains("vocab_size"), "{e}");
 
     let llama = json_with("gemma-7b.json", |m| {
         m.insert("model_type".into(), "llama".into());
     });
-    let e = ModelConfig::from_json(&llama).expect_err("llama").to_string();
-    assert!(e.contains("model_type") && e.contains("llama") && e.contains("gemma"), "{e}");
+    let e = ModelConfig::from_json(&llama)
+        .expect_err("llama")
+        .to_string();
+    assert!(
+        e.contains("model_type") && e.contains("llama") && e.contains("gemma"),
+        "{e}"
+    );
 
     let bias = json_with("gemma-7b.json", |m| {
         m.insert("attention_bias".into(), true.into());
@@ -96,13 +125,20 @@ fn config_errors_name_the_field_and_what_is_allowed() {
         m.insert("num_hidden_layers".into(), 0.into());
     });
     let e = ModelConfig::from_json(&zero).expect_err("zero").to_string();
-    assert!(e.contains("num_hidden_layers") && e.contains("positive"), "{e}");
+    assert!(
+        e.contains("num_hidden_layers") && e.contains("positive"),
+        "{e}"
+    );
 
-    let e = ModelConfig::from_json("{ not json").expect_err("syntax").to_string();
+    let e = ModelConfig::from_json("{ not json")
+        .expect_err("syntax")
+        .to_string();
     assert!(e.contains("not a valid config.json"), "{e}");
 
     let missing = PathBuf::from("/nonexistent/config.json");
-    let e = ModelConfig::from_file(&missing).expect_err("missing").to_string();
+    let e = ModelConfig::from_file(&missing)
+        .expect_err("missing")
+        .to_string();
     assert!(e.contains("/nonexistent/config.json"), "{e}");
 }
 
@@ -121,8 +157,14 @@ fn plan_7b_tp4_pp2() {
     assert!(s.is_last_stage() && !s.is_first_stage());
     // The ranks' slices tile each dimension exactly.
     let stage0: Vec<_> = (0..4).map(|r| plan.shard(0, r).expect("rank")).collect();
-    assert_eq!(stage0.iter().map(|s| s.mlp_cols.len()).sum::<usize>(), 24576);
-    assert_eq!(stage0.iter().map(|s| s.vocab_rows.len()).sum::<usize>(), 256000);
+    assert_eq!(
+        stage0.iter().map(|s| s.mlp_cols.len()).sum::<usize>(),
+        24576
+    );
+    assert_eq!(
+        stage0.iter().map(|s| s.vocab_rows.len()).sum::<usize>(),
+        256000
+    );
 }
 
 #[test]
@@ -151,7 +193,10 @@ fn uneven_and_explicit_layer_splits() {
 fn impossible_plans_say_what_would_work() {
     let c7 = config("gemma-7b.json");
     let e = ShardPlan::new(&c7, &PlanRequest::new(3, 1)).expect_err("tp=3");
-    assert_eq!(e.to_string(), "tp=3 does not divide 16 attention heads; use 1, 2, 4, 8 or 16");
+    assert_eq!(
+        e.to_string(),
+        "tp=3 does not divide 16 attention heads; use 1, 2, 4, 8 or 16"
+    );
 
     let mut gqa = c7.clone();
     gqa.num_key_value_heads = 8;
@@ -163,11 +208,20 @@ fn impossible_plans_say_what_would_work() {
     let e = ShardPlan::new(&c7, &PlanRequest::new(0, 1)).expect_err("tp=0");
     assert_eq!(e.to_string(), "tp=0 is not allowed; it must be at least 1");
     let e = ShardPlan::new(&c7, &PlanRequest::new(1, 29)).expect_err("pp=29");
-    assert_eq!(e.to_string(), "pp=29 exceeds the model's 28 layers; use 1 to 28");
-    let e = ShardPlan::new(&c7, &PlanRequest::new(1, 2).with_layers(vec![10, 10])).expect_err("sum");
-    assert!(e.to_string().contains("sum to 20 but the model has 28 layers"), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "pp=29 exceeds the model's 28 layers; use 1 to 28"
+    );
+    let e =
+        ShardPlan::new(&c7, &PlanRequest::new(1, 2).with_layers(vec![10, 10])).expect_err("sum");
+    assert!(
+        e.to_string()
+            .contains("sum to 20 but the model has 28 layers"),
+        "{e}"
+    );
     let e = ShardPlan::new(&c7, &PlanRequest::new(1, 2).with_layers(vec![28])).expect_err("len");
     assert!(e.to_string().contains("one count per stage"), "{e}");
-    let e = ShardPlan::new(&c7, &PlanRequest::new(1, 2).with_layers(vec![0, 28])).expect_err("empty");
+    let e =
+        ShardPlan::new(&c7, &PlanRequest::new(1, 2).with_layers(vec![0, 28])).expect_err("empty");
     assert!(e.to_string().contains("stage 0 no layers"), "{e}");
 }

@@ -134,7 +134,11 @@ impl TinyGemma {
             add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], lin(h));
             add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], lin(h));
             add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], lin(h));
-            add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], out_proj(q));
+            add(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, q],
+                out_proj(q),
+            );
             add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.2);
             add(format!("{p}.mlp.gate_proj.weight"), vec![i, h], lin(h));
             add(format!("{p}.mlp.up_proj.weight"), vec![i, h], lin(h));
@@ -175,7 +179,8 @@ impl TinyGemma {
             write_safetensors(&dir.join(&name), chunk, dtype)?;
         }
         let total: usize = tensors.iter().map(|(_, _, b)| b.len()).sum();
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         std::fs::write(
             dir.join("model.safetensors.index.json"),
             serde_json::to_string_pretty(&index)?,
@@ -211,7 +216,9 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let views = tensors
         .iter()
-        .map(|(name, shape, bytes)| Ok((name.clone(), TensorView::new(dtype, shape.clone(), bytes)?)))
+        .map(|(name, shape, bytes)| {
+            Ok((name.clone(), TensorView::new(dtype, shape.clone(), bytes)?))
+        })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path)
         .with_context(|| format!("writing {}", path.display()))

@@ -133,9 +133,7 @@ impl Collective for InProcessCollective {
             while round.generation == joined && round.aborted.is_none() {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    let missing = (0..s.world)
-                        .filter(|&r| round.parts[r].is_none())
-                        .collect();
+                    let missing = (0..s.world).filter(|&r| round.parts[r].is_none()).collect();
                     return Err(CollectiveError::Timeout {
                         rank: self.rank,
                         missing,

@@ -93,7 +93,10 @@ pub fn generate_greedy(
             });
         }
         max_batch = max_batch.max(batch.seqs.len());
-        let logits = cluster.step(&batch)?.to_vec2::<f32>().map_err(crate::error::StepError::from)?;
+        let logits = cluster
+            .step(&batch)?
+            .to_vec2::<f32>()
+            .map_err(crate::error::StepError::from)?;
         for ((&i, seq_step), row) in active.iter().zip(&batch.seqs).zip(logits) {
             let seq = &mut seqs[i];
             seq.cached = seq_step.end_pos();
@@ -107,8 +110,14 @@ pub fn generate_greedy(
         }
     }
     Ok(GreedyOutput {
-        prefill_logits: seqs.iter_mut().map(|s| std::mem::take(&mut s.prefill_logits)).collect(),
-        tokens: seqs.iter_mut().map(|s| std::mem::take(&mut s.generated)).collect(),
+        prefill_logits: seqs
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.prefill_logits))
+            .collect(),
+        tokens: seqs
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.generated))
+            .collect(),
         max_batch,
     })
 }

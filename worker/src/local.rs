@@ -5,7 +5,9 @@
 use candle_core::Tensor;
 use gemma_proto::{PlanRequest, ShardPlan, StepBatch};
 
-use crate::collective::{Collective, InProcessCollective, SoloCollective, DEFAULT_COLLECTIVE_TIMEOUT};
+use crate::collective::{
+    Collective, InProcessCollective, SoloCollective, DEFAULT_COLLECTIVE_TIMEOUT,
+};
 use crate::error::{LoadError, StepError};
 use crate::folder::ModelFolder;
 use crate::model::{Shard, ShardOptions, StageOutput};
@@ -67,7 +69,9 @@ impl LocalCluster {
                 return Ok(Tensor::cat(&logits, 1)?);
             }
         }
-        Err(StepError::Invalid("the last stage produced no logits".to_string()))
+        Err(StepError::Invalid(
+            "the last stage produced no logits".to_string(),
+        ))
     }
 }
 
@@ -79,7 +83,9 @@ fn run_stage(
     inputs: &[Option<Tensor>],
 ) -> Result<Vec<StageOutput>, StepError> {
     if let [shard] = shards {
-        return Ok(vec![shard.step(batch, inputs.first().and_then(Option::as_ref))?]);
+        return Ok(vec![
+            shard.step(batch, inputs.first().and_then(Option::as_ref))?
+        ]);
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = shards

@@ -79,7 +79,8 @@ impl WeightFiles {
             path: index.display().to_string(),
             source,
         })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -172,10 +173,13 @@ impl WeightFiles {
             .and_then(|&i| self.files.get(i))
             .ok_or_else(missing)?;
         // The index may claim a tensor its file does not hold.
-        let info = file.tensors.get(name).ok_or_else(|| LoadError::MissingTensor {
-            tensor: name.to_string(),
-            files: file.path.display().to_string(),
-        })?;
+        let info = file
+            .tensors
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor {
+                tensor: name.to_string(),
+                files: file.path.display().to_string(),
+            })?;
         Ok((file, info))
     }
 }
@@ -241,7 +245,8 @@ fn describe_corruption(bytes: &[u8], err: safetensors::SafeTensorError) -> Strin
 /// The file size a safetensors header declares: 8 + header + the end of the last tensor.
 fn declared_size(bytes: &[u8]) -> Option<usize> {
     let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
-    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let header: serde_json::Value =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
     let end = header
         .as_object()?
         .values()
@@ -278,7 +283,7 @@ fn slice_pieces(
     let numel: usize = shape.iter().product();
     match (slice, shape) {
         (Slice::Rows(r), &[_, cols]) => (
-            vec![base + r.start * cols * elem..base + r.end * cols * elem],
+            std::iter::once(base + r.start * cols * elem..base + r.end * cols * elem).collect(),
             vec![r.len(), cols],
         ),
         (Slice::Cols(c), &[rows, cols]) => (
@@ -290,7 +295,10 @@ fn slice_pieces(
                 .collect(),
             vec![rows, c.len()],
         ),
-        _ => (vec![base..base + numel * elem], shape.to_vec()),
+        _ => (
+            std::iter::once(base..base + numel * elem).collect(),
+            shape.to_vec(),
+        ),
     }
 }
 
@@ -306,8 +314,12 @@ fn decode(
     device: &Device,
 ) -> candle_core::Result<Tensor> {
     let stored = match from {
-        StDtype::BF16 => Tensor::from_vec(decode_le(file, pieces, bf16::from_le_bytes), shape, device)?,
-        StDtype::F16 => Tensor::from_vec(decode_le(file, pieces, f16::from_le_bytes), shape, device)?,
+        StDtype::BF16 => {
+            Tensor::from_vec(decode_le(file, pieces, bf16::from_le_bytes), shape, device)?
+        }
+        StDtype::F16 => {
+            Tensor::from_vec(decode_le(file, pieces, f16::from_le_bytes), shape, device)?
+        }
         _ => Tensor::from_vec(decode_le(file, pieces, f32::from_le_bytes), shape, device)?,
     };
     stored.to_dtype(to)

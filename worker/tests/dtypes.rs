@@ -37,7 +37,10 @@ fn bf16_compute_agrees_within_bf16_tolerance() {
         ..small_blocks()
     };
     let out = run_plan(Model::MhaBf16, PlanRequest::new(2, 2), opts);
-    check_close(&out.prefill_logits, &reference(Model::MhaBf16).prefill_logits);
+    check_close(
+        &out.prefill_logits,
+        &reference(Model::MhaBf16).prefill_logits,
+    );
 }
 
 fn check_close(got: &[Vec<f32>], want: &[Vec<f32>]) {

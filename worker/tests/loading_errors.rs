@@ -45,7 +45,10 @@ fn write_edited(
 #[test]
 fn folder_that_does_not_exist() {
     let e = load_error(Path::new("/nonexistent/gemma-7b"));
-    assert!(e.contains("/nonexistent/gemma-7b") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("/nonexistent/gemma-7b") && e.contains("does not exist"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -54,7 +57,10 @@ fn folder_without_weights() {
     small().write(dir.path()).expect("write");
     std::fs::remove_file(dir.path().join("model.safetensors")).expect("rm");
     let e = load_error(dir.path());
-    assert!(e.contains("no model.safetensors and no model.safetensors.index.json"), "{e}");
+    assert!(
+        e.contains("no model.safetensors and no model.safetensors.index.json"),
+        "{e}"
+    );
     assert!(e.contains(&dir.path().display().to_string()), "{e}");
 }
 
@@ -74,7 +80,10 @@ fn missing_tensor() {
         t.retain(|(n, _, _)| n != "model.layers.3.mlp.up_proj.weight")
     });
     let e = load_error(dir.path());
-    assert!(e.contains("tensor model.layers.3.mlp.up_proj.weight not found"), "{e}");
+    assert!(
+        e.contains("tensor model.layers.3.mlp.up_proj.weight not found"),
+        "{e}"
+    );
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
@@ -105,11 +114,20 @@ fn unsupported_dtype() {
     let tensors: Vec<_> = model
         .tensors()
         .into_iter()
-        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect()))
+        .map(|(n, s, v)| {
+            (
+                n,
+                s,
+                v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect(),
+            )
+        })
         .collect();
     write_safetensors(&dir.path().join("model.safetensors"), &tensors, Dtype::I32).expect("i32");
     let e = load_error(dir.path());
-    assert!(e.contains("is stored as I32; supported: F32, BF16, F16"), "{e}");
+    assert!(
+        e.contains("is stored as I32; supported: F32, BF16, F16"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -118,12 +136,18 @@ fn truncated_file() {
     small().write(dir.path()).expect("write");
     let path = dir.path().join("model.safetensors");
     let len = std::fs::metadata(&path).expect("meta").len();
-    let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
     f.set_len(len - 1000).expect("truncate");
     let e = load_error(dir.path());
     assert!(e.contains(&path.display().to_string()), "{e}");
     assert!(
-        e.contains(&format!("header describes {len} bytes but the file has {}", len - 1000)),
+        e.contains(&format!(
+            "header describes {len} bytes but the file has {}",
+            len - 1000
+        )),
         "{e}"
     );
 }
@@ -137,7 +161,10 @@ fn corrupt_header() {
     bytes[8..24].copy_from_slice(b"this is no JSON!");
     std::fs::write(&path, bytes).expect("write");
     let e = load_error(dir.path());
-    assert!(e.contains(&path.display().to_string()) && e.contains("not a valid safetensors file"), "{e}");
+    assert!(
+        e.contains(&path.display().to_string()) && e.contains("not a valid safetensors file"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -177,5 +204,8 @@ fn plan_that_does_not_fit_the_model() {
         .err()
         .expect("tp=3 must be refused");
     assert!(matches!(e, LoadError::Plan(_)));
-    assert_eq!(e.to_string(), "tp=3 does not divide 4 attention heads; use 1, 2 or 4");
+    assert_eq!(
+        e.to_string(),
+        "tp=3 does not divide 4 attention heads; use 1, 2 or 4"
+    );
 }

@@ -32,9 +32,12 @@ fn tp4_worker_peaks_at_a_quarter_of_the_weights() {
             .args(["--tp", "4", "--only-shard", &shard.to_string()])
             .output()
             .expect("run gemma-local");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let report: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("one JSON line");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
         let hwm = report["vm_hwm_kib"].as_u64().expect("VmHWM") << 10;
         let weights = report["weight_bytes"].as_u64().expect("weight bytes");
         let limit = file_bytes / 4 + (FIXED_OVERHEAD_MIB << 20);
@@ -46,7 +49,13 @@ fn tp4_worker_peaks_at_a_quarter_of_the_weights() {
             hwm >> 20,
             limit >> 20
         );
-        assert!(weights <= file_bytes / 4 + (1 << 20), "shard {shard} read {weights} bytes");
-        assert!(hwm <= limit, "shard {shard} peaked at {hwm} bytes > {limit}");
+        assert!(
+            weights <= file_bytes / 4 + (1 << 20),
+            "shard {shard} read {weights} bytes"
+        );
+        assert!(
+            hwm <= limit,
+            "shard {shard} peaked at {hwm} bytes > {limit}"
+        );
     }
 }

@@ -44,12 +44,19 @@ fn mha_uneven_layer_split() {
 
 #[test]
 fn mqa_uneven_layer_split_three_stages() {
-    check(Model::Mqa, PlanRequest::new(1, 3).with_layers(vec![1, 1, 1]));
+    check(
+        Model::Mqa,
+        PlanRequest::new(1, 3).with_layers(vec![1, 1, 1]),
+    );
 }
 
 #[test]
 fn sharded_safetensors_files_load_like_one_file() {
-    let out = run_plan(Model::MhaShardedFiles, PlanRequest::new(2, 2), small_blocks());
+    let out = run_plan(
+        Model::MhaShardedFiles,
+        PlanRequest::new(2, 2),
+        small_blocks(),
+    );
     assert_matches_reference(&out, reference(Model::Mha), F32_TOLERANCE);
 }
 

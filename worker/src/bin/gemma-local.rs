@@ -122,8 +122,15 @@ fn load_one_shard(
         );
     };
     // A lone shard never meets its peers: a group of one is enough to load it.
-    let shard = Shard::load(&folder.weights, &folder.config, spec, opts, Box::new(SoloCollective))?;
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let shard = Shard::load(
+        &folder.weights,
+        &folder.config,
+        spec,
+        opts,
+        Box::new(SoloCollective),
+    )?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let field = |name: &str| -> u64 {
         status
             .lines()

@@ -62,9 +62,18 @@ impl Attention {
     /// x: [tokens, hidden] of the whole batch -> this rank's partial of the attention output.
     pub fn forward_partial(&self, x: &Tensor, ctx: &StepContext, kv: &LayerKv) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let q = self.q.forward(x)?.reshape((t, self.q_heads, self.head_dim))?;
-        let k = self.k.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
-        let v = self.v.forward(x)?.reshape((t, self.kv_heads, self.head_dim))?;
+        let q = self
+            .q
+            .forward(x)?
+            .reshape((t, self.q_heads, self.head_dim))?;
+        let k = self
+            .k
+            .forward(x)?
+            .reshape((t, self.kv_heads, self.head_dim))?;
+        let v = self
+            .v
+            .forward(x)?
+            .reshape((t, self.kv_heads, self.head_dim))?;
         let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?;
         let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?;
         let v = v.contiguous()?;
@@ -116,7 +125,15 @@ impl Attention {
 pub fn causal_mask(n: usize, start: usize, device: &Device) -> Result<Tensor> {
     let ctx = start + n;
     let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..ctx).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..ctx).map(move |j| {
+                if j <= start + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (n, ctx), device)
 }

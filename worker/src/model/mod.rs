@@ -178,7 +178,11 @@ impl Shard {
 
     /// Runs one step of the batch through this shard's layers. Stage 0 embeds the batch's tokens;
     /// later stages take the previous stage's hidden states as `input`.
-    pub fn step(&self, batch: &StepBatch, input: Option<&Tensor>) -> Result<StageOutput, StepError> {
+    pub fn step(
+        &self,
+        batch: &StepBatch,
+        input: Option<&Tensor>,
+    ) -> Result<StageOutput, StepError> {
         let _span = tracing::debug_span!(
             "shard_step",
             stage = self.spec.stage,
@@ -227,7 +231,11 @@ impl Shard {
     /// Vocab-parallel embedding, all-reduced, times sqrt(hidden) rounded to the compute dtype
     /// first (in bf16 sqrt(3072) is 55.5).
     fn embed(&self, emb: &VocabParallelEmbedding, batch: &StepBatch) -> Result<Tensor, StepError> {
-        let tokens: Vec<u32> = batch.seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let tokens: Vec<u32> = batch
+            .seqs
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
         let x = self.group.all_reduce_sum(&emb.embed_partial(&tokens)?)?;
         let normalizer = Tensor::new((self.cfg.hidden_size as f32).sqrt(), &self.device)?
             .to_dtype(self.dtype)?;
@@ -246,7 +254,11 @@ impl Shard {
             if seq.tokens.is_empty() {
                 return invalid(format!("sequence {} has no tokens", seq.seq_id));
             }
-            if let Some(t) = seq.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            if let Some(t) = seq
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
                 return invalid(format!(
                     "sequence {}: token id {t} is outside the vocabulary of {}",
                     seq.seq_id, self.cfg.vocab_size

@@ -11,7 +11,9 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::gemma;
 use gemma_cluster_tests::{SplitMix64, Storage, TinyGemma};
 use gemma_proto::{KvBlockManager, ModelConfig, PlanRequest};
-use gemma_worker::{generate_greedy, GreedyOptions, GreedyOutput, LocalCluster, ModelFolder, ShardOptions};
+use gemma_worker::{
+    generate_greedy, GreedyOptions, GreedyOutput, LocalCluster, ModelFolder, ShardOptions,
+};
 
 pub const NEW_TOKENS: usize = 32;
 /// Logits of a plan vs the single-process reference (f32).
@@ -38,8 +40,14 @@ fn fixtures() -> &'static Fixtures {
         Fixtures {
             mha: write("mha", TinyGemma::mha_like_7b()),
             mqa: write("mqa", TinyGemma::mqa_like_2b()),
-            mha_bf16: write("mha-bf16", TinyGemma::mha_like_7b().with_storage(Storage::Bf16)),
-            mha_f16: write("mha-f16", TinyGemma::mha_like_7b().with_storage(Storage::F16)),
+            mha_bf16: write(
+                "mha-bf16",
+                TinyGemma::mha_like_7b().with_storage(Storage::Bf16),
+            ),
+            mha_f16: write(
+                "mha-f16",
+                TinyGemma::mha_like_7b().with_storage(Storage::F16),
+            ),
             mha_sharded_files: write("mha-3-files", TinyGemma::mha_like_7b().with_files(3)),
             _root: root,
         }
@@ -136,18 +144,18 @@ fn run_reference(dir: &Path) -> Reference {
     };
     for prompt in prompts() {
         m.clear_kv_cache();
-        let input = Tensor::new(prompt.as_slice(), &dev).and_then(|t| t.unsqueeze(0)).expect("ids");
+        let input = Tensor::new(prompt.as_slice(), &dev)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("ids");
         let mut logits = last_logits(&m.forward(&input, 0).expect("prefill"));
         out.prefill_logits.push(logits.clone());
         let mut toks = Vec::new();
-        let mut pos = prompt.len();
-        for _ in 0..NEW_TOKENS {
+        for pos in prompt.len()..prompt.len() + NEW_TOKENS {
             out.min_margin = out.min_margin.min(top2_margin(&logits));
             let t = gemma_worker::generate::argmax(&logits);
             toks.push(t);
             let input = Tensor::new(&[[t]], &dev).expect("id");
             logits = last_logits(&m.forward(&input, pos).expect("decode"));
-            pos += 1;
         }
         out.tokens.push(toks);
     }
@@ -155,7 +163,9 @@ fn run_reference(dir: &Path) -> Reference {
 }
 
 fn last_logits(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("logits")
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("logits")
 }
 
 pub fn top2_margin(row: &[f32]) -> f32 {
@@ -173,7 +183,10 @@ pub fn top2_margin(row: &[f32]) -> f32 {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "logit rows differ in length");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Loads `model` with `req` in one process and generates greedily for [`prompts`].
@@ -211,9 +224,20 @@ pub fn assert_matches_reference(out: &GreedyOutput, reference: &Reference, tol: 
         "the prompts must keep the reference's top-two margins ({}) clear of the tolerance {tol}",
         reference.min_margin
     );
-    for (i, (got, want)) in out.prefill_logits.iter().zip(&reference.prefill_logits).enumerate() {
+    for (i, (got, want)) in out
+        .prefill_logits
+        .iter()
+        .zip(&reference.prefill_logits)
+        .enumerate()
+    {
         let d = max_abs_diff(got, want);
-        assert!(d <= tol, "prompt {i}: last-position logits differ by {d} > {tol}");
+        assert!(
+            d <= tol,
+            "prompt {i}: last-position logits differ by {d} > {tol}"
+        );
     }
-    assert_eq!(out.tokens, reference.tokens, "greedy tokens differ from the reference");
+    assert_eq!(
+        out.tokens, reference.tokens,
+        "greedy tokens differ from the reference"
+    );
 }
