@@ -110,3 +110,11 @@ pub enum KvError {
         block_size: usize,
     },
 }
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("message lacks {0}")]
+    Missing(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+}

@@ -6,9 +6,16 @@ pub mod error;
 pub mod kv_blocks;
 pub mod plan;
 pub mod step;
+pub mod wire;
 
 pub use config::{Activation, Architecture, ModelConfig};
-pub use error::{ConfigError, KvError, PlanError};
+pub use error::{ConfigError, KvError, PlanError, WireError};
 pub use kv_blocks::{KvAllocation, KvBlockManager, DEFAULT_BLOCK_SIZE};
 pub use plan::{PlanRequest, ShardPlan, ShardSpec};
 pub use step::{SeqStep, StepBatch};
+
+/// Generated wire types and gRPC services (proto/gemma.proto).
+#[allow(clippy::all)]
+pub mod pb {
+    tonic::include_proto!("gemma.v1");
+}

@@ -68,6 +68,23 @@ impl ShardSpec {
         self.stage + 1 == self.pp
     }
 
+    /// Weight parameters this shard holds (what its loading progress counts toward).
+    pub fn num_parameters(&self, cfg: &ModelConfig) -> usize {
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim;
+        let embedding = if self.is_first_stage() || self.is_last_stage() {
+            self.vocab_rows.len() * h
+        } else {
+            0
+        };
+        let per_layer = 2 * self.q_heads.len() * hd * h
+            + 2 * self.kv_heads.len() * hd * h
+            + 3 * self.mlp_cols.len() * h
+            + 2 * h;
+        let final_norm = if self.is_last_stage() { h } else { 0 };
+        embedding + self.layers.len() * per_layer + final_norm
+    }
+
     /// Index of this shard in the plan's stage-major order.
     pub fn index(&self) -> usize {
         self.stage * self.tp + self.rank

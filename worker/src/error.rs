@@ -76,6 +76,10 @@ pub enum CollectiveError {
     Aborted(String),
     #[error("all-reduce: partials disagree: {0}")]
     Mismatch(String),
+    #[error("data plane link to shard {peer}: {reason}")]
+    Link { peer: usize, reason: String },
+    #[error("data plane: {0}")]
+    Connect(String),
 }
 
 /// Why a generation run stopped.
@@ -87,4 +91,15 @@ pub enum RunError {
     Kv(#[from] gemma_proto::KvError),
     #[error(transparent)]
     Step(#[from] StepError),
+}
+
+/// A tensor that cannot be put on or taken off the wire.
+#[derive(Debug, thiserror::Error, Clone)]
+#[error("wire tensor: {0}")]
+pub struct WireTensorError(pub String);
+
+impl WireTensorError {
+    pub fn candle(e: candle_core::Error) -> Self {
+        Self(e.to_string())
+    }
 }

@@ -2,13 +2,16 @@
 //! KV cache, and the collective that joins it to the other ranks of its stage.
 
 pub mod collective;
+pub mod data_plane;
 pub mod error;
 pub mod folder;
 pub mod generate;
 pub mod kv_cache;
 pub mod local;
 pub mod model;
+pub mod server;
 pub mod weights;
+pub mod wire;
 
 pub use collective::{Collective, InProcessCollective, SoloCollective};
 pub use error::{CollectiveError, LoadError, RunError, StepError};

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -44,7 +46,7 @@ pub struct WeightFiles {
     /// For messages: where a tensor was looked for.
     searched: String,
     /// Bytes copied out of the files so far (for progress reports).
-    bytes_read: std::sync::atomic::AtomicU64,
+    bytes_read: Arc<AtomicU64>,
 }
 
 impl WeightFiles {
@@ -61,7 +63,7 @@ impl WeightFiles {
                 files: vec![file],
                 location,
                 searched: single.display().to_string(),
-                bytes_read: 0.into(),
+                bytes_read: Arc::default(),
             })
         } else {
             Err(LoadError::NoWeights {
@@ -108,13 +110,23 @@ impl WeightFiles {
             files,
             location: wanted.into_iter().collect(),
             searched: index.display().to_string(),
-            bytes_read: 0.into(),
+            bytes_read: Arc::default(),
         })
     }
 
     /// Total bytes copied out of the files so far.
     pub fn bytes_read(&self) -> u64 {
-        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// A live view of [`Self::bytes_read`] for progress reports from another thread.
+    pub fn progress(&self) -> Arc<AtomicU64> {
+        self.bytes_read.clone()
+    }
+
+    /// Bytes per element of tensor `name` as stored (None if absent or of an unsupported dtype).
+    pub fn stored_elem_size(&self, name: &str) -> Option<usize> {
+        self.find(name).ok().and_then(|(_, info)| stored_elem_size(info.dtype))
     }
 
     /// Reads `slice` of tensor `name`, checking the stored tensor has `shape`, and converts it to
@@ -155,7 +167,7 @@ impl WeightFiles {
         let tensor = decode(file, &pieces, info.dtype, &out_shape, dtype, device);
         let read: usize = pieces.iter().map(|r| r.len()).sum();
         self.bytes_read
-            .fetch_add(read as u64, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(read as u64, Ordering::Relaxed);
         tensor.map_err(|source| LoadError::Candle {
             tensor: name.to_string(),
             source,

@@ -245,6 +245,13 @@ impl Shard {
     /// Refuses what would corrupt the cache or index out of range, identically on every rank and
     /// before any collective, so a bad step fails cleanly everywhere.
     fn validate(&self, batch: &StepBatch, input: Option<&Tensor>) -> Result<(), StepError> {
+        self.validate_batch(batch)?;
+        self.validate_input(batch, input)
+    }
+
+    /// The checks that need only the batch: a later stage runs them before waiting for its
+    /// input, so a batch refused everywhere never leaves a stage waiting for the one before.
+    pub fn validate_batch(&self, batch: &StepBatch) -> Result<(), StepError> {
         let invalid = |m: String| Err(StepError::Invalid(m));
         if batch.seqs.is_empty() {
             return invalid("the step has no sequences".to_string());
@@ -281,6 +288,11 @@ impl Shard {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn validate_input(&self, batch: &StepBatch, input: Option<&Tensor>) -> Result<(), StepError> {
+        let invalid = |m: String| Err(StepError::Invalid(m));
         if !self.spec.is_first_stage() {
             let expected = [batch.num_tokens(), self.cfg.hidden_size];
             match input {

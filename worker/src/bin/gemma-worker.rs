@@ -1,0 +1,95 @@
+//! gemma-worker: serves one shard of a Gemma model to a coordinator.
+//!
+//! On start it binds its gRPC address and its data-plane address (port 0 allowed) and prints
+//! one line, `gemma-worker listening on GRPC_ADDR data DATA_ADDR`, on stdout: the handshake a
+//! spawning coordinator reads. Then it waits for an assignment.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use gemma_proto::pb::worker_server::WorkerServer;
+use gemma_worker::server::WorkerService;
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// gRPC address for the coordinator (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Data-plane address for the other workers; default: the --listen host, any free port.
+    #[arg(long)]
+    data_listen: Option<SocketAddr>,
+    /// Compute threads (candle's pool); default: all cores. Give each local worker its share.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(n) = args.threads {
+        // candle reads this when it first sizes its thread pool, before any compute.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+    init_tracing();
+    let data_addr = args
+        .data_listen
+        .unwrap_or_else(|| SocketAddr::new(args.listen.ip(), 0));
+    let data = TcpListener::bind(data_addr).with_context(|| format!("binding {data_addr}"))?;
+    let service = WorkerService::new(data)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let announce = format!("gemma-worker listening on {addr} data {}\n", service.data_addr());
+        {
+            let mut out = std::io::stdout().lock();
+            out.write_all(announce.as_bytes())?;
+            out.flush()?;
+        }
+        tracing::info!(%addr, data = service.data_addr(), "worker up");
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(
+                WorkerServer::new(service)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown_signal(),
+            )
+            .await
+            .context("serving")
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn init_tracing() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,419 @@
+//! The worker-to-worker data plane: one TCP connection per pair of shards that exchange tensors
+//! (the ranks of a stage for the all-reduce; rank t of stage p and of stage p+1 for the hand-off).
+//!
+//! Every connection lives on one current_thread tokio runtime that the compute thread drives
+//! itself (`block_on`), so an all-reduce costs no cross-thread wake-up: the thread that computed
+//! the partial writes it to every peer and reads theirs concurrently (no deadlock however large
+//! the tensor), then sums in rank order. Frames are a u32 little-endian length and a prost
+//! `PeerFrame`, encoded once per operation; read buffers are kept per link and reused.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use candle_core::{Device, Tensor};
+use futures_util::future::join_all;
+use gemma_proto::{pb, ShardSpec};
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::collective::{sum_in_rank_order, Collective};
+use crate::error::CollectiveError;
+use crate::wire::{decode_tensor, encode_tensor};
+
+/// Largest frame accepted: a prefill chunk's hidden states stay far below it.
+const MAX_FRAME: usize = 1 << 30;
+
+struct Link {
+    stream: TcpStream,
+    /// Reused for every frame read on this link.
+    rbuf: Vec<u8>,
+}
+
+struct PlaneState {
+    /// Connections by the peer's shard index.
+    links: BTreeMap<usize, Link>,
+    /// Operations done so far per link kind; both ends count alike, frames carry the count.
+    stage_ops: u64,
+    next_ops: u64,
+    prev_ops: u64,
+    aborted: Option<String>,
+}
+
+/// This shard's connections to the shards it exchanges tensors with.
+pub struct DataPlane {
+    rt: tokio::runtime::Runtime,
+    state: Mutex<PlaneState>,
+    /// Shard indices of this stage's ranks, in rank order (this shard included).
+    stage: Vec<usize>,
+    rank: usize,
+    next: Option<usize>,
+    prev: Option<usize>,
+    timeout: Duration,
+    device: Device,
+}
+
+impl DataPlane {
+    /// Connects to every peer `spec` needs: it dials peers with a higher shard index and accepts
+    /// the lower ones on `listener`, each side identifying itself with a `PeerHello`.
+    pub fn connect(
+        spec: &ShardSpec,
+        cluster_id: u64,
+        addrs: &[String],
+        listener: std::net::TcpListener,
+        timeout: Duration,
+        device: Device,
+    ) -> Result<Self, CollectiveError> {
+        let me = spec.index();
+        if addrs.len() != spec.tp * spec.pp {
+            return Err(CollectiveError::Connect(format!(
+                "{} data-plane addresses for a plan of {} shards",
+                addrs.len(),
+                spec.tp * spec.pp
+            )));
+        }
+        let stage: Vec<usize> = (0..spec.tp).map(|r| spec.stage * spec.tp + r).collect();
+        let next = (!spec.is_last_stage()).then(|| me + spec.tp);
+        let prev = (!spec.is_first_stage()).then(|| me - spec.tp);
+        let peers: Vec<usize> = stage
+            .iter()
+            .copied()
+            .filter(|&p| p != me)
+            .chain(next)
+            .chain(prev)
+            .collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CollectiveError::Connect(format!("runtime: {e}")))?;
+        let links = rt.block_on(connect_mesh(me, cluster_id, addrs, &peers, listener, timeout))?;
+        Ok(Self {
+            rt,
+            state: Mutex::new(PlaneState {
+                links,
+                stage_ops: 0,
+                next_ops: 0,
+                prev_ops: 0,
+                aborted: None,
+            }),
+            stage,
+            rank: spec.rank,
+            next,
+            prev,
+            timeout,
+            device,
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, PlaneState>, CollectiveError> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &st.aborted {
+            Some(reason) => Err(CollectiveError::Aborted(reason.clone())),
+            None => Ok(st),
+        }
+    }
+
+    /// Sends this stage's output to rank t of the next stage.
+    pub fn send_next(&self, hidden: &Tensor) -> Result<(), CollectiveError> {
+        let next = self.next.ok_or_else(|| CollectiveError::Connect("no next stage".into()))?;
+        let mut st = self.lock()?;
+        let op = st.next_ops;
+        st.next_ops += 1;
+        let frame = frame_bytes(pb::FrameKind::Hidden, op, hidden)?;
+        let link = link(&mut st.links, next)?;
+        let timeout = self.timeout;
+        self.rt.block_on(async {
+            tokio::time::timeout(timeout, link.stream.write_all(&frame))
+                .await
+                .map_err(|_| link_err(next, "send timed out"))?
+                .map_err(|e| link_err(next, &e.to_string()))
+        })
+    }
+
+    /// Receives the previous stage's output from its rank t.
+    pub fn recv_prev(&self) -> Result<Tensor, CollectiveError> {
+        let prev = self.prev.ok_or_else(|| CollectiveError::Connect("no previous stage".into()))?;
+        let mut st = self.lock()?;
+        let op = st.prev_ops;
+        st.prev_ops += 1;
+        let link = link(&mut st.links, prev)?;
+        let timeout = self.timeout;
+        let frame = self.rt.block_on(async {
+            let Link { stream, rbuf, .. } = link;
+            read_peer_frame(stream, rbuf, prev, timeout).await
+        })?;
+        check_frame(&frame, pb::FrameKind::Hidden, op, prev)?;
+        self.tensor_of(frame, prev)
+    }
+
+    fn tensor_of(&self, frame: pb::PeerFrame, peer: usize) -> Result<Tensor, CollectiveError> {
+        let td = frame.tensor.ok_or_else(|| link_err(peer, "frame without tensor"))?;
+        decode_tensor(&td, &self.device).map_err(|e| link_err(peer, &e.to_string()))
+    }
+
+    fn all_reduce(&self, partial: &Tensor) -> Result<Tensor, CollectiveError> {
+        let mut st = self.lock()?;
+        let op = st.stage_ops;
+        st.stage_ops += 1;
+        let frame = frame_bytes(pb::FrameKind::Partial, op, partial)?;
+        let timeout = self.timeout;
+        let peers: Vec<usize> = self.stage.iter().copied().filter(|&p| p != self.stage[self.rank]).collect();
+        let mut links: Vec<(usize, &mut Link)> = st
+            .links
+            .iter_mut()
+            .filter(|(p, _)| peers.contains(p))
+            .map(|(&p, l)| (p, l))
+            .collect();
+        let received = self.rt.block_on(join_all(
+            links
+                .iter_mut()
+                .map(|(peer, link)| exchange(*peer, link, &frame, timeout)),
+        ));
+        let mut parts: Vec<Option<Tensor>> = vec![None; self.stage.len()];
+        parts[self.rank] = Some(partial.clone());
+        for ((peer, _), frame) in links.iter().zip(received) {
+            let frame = frame?;
+            check_frame(&frame, pb::FrameKind::Partial, op, *peer)?;
+            let t = self.tensor_of(frame, *peer)?;
+            if t.dims() != partial.dims() || t.dtype() != partial.dtype() {
+                return Err(CollectiveError::Mismatch(format!(
+                    "shard {peer} sent {:?} {:?}, this rank has {:?} {:?}",
+                    t.dims(),
+                    t.dtype(),
+                    partial.dims(),
+                    partial.dtype()
+                )));
+            }
+            let rank = self.stage.iter().position(|&s| s == *peer).unwrap_or(0);
+            parts[rank] = Some(t);
+        }
+        let parts: Vec<Tensor> = parts.into_iter().flatten().collect();
+        sum_in_rank_order(&parts)
+    }
+}
+
+/// The Collective face of a data plane (the shard owns one of these; the server keeps the plane
+/// for the stage hand-off).
+#[derive(Clone)]
+pub struct PlaneCollective(pub Arc<DataPlane>);
+
+impl Collective for PlaneCollective {
+    fn rank(&self) -> usize {
+        self.0.rank
+    }
+    fn world_size(&self) -> usize {
+        self.0.stage.len()
+    }
+    fn all_reduce_sum(&self, partial: &Tensor) -> Result<Tensor, CollectiveError> {
+        if self.0.stage.len() == 1 {
+            return Ok(partial.clone());
+        }
+        self.0.all_reduce(partial)
+    }
+    fn abort(&self, reason: &str) {
+        let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.aborted = Some(reason.to_string());
+        // Dropping the links tells every peer at once (EOF) instead of at its timeout.
+        st.links.clear();
+    }
+}
+
+fn link(links: &mut BTreeMap<usize, Link>, peer: usize) -> Result<&mut Link, CollectiveError> {
+    links
+        .get_mut(&peer)
+        .ok_or_else(|| link_err(peer, "not connected"))
+}
+
+fn link_err(peer: usize, reason: &str) -> CollectiveError {
+    CollectiveError::Link {
+        peer,
+        reason: reason.to_string(),
+    }
+}
+
+fn check_frame(
+    frame: &pb::PeerFrame,
+    kind: pb::FrameKind,
+    op: u64,
+    peer: usize,
+) -> Result<(), CollectiveError> {
+    if frame.kind != kind as i32 || frame.op != op {
+        return Err(CollectiveError::Mismatch(format!(
+            "shard {peer} sent frame kind {} op {}, expected kind {} op {op}",
+            frame.kind, frame.op, kind as i32
+        )));
+    }
+    Ok(())
+}
+
+/// One length-prefixed PeerFrame, encoded once and written to every peer.
+fn frame_bytes(kind: pb::FrameKind, op: u64, t: &Tensor) -> Result<Bytes, CollectiveError> {
+    let tensor = encode_tensor(t).map_err(|e| CollectiveError::Mismatch(e.to_string()))?;
+    let frame = pb::PeerFrame {
+        kind: kind as i32,
+        op,
+        tensor: Some(tensor),
+    };
+    Ok(length_prefixed(&frame))
+}
+
+fn length_prefixed(msg: &impl Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = Vec::with_capacity(4 + len);
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
+    // Encoding into a Vec with enough capacity cannot fail.
+    let _ = msg.encode(&mut buf);
+    Bytes::from(buf)
+}
+
+/// Writes our frame and reads the peer's at the same time.
+async fn exchange(
+    peer: usize,
+    link: &mut Link,
+    frame: &Bytes,
+    timeout: Duration,
+) -> Result<pb::PeerFrame, CollectiveError> {
+    let Link { stream, rbuf, .. } = link;
+    let (mut r, mut w) = stream.split();
+    let write = async {
+        tokio::time::timeout(timeout, w.write_all(frame))
+            .await
+            .map_err(|_| link_err(peer, "send timed out"))?
+            .map_err(|e| link_err(peer, &e.to_string()))
+    };
+    let read = read_peer_frame(&mut r, rbuf, peer, timeout);
+    let (written, read) = tokio::join!(write, read);
+    written?;
+    read
+}
+
+async fn read_peer_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    peer: usize,
+    timeout: Duration,
+) -> Result<pb::PeerFrame, CollectiveError> {
+    let read = async {
+        read_frame(r, buf).await?;
+        pb::PeerFrame::decode(&buf[..]).map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(frame)) => Ok(frame),
+        Ok(Err(e)) => Err(link_err(peer, &e.to_string())),
+        Err(_) => Err(CollectiveError::Timeout {
+            rank: peer,
+            missing: vec![peer],
+            waited_ms: timeout.as_millis(),
+        }),
+    }
+}
+
+/// Reads one length-prefixed frame into `buf`.
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!(
+            "frame of {len} bytes exceeds the limit of {MAX_FRAME}"
+        )));
+    }
+    buf.resize(len, 0);
+    r.read_exact(buf).await?;
+    Ok(())
+}
+
+async fn connect_mesh(
+    me: usize,
+    cluster_id: u64,
+    addrs: &[String],
+    peers: &[usize],
+    listener: std::net::TcpListener,
+    timeout: Duration,
+) -> Result<BTreeMap<usize, Link>, CollectiveError> {
+    let deadline = Instant::now() + timeout;
+    let dial = peers.iter().filter(|&&p| p > me).map(|&p| async move {
+        let stream = dial(&addrs[p], deadline).await?;
+        let mut link = new_link(stream)?;
+        let hello = length_prefixed(&pb::PeerHello {
+            cluster_id,
+            shard_index: me as u32,
+        });
+        link.stream
+            .write_all(&hello)
+            .await
+            .map_err(|e| CollectiveError::Connect(format!("hello to {}: {e}", addrs[p])))?;
+        Ok::<_, CollectiveError>((p, link))
+    });
+    let lower: Vec<usize> = peers.iter().copied().filter(|&p| p < me).collect();
+    let accept = accept_peers(listener, cluster_id, lower, deadline);
+    let (dialed, accepted) = tokio::join!(join_all(dial), accept);
+    let mut links = accepted?;
+    for d in dialed {
+        let (p, link) = d?;
+        links.insert(p, link);
+    }
+    Ok(links)
+}
+
+async fn dial(addr: &str, deadline: Instant) -> Result<TcpStream, CollectiveError> {
+    loop {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(CollectiveError::Connect(format!("cannot reach peer {addr}: {e}")))
+            }
+            // The peer may still be starting; try again shortly.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn new_link(stream: TcpStream) -> Result<Link, CollectiveError> {
+    stream
+        .set_nodelay(true)
+        .map_err(|e| CollectiveError::Connect(format!("TCP_NODELAY: {e}")))?;
+    Ok(Link {
+        stream,
+        rbuf: Vec::new(),
+    })
+}
+
+/// Accepts until every lower-indexed peer of this cluster has said hello; connections from
+/// elsewhere (an older incarnation, a port scanner) are dropped.
+async fn accept_peers(
+    listener: std::net::TcpListener,
+    cluster_id: u64,
+    mut expected: Vec<usize>,
+    deadline: Instant,
+) -> Result<BTreeMap<usize, Link>, CollectiveError> {
+    let mut links = BTreeMap::new();
+    if expected.is_empty() {
+        return Ok(links);
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| CollectiveError::Connect(e.to_string()))?;
+    let listener =
+        TcpListener::from_std(listener).map_err(|e| CollectiveError::Connect(e.to_string()))?;
+    while !expected.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let accepted = tokio::time::timeout(left, listener.accept()).await.map_err(|_| {
+            CollectiveError::Connect(format!("peers {expected:?} never connected"))
+        })?;
+        let Ok((stream, _)) = accepted else { continue };
+        let mut link = new_link(stream)?;
+        let Link { stream, rbuf, .. } = &mut link;
+        let hello = tokio::time::timeout(Duration::from_secs(5), read_frame(stream, rbuf)).await;
+        let Ok(Ok(())) = hello else { continue };
+        let Ok(hello) = pb::PeerHello::decode(&rbuf[..]) else { continue };
+        let from = hello.shard_index as usize;
+        if hello.cluster_id == cluster_id && expected.contains(&from) {
+            expected.retain(|&p| p != from);
+            links.insert(from, link);
+        }
+    }
+    Ok(links)
+}
