@@ -1,0 +1,400 @@
+//! The cluster as the coordinator sees it: the plan, one gRPC connection and step stream per
+//! worker, and the local worker processes when it started them itself.
+
+pub mod spawn;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use gemma_proto::pb::worker_client::WorkerClient;
+use gemma_proto::{pb, ModelConfig, PlanRequest, ShardPlan, ShardSpec, StepBatch};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::settings::Settings;
+pub use spawn::LocalWorkers;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("model folder {0} does not exist or is not a directory")]
+    NoModel(String),
+    #[error(transparent)]
+    Config(#[from] gemma_proto::ConfigError),
+    #[error("the plan does not fit the model: {0}")]
+    Plan(#[from] gemma_proto::PlanError),
+    #[error("{given} workers given, but tp={tp} x pp={pp} needs {needed}; list one per shard, stage-major")]
+    WorkerCount {
+        given: usize,
+        tp: usize,
+        pp: usize,
+        needed: usize,
+    },
+    #[error("--dtype {0} is not supported; use f32, bf16 or f16")]
+    Dtype(String),
+    #[error("cannot start worker {bin}: {reason}")]
+    Spawn { bin: String, reason: String },
+    #[error("local worker {index}: {reason}")]
+    Announce { index: usize, reason: String },
+    #[error("cannot reach worker {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("worker {addr} (stage {stage}, rank {rank}) failed to load its shard: {reason}")]
+    Load {
+        addr: String,
+        stage: usize,
+        rank: usize,
+        reason: String,
+    },
+    #[error("worker {addr} (stage {stage}, rank {rank}): {reason}")]
+    Step {
+        addr: String,
+        stage: usize,
+        rank: usize,
+        reason: String,
+    },
+}
+
+/// What is known before any worker is contacted; computing it refuses bad settings early.
+pub struct Prepared {
+    pub model_dir: PathBuf,
+    pub config: ModelConfig,
+    pub plan: ShardPlan,
+    pub request: PlanRequest,
+}
+
+impl Prepared {
+    pub fn new(settings: &Settings) -> Result<Self, ClusterError> {
+        let model_dir = std::fs::canonicalize(&settings.model)
+            .ok()
+            .filter(|p| p.is_dir())
+            .ok_or_else(|| ClusterError::NoModel(settings.model.display().to_string()))?;
+        let config = ModelConfig::from_file(&model_dir.join("config.json"))?;
+        let mut request = PlanRequest::new(settings.tp, settings.pp);
+        request.layers_per_stage = settings.layers_per_stage.clone();
+        let plan = ShardPlan::new(&config, &request)?;
+        if !settings.workers.is_empty() && settings.workers.len() != plan.world_size() {
+            return Err(ClusterError::WorkerCount {
+                given: settings.workers.len(),
+                tp: plan.tp,
+                pp: plan.pp,
+                needed: plan.world_size(),
+            });
+        }
+        dtype_of(&settings.dtype)?;
+        Ok(Self {
+            model_dir,
+            config,
+            plan,
+            request,
+        })
+    }
+
+    /// Starts the local workers when no external ones are configured. Each gets an equal share
+    /// of the cores: candle's pool collapses when two processes fight for one core.
+    pub fn spawn_local_workers(&self, settings: &Settings) -> Result<Option<LocalWorkers>, ClusterError> {
+        if !settings.workers.is_empty() {
+            return Ok(None);
+        }
+        let bin = spawn::worker_binary(settings.worker_bin.as_deref())?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = (cores / self.plan.world_size()).max(1);
+        LocalWorkers::spawn(&bin, self.plan.world_size(), threads).map(Some)
+    }
+}
+
+fn dtype_of(name: &str) -> Result<pb::DType, ClusterError> {
+    match name {
+        "f32" => Ok(pb::DType::DtypeF32),
+        "bf16" => Ok(pb::DType::DtypeBf16),
+        "f16" => Ok(pb::DType::DtypeF16),
+        other => Err(ClusterError::Dtype(other.to_string())),
+    }
+}
+
+struct WorkerLink {
+    addr: String,
+    spec: ShardSpec,
+    steps: mpsc::Sender<pb::StepRequest>,
+    responses: tonic::Streaming<pb::StepResponse>,
+}
+
+/// A loaded, connected cluster, ready to step.
+pub struct Cluster {
+    pub config: ModelConfig,
+    pub plan: ShardPlan,
+    /// KV blocks every shard holds (the smallest pool of any shard).
+    pub kv_blocks: usize,
+    pub block_size: usize,
+    workers: Vec<WorkerLink>,
+    step_timeout: Duration,
+    next_step: u64,
+    /// Dropped after the links: stops the local workers.
+    _local: Option<LocalWorkers>,
+}
+
+impl Cluster {
+    /// Connects to every worker, assigns the shards, waits until all are loaded and meshed.
+    pub async fn connect(
+        prepared: Prepared,
+        settings: &Settings,
+        local: Option<LocalWorkers>,
+    ) -> Result<Self, ClusterError> {
+        let addrs = match &local {
+            Some(l) => l.addrs.clone(),
+            None => settings.workers.clone(),
+        };
+        let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
+        let clients = join_all(addrs.iter().map(|a| connect_worker(a, connect_timeout)))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let data_addrs: Vec<String> = clients.iter().map(|(_, info)| info.data_addr.clone()).collect();
+        let cluster_id = cluster_id();
+        let dtype = dtype_of(&settings.dtype)?;
+        tracing::info!(
+            tp = prepared.plan.tp,
+            pp = prepared.plan.pp,
+            shards = ?prepared.plan.shards.iter().map(|s| format!("stage {} rank {}: layers {:?} heads {:?} kv {:?} mlp {:?} vocab {:?}", s.stage, s.rank, s.layers, s.q_heads, s.kv_heads, s.mlp_cols, s.vocab_rows)).collect::<Vec<_>>(),
+            "shard plan"
+        );
+        let deadline = Instant::now() + Duration::from_secs(settings.load_timeout_s);
+        let assigns = clients.into_iter().zip(&prepared.plan.shards).zip(&addrs).map(
+            |(((client, _), spec), addr)| {
+                let req = pb::AssignRequest {
+                    model_path: prepared.model_dir.display().to_string(),
+                    tp: prepared.plan.tp as u32,
+                    pp: prepared.plan.pp as u32,
+                    layers_per_stage: prepared
+                        .request
+                        .layers_per_stage
+                        .iter()
+                        .flatten()
+                        .map(|&l| l as u32)
+                        .collect(),
+                    shard: Some(spec.into()),
+                    data_addrs: data_addrs.clone(),
+                    dtype: dtype as i32,
+                    kv_budget_bytes: settings.kv_budget_mib << 20,
+                    block_size: settings.block_size as u32,
+                    collective_timeout_ms: settings.collective_timeout_ms,
+                    cluster_id,
+                };
+                assign(client, req, spec.clone(), addr.clone(), deadline)
+            },
+        );
+        let assigned = join_all(assigns).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let kv_blocks = assigned.iter().map(|(_, blocks)| *blocks).min().unwrap_or(0);
+        let workers = assigned.into_iter().map(|(link, _)| link).collect();
+        tracing::info!(kv_blocks, block_size = settings.block_size, "every worker is ready");
+        Ok(Self {
+            config: prepared.config,
+            plan: prepared.plan,
+            kv_blocks,
+            block_size: settings.block_size,
+            workers,
+            step_timeout: Duration::from_millis(settings.step_timeout_ms),
+            next_step: 0,
+            _local: local,
+        })
+    }
+
+    /// Runs one step on every worker; returns the full-vocabulary logits of each sequence's last
+    /// token (the last stage's slices joined in rank order).
+    pub async fn step(&mut self, batch: &StepBatch) -> Result<Vec<Vec<f32>>, ClusterError> {
+        let step_id = self.next_step;
+        self.next_step += 1;
+        let request = batch.to_wire(step_id);
+        let timeout = self.step_timeout;
+        let results = join_all(self.workers.iter_mut().map(|w| {
+            let request = request.clone();
+            async move {
+                let err = |reason: String| ClusterError::Step {
+                    addr: w.addr.clone(),
+                    stage: w.spec.stage,
+                    rank: w.spec.rank,
+                    reason,
+                };
+                w.steps
+                    .send(request)
+                    .await
+                    .map_err(|_| err("the step stream is closed".into()))?;
+                let response = tokio::time::timeout(timeout, w.responses.next())
+                    .await
+                    .map_err(|_| err(format!("no answer within {timeout:?}")))?
+                    .ok_or_else(|| err("the worker closed its step stream".into()))?
+                    .map_err(|s| err(s.message().to_string()))?;
+                if response.step_id != step_id {
+                    return Err(err(format!(
+                        "answered step {} for step {step_id}",
+                        response.step_id
+                    )));
+                }
+                match response.result {
+                    Some(pb::step_response::Result::Logits(t)) => Ok(Some(t)),
+                    Some(pb::step_response::Result::Done(_)) => Ok(None),
+                    Some(pb::step_response::Result::Error(e)) => Err(err(e)),
+                    None => Err(err("empty answer".into())),
+                }
+            }
+        }))
+        .await;
+        let mut slices = Vec::new();
+        for r in results {
+            if let Some(t) = r? {
+                slices.push(t);
+            }
+        }
+        join_vocab_slices(&slices, batch.seqs.len()).map_err(|reason| ClusterError::Step {
+            addr: "last stage".into(),
+            stage: self.plan.pp - 1,
+            rank: 0,
+            reason,
+        })
+    }
+}
+
+/// Rows of the full logits from the last stage's [seqs, slice] tensors in rank order.
+fn join_vocab_slices(slices: &[pb::TensorData], seqs: usize) -> Result<Vec<Vec<f32>>, String> {
+    let mut rows: Vec<Vec<f32>> = vec![Vec::new(); seqs];
+    for t in slices {
+        let dims = t.dims();
+        let values = t.to_f32().map_err(|e| e.to_string())?;
+        let [n, width] = dims[..] else {
+            return Err(format!("logits of shape {dims:?}, expected [seqs, vocab slice]"));
+        };
+        if n != seqs {
+            return Err(format!("logits for {n} sequences, the step had {seqs}"));
+        }
+        for (row, chunk) in rows.iter_mut().zip(values.chunks_exact(width.max(1))) {
+            row.extend_from_slice(chunk);
+        }
+    }
+    Ok(rows)
+}
+
+async fn connect_worker(
+    addr: &str,
+    timeout: Duration,
+) -> Result<(WorkerClient<Channel>, pb::InfoResponse), ClusterError> {
+    let unreachable = |reason: String| ClusterError::Unreachable {
+        addr: addr.to_string(),
+        reason,
+    };
+    let endpoint = Channel::from_shared(format!("http://{addr}"))
+        .map_err(|e| unreachable(e.to_string()))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true);
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| unreachable(format!("no connection within {timeout:?}")))?
+        .map_err(|e| unreachable(source_chain(&e)))?;
+    let mut client = WorkerClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let info = tokio::time::timeout(timeout, client.info(pb::InfoRequest {}))
+        .await
+        .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
+        .map_err(|s| unreachable(s.message().to_string()))?
+        .into_inner();
+    if info.state != pb::WorkerState::Idle as i32 {
+        return Err(unreachable(format!(
+            "it is not idle (state {}); give the cluster fresh workers",
+            info.state
+        )));
+    }
+    Ok((client, info))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Assigns one shard, logs its loading progress, and opens its step stream once it is ready.
+async fn assign(
+    mut client: WorkerClient<Channel>,
+    req: pb::AssignRequest,
+    spec: ShardSpec,
+    addr: String,
+    deadline: Instant,
+) -> Result<(WorkerLink, usize), ClusterError> {
+    let load_err = |reason: String| ClusterError::Load {
+        addr: addr.clone(),
+        stage: spec.stage,
+        rank: spec.rank,
+        reason,
+    };
+    // The assignment stream lives as long as loading; no per-call deadline on it.
+    let mut events = client
+        .assign(req)
+        .await
+        .map_err(|s| load_err(s.message().to_string()))?
+        .into_inner();
+    let mut last_log = Instant::now();
+    let kv_blocks = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, events.next())
+            .await
+            .map_err(|_| load_err("loading did not finish before the load timeout".into()))?
+            .ok_or_else(|| load_err("the worker ended the assignment without Ready".into()))?
+            .map_err(|s| load_err(s.message().to_string()))?;
+        match event.event {
+            Some(pb::load_event::Event::Progress(p)) => {
+                if last_log.elapsed() >= Duration::from_secs(1) {
+                    last_log = Instant::now();
+                    tracing::info!(
+                        worker = %addr,
+                        stage = spec.stage,
+                        rank = spec.rank,
+                        loaded_mib = p.bytes_loaded >> 20,
+                        total_mib = p.bytes_total >> 20,
+                        "loading shard"
+                    );
+                }
+            }
+            Some(pb::load_event::Event::Ready(r)) => {
+                tracing::info!(
+                    worker = %addr,
+                    stage = spec.stage,
+                    rank = spec.rank,
+                    weight_mib = r.weight_bytes >> 20,
+                    kv_blocks = r.kv_blocks,
+                    "shard ready"
+                );
+                break r.kv_blocks as usize;
+            }
+            None => {}
+        }
+    };
+    let (steps, rx) = mpsc::channel(4);
+    let responses = client
+        .steps(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| load_err(format!("opening the step stream: {}", s.message())))?
+        .into_inner();
+    Ok((
+        WorkerLink {
+            addr,
+            spec,
+            steps,
+            responses,
+        },
+        kv_blocks,
+    ))
+}
+
+/// A number that tells this cluster's data-plane connections from any older incarnation's.
+fn cluster_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 32)
+}
