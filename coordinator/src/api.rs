@@ -152,20 +152,32 @@ fn check(f: &SamplingFields, state: &AppState, prompt_len: usize) -> Result<Chec
         if m != &state.model_name {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
-                message: format!("model {m:?} is not served here; this endpoint serves {:?}", state.model_name),
+                message: format!(
+                    "model {m:?} is not served here; this endpoint serves {:?}",
+                    state.model_name
+                ),
                 kind: "invalid_request_error",
                 param: Some("model"),
             });
         }
     }
     if f.stream == Some(true) {
-        return Err(ApiError::invalid("stream", "streaming is not supported yet; send stream: false"));
+        return Err(ApiError::invalid(
+            "stream",
+            "streaming is not supported yet; send stream: false",
+        ));
     }
     if f.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("n", "only n = 1 is supported"));
     }
-    if f.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &json!(false)) {
-        return Err(ApiError::invalid("logprobs", "logprobs are not supported yet"));
+    if f.logprobs
+        .as_ref()
+        .is_some_and(|v| !v.is_null() && v != &json!(false))
+    {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "logprobs are not supported yet",
+        ));
     }
     let room = state.max_context.saturating_sub(prompt_len);
     let max_tokens = match f.max_completion_tokens.or(f.max_tokens) {
@@ -184,32 +196,52 @@ fn check(f: &SamplingFields, state: &AppState, prompt_len: usize) -> Result<Chec
     if max_tokens == 0 {
         return Err(ApiError::invalid(
             "prompt",
-            format!("the prompt has {prompt_len} tokens, leaving no room in the context of {}", state.max_context),
+            format!(
+                "the prompt has {prompt_len} tokens, leaving no room in the context of {}",
+                state.max_context
+            ),
         ));
     }
     let temperature = f.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid("temperature", format!("temperature is {temperature}; allowed: 0 to 2")));
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("temperature is {temperature}; allowed: 0 to 2"),
+        ));
     }
     let top_p = f.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid("top_p", format!("top_p is {top_p}; allowed: greater than 0, at most 1")));
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("top_p is {top_p}; allowed: greater than 0, at most 1"),
+        ));
     }
     let top_k = match f.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
-        Some(k) => return Err(ApiError::invalid("top_k", format!("top_k is {k}; allowed: -1 or 0 (off) or a positive integer"))),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("top_k is {k}; allowed: -1 or 0 (off) or a positive integer"),
+            ))
+        }
     };
     let min_p = f.min_p.unwrap_or(0.0);
     if !(0.0..=1.0).contains(&min_p) {
-        return Err(ApiError::invalid("min_p", format!("min_p is {min_p}; allowed: 0 to 1")));
+        return Err(ApiError::invalid(
+            "min_p",
+            format!("min_p is {min_p}; allowed: 0 to 1"),
+        ));
     }
     let penalty = |name: &'static str, v: Option<f32>| -> Result<f32, ApiError> {
         let v = v.unwrap_or(0.0);
         if (-2.0..=2.0).contains(&v) {
             Ok(v)
         } else {
-            Err(ApiError::invalid(name, format!("{name} is {v}; allowed: -2 to 2")))
+            Err(ApiError::invalid(
+                name,
+                format!("{name} is {v}; allowed: -2 to 2"),
+            ))
         }
     };
     let repetition_penalty = f.repetition_penalty.unwrap_or(1.0);
@@ -225,7 +257,10 @@ fn check(f: &SamplingFields, state: &AppState, prompt_len: usize) -> Result<Chec
         Some(OneOrMany::Many(v)) => v.clone(),
     };
     if stop.len() > MAX_STOP || stop.iter().any(String::is_empty) {
-        return Err(ApiError::invalid("stop", format!("stop takes at most {MAX_STOP} non-empty strings")));
+        return Err(ApiError::invalid(
+            "stop",
+            format!("stop takes at most {MAX_STOP} non-empty strings"),
+        ));
     }
     Ok(Checked {
         params: SamplingParams {
@@ -247,12 +282,16 @@ fn check(f: &SamplingFields, state: &AppState, prompt_len: usize) -> Result<Chec
 fn random_seed() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     t ^ COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn request_id(prefix: &str) -> String {
@@ -275,7 +314,9 @@ async fn completions(
     let prompt = match req.prompt {
         Some(OneOrMany::One(p)) => p,
         Some(OneOrMany::Many(mut v)) if v.len() == 1 => v.remove(0),
-        Some(OneOrMany::Many(_)) => return Err(ApiError::invalid("prompt", "send one prompt per request")),
+        Some(OneOrMany::Many(_)) => {
+            return Err(ApiError::invalid("prompt", "send one prompt per request"))
+        }
         None => return Err(ApiError::invalid("prompt", "prompt is required")),
     };
     let ids = state
@@ -305,12 +346,14 @@ async fn chat_completions(
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req = json_body(body)?;
-    let messages = req
-        .messages
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| ApiError::invalid("messages", "messages is required and must not be empty"))?;
+    let messages = req.messages.filter(|m| !m.is_empty()).ok_or_else(|| {
+        ApiError::invalid("messages", "messages is required and must not be empty")
+    })?;
     let template = state.chat.as_ref().ok_or_else(|| {
-        ApiError::invalid("messages", "this model has no chat template; use /v1/completions")
+        ApiError::invalid(
+            "messages",
+            "this model has no chat template; use /v1/completions",
+        )
     })?;
     let text = template
         .render(&messages)
@@ -337,11 +380,24 @@ async fn chat_completions(
     })))
 }
 
-async fn generate(state: &AppState, id: &str, ids: Vec<u32>, c: Checked) -> Result<Generation, ApiError> {
-    let span = tracing::info_span!("request", %id, prompt_tokens = ids.len(), max_tokens = c.max_tokens);
+async fn generate(
+    state: &AppState,
+    id: &str,
+    ids: Vec<u32>,
+    c: Checked,
+) -> Result<Generation, ApiError> {
+    let span =
+        tracing::info_span!("request", %id, prompt_tokens = ids.len(), max_tokens = c.max_tokens);
     async {
-        let g = state.engine.generate(ids, c.params, c.max_tokens, c.stop).await?;
-        tracing::info!(completion_tokens = g.tokens.len(), finish = g.finish_reason.as_str(), "done");
+        let g = state
+            .engine
+            .generate(ids, c.params, c.max_tokens, c.stop)
+            .await?;
+        tracing::info!(
+            completion_tokens = g.tokens.len(),
+            finish = g.finish_reason.as_str(),
+            "done"
+        );
         Ok(g)
     }
     .instrument(span)

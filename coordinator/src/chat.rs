@@ -114,7 +114,9 @@ fn fold_system(messages: &[ChatMessage]) -> Result<Vec<ChatMessage>, ChatError> 
     }
     if !system.is_empty() {
         if rest[0].role != "user" {
-            return Err(ChatError::Messages("the first turn after system must be user".into()));
+            return Err(ChatError::Messages(
+                "the first turn after system must be user".into(),
+            ));
         }
         rest[0].content = format!("{}\n\n{}", system.join("\n\n"), rest[0].content);
     }

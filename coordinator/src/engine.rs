@@ -150,13 +150,17 @@ async fn run(
             continue;
         }
         let batch = build_batch(&mut running, cfg.max_batch_tokens);
-        let span = tracing::debug_span!("step", seqs = batch.seqs.len(), tokens = batch.num_tokens());
+        let span =
+            tracing::debug_span!("step", seqs = batch.seqs.len(), tokens = batch.num_tokens());
         let logits = match cluster.step(&batch).instrument(span).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "step failed; failing the running requests");
                 for seq in running.drain(..) {
-                    let _ = seq.request.reply.send(Err(EngineError::Cluster(e.to_string())));
+                    let _ = seq
+                        .request
+                        .reply
+                        .send(Err(EngineError::Cluster(e.to_string())));
                 }
                 continue;
             }
@@ -198,7 +202,9 @@ fn admit(
     next_id: &mut u64,
 ) {
     while running.len() < cfg.max_running {
-        let Some(request) = waiting.pop_front() else { return };
+        let Some(request) = waiting.pop_front() else {
+            return;
+        };
         let needed = kv.blocks_for(request.prompt.len() + request.max_tokens);
         if needed > kv.total_blocks() {
             let _ = request.reply.send(Err(EngineError::TooLong {

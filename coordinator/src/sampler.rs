@@ -102,7 +102,11 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &t in &self.seen {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -208,18 +212,33 @@ mod tests {
         let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 10.0).collect();
         let run = |p: SamplingParams| {
             let mut s = Sampler::new(p, &[]);
-            (0..50).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(params(0.8)), run(params(0.8)));
-        let top2 = run(SamplingParams { top_k: 2, ..params(5.0) });
+        let top2 = run(SamplingParams {
+            top_k: 2,
+            ..params(5.0)
+        });
         let mut best: Vec<u32> = (0..1000u32).collect();
-        best.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        best.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         assert!(top2.iter().all(|t| best[..2].contains(t)), "{top2:?}");
         // min_p = 1 keeps only the most likely token.
-        let only = run(SamplingParams { min_p: 1.0, ..params(1.0) });
+        let only = run(SamplingParams {
+            min_p: 1.0,
+            ..params(1.0)
+        });
         assert!(only.iter().all(|&t| t == best[0]));
         // A tiny top_p keeps only the most likely token.
-        let nucleus = run(SamplingParams { top_p: 1e-9, ..params(1.0) });
+        let nucleus = run(SamplingParams {
+            top_p: 1e-9,
+            ..params(1.0)
+        });
         assert!(nucleus.iter().all(|&t| t == best[0]));
     }
 

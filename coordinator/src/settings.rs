@@ -74,7 +74,9 @@ pub struct Settings {
 pub enum SettingsError {
     #[error("settings: {0}")]
     Config(#[from] config::ConfigError),
-    #[error("settings: no model; pass --model DIR (or `model` in the config file, or GEMMA_MODEL)")]
+    #[error(
+        "settings: no model; pass --model DIR (or `model` in the config file, or GEMMA_MODEL)"
+    )]
     NoModel,
 }
 

@@ -7,7 +7,9 @@ use tokenizers::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("{path}: {reason}; the model folder needs the HuggingFace tokenizer.json of the model")]
+    #[error(
+        "{path}: {reason}; the model folder needs the HuggingFace tokenizer.json of the model"
+    )]
     Load { path: String, reason: String },
     #[error("tokenizing: {0}")]
     Encode(String),

@@ -4,6 +4,9 @@
 //! The weights come from a SplitMix64 stream of our own so that a seed means the same model for
 //! every version of every dependency.
 
+pub mod http;
+pub mod process;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -240,4 +243,33 @@ impl SplitMix64 {
     pub fn symmetric(&mut self) -> f32 {
         ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
+}
+
+/// Where scripts/fetch-tokenizer.sh keeps the real Gemma tokenizer: $GEMMA_TOKENIZER_DIR, else
+/// the script's cache.
+pub fn tokenizer_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("GEMMA_TOKENIZER_DIR") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("GEMMA_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/gemma-cluster")
+        });
+    cache.join("tokenizer-gemma")
+}
+
+/// Copies the real Gemma tokenizer (tokenizer.json, tokenizer_config.json) into a model folder.
+pub fn add_tokenizer(model_dir: &Path) -> Result<()> {
+    let src = tokenizer_dir();
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(name), model_dir.join(name)).with_context(|| {
+            format!(
+                "copying {} (run scripts/fetch-tokenizer.sh first)",
+                src.join(name).display()
+            )
+        })?;
+    }
+    Ok(())
 }

@@ -88,7 +88,9 @@ impl DataPlane {
             .enable_all()
             .build()
             .map_err(|e| CollectiveError::Connect(format!("runtime: {e}")))?;
-        let links = rt.block_on(connect_mesh(me, cluster_id, addrs, &peers, listener, timeout))?;
+        let links = rt.block_on(connect_mesh(
+            me, cluster_id, addrs, &peers, listener, timeout,
+        ))?;
         Ok(Self {
             rt,
             state: Mutex::new(PlaneState {
@@ -117,7 +119,9 @@ impl DataPlane {
 
     /// Sends this stage's output to rank t of the next stage.
     pub fn send_next(&self, hidden: &Tensor) -> Result<(), CollectiveError> {
-        let next = self.next.ok_or_else(|| CollectiveError::Connect("no next stage".into()))?;
+        let next = self
+            .next
+            .ok_or_else(|| CollectiveError::Connect("no next stage".into()))?;
         let mut st = self.lock()?;
         let op = st.next_ops;
         st.next_ops += 1;
@@ -134,7 +138,9 @@ impl DataPlane {
 
     /// Receives the previous stage's output from its rank t.
     pub fn recv_prev(&self) -> Result<Tensor, CollectiveError> {
-        let prev = self.prev.ok_or_else(|| CollectiveError::Connect("no previous stage".into()))?;
+        let prev = self
+            .prev
+            .ok_or_else(|| CollectiveError::Connect("no previous stage".into()))?;
         let mut st = self.lock()?;
         let op = st.prev_ops;
         st.prev_ops += 1;
@@ -149,7 +155,9 @@ impl DataPlane {
     }
 
     fn tensor_of(&self, frame: pb::PeerFrame, peer: usize) -> Result<Tensor, CollectiveError> {
-        let td = frame.tensor.ok_or_else(|| link_err(peer, "frame without tensor"))?;
+        let td = frame
+            .tensor
+            .ok_or_else(|| link_err(peer, "frame without tensor"))?;
         decode_tensor(&td, &self.device).map_err(|e| link_err(peer, &e.to_string()))
     }
 
@@ -159,7 +167,12 @@ impl DataPlane {
         st.stage_ops += 1;
         let frame = frame_bytes(pb::FrameKind::Partial, op, partial)?;
         let timeout = self.timeout;
-        let peers: Vec<usize> = self.stage.iter().copied().filter(|&p| p != self.stage[self.rank]).collect();
+        let peers: Vec<usize> = self
+            .stage
+            .iter()
+            .copied()
+            .filter(|&p| p != self.stage[self.rank])
+            .collect();
         let mut links: Vec<(usize, &mut Link)> = st
             .links
             .iter_mut()
@@ -363,7 +376,9 @@ async fn dial(addr: &str, deadline: Instant) -> Result<TcpStream, CollectiveErro
         match TcpStream::connect(addr).await {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() >= deadline => {
-                return Err(CollectiveError::Connect(format!("cannot reach peer {addr}: {e}")))
+                return Err(CollectiveError::Connect(format!(
+                    "cannot reach peer {addr}: {e}"
+                )))
             }
             // The peer may still be starting; try again shortly.
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -400,15 +415,17 @@ async fn accept_peers(
         TcpListener::from_std(listener).map_err(|e| CollectiveError::Connect(e.to_string()))?;
     while !expected.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
-        let accepted = tokio::time::timeout(left, listener.accept()).await.map_err(|_| {
-            CollectiveError::Connect(format!("peers {expected:?} never connected"))
-        })?;
+        let accepted = tokio::time::timeout(left, listener.accept())
+            .await
+            .map_err(|_| CollectiveError::Connect(format!("peers {expected:?} never connected")))?;
         let Ok((stream, _)) = accepted else { continue };
         let mut link = new_link(stream)?;
         let Link { stream, rbuf, .. } = &mut link;
         let hello = tokio::time::timeout(Duration::from_secs(5), read_frame(stream, rbuf)).await;
         let Ok(Ok(())) = hello else { continue };
-        let Ok(hello) = pb::PeerHello::decode(&rbuf[..]) else { continue };
+        let Ok(hello) = pb::PeerHello::decode(&rbuf[..]) else {
+            continue;
+        };
         let from = hello.shard_index as usize;
         if hello.cluster_id == cluster_id && expected.contains(&from) {
             expected.retain(|&p| p != from);

@@ -119,7 +119,10 @@ fn parse_assignment(req: pb::AssignRequest) -> Result<Assignment, Status> {
 
 #[tonic::async_trait]
 impl pb::worker_server::Worker for WorkerService {
-    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
         let st = lock(&self.status);
         Ok(Response::new(pb::InfoResponse {
             data_addr: self.data_addr.clone(),
@@ -142,7 +145,9 @@ impl pb::worker_server::Worker for WorkerService {
         let assignment = parse_assignment(request.into_inner())?;
         {
             let mut st = lock(&self.status);
-            if st.state == pb::WorkerState::Loading as i32 || st.state == pb::WorkerState::Ready as i32 {
+            if st.state == pb::WorkerState::Loading as i32
+                || st.state == pb::WorkerState::Ready as i32
+            {
                 return Err(Status::failed_precondition(
                     "this worker already holds a shard; start a fresh worker to assign another",
                 ));
@@ -185,9 +190,9 @@ impl pb::worker_server::Worker for WorkerService {
                 let response = if jobs.send(Job { request, reply }).is_err() {
                     failed(step_id, "the compute thread has stopped".into())
                 } else {
-                    answer
-                        .await
-                        .unwrap_or_else(|_| failed(step_id, "the compute thread dropped the step".into()))
+                    answer.await.unwrap_or_else(|_| {
+                        failed(step_id, "the compute thread dropped the step".into())
+                    })
                 };
                 if tx.send(Ok(response)).await.is_err() {
                     break;
@@ -379,7 +384,10 @@ fn run_step(shard: &Shard, plane: &DataPlane, request: pb::StepRequest) -> pb::S
         } else {
             Some(plane.recv_prev().map_err(|e| e.to_string())?)
         };
-        match shard.step(&batch, input.as_ref()).map_err(|e| e.to_string())? {
+        match shard
+            .step(&batch, input.as_ref())
+            .map_err(|e| e.to_string())?
+        {
             StageOutput::Hidden(h) => {
                 plane.send_next(&h).map_err(|e| e.to_string())?;
                 Ok(pb::step_response::Result::Done(pb::StepDone {}))

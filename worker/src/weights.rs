@@ -126,7 +126,9 @@ impl WeightFiles {
 
     /// Bytes per element of tensor `name` as stored (None if absent or of an unsupported dtype).
     pub fn stored_elem_size(&self, name: &str) -> Option<usize> {
-        self.find(name).ok().and_then(|(_, info)| stored_elem_size(info.dtype))
+        self.find(name)
+            .ok()
+            .and_then(|(_, info)| stored_elem_size(info.dtype))
     }
 
     /// Reads `slice` of tensor `name`, checking the stored tensor has `shape`, and converts it to
@@ -166,8 +168,7 @@ impl WeightFiles {
         let (pieces, out_shape) = slice_pieces(base, shape, &slice, elem);
         let tensor = decode(file, &pieces, info.dtype, &out_shape, dtype, device);
         let read: usize = pieces.iter().map(|r| r.len()).sum();
-        self.bytes_read
-            .fetch_add(read as u64, Ordering::Relaxed);
+        self.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
         tensor.map_err(|source| LoadError::Candle {
             tensor: name.to_string(),
             source,

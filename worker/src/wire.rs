@@ -34,9 +34,18 @@ pub fn encode_tensor(t: &Tensor) -> Result<pb::TensorData, WireTensorError> {
     let dtype = dtype_to_wire(t.dtype())?;
     let flat = t.flatten_all().map_err(WireTensorError::candle)?;
     let data: Vec<u8> = match t.dtype() {
-        DType::BF16 => le_bytes(&flat.to_vec1::<bf16>().map_err(WireTensorError::candle)?, |v| v.to_le_bytes()),
-        DType::F16 => le_bytes(&flat.to_vec1::<f16>().map_err(WireTensorError::candle)?, |v| v.to_le_bytes()),
-        _ => le_bytes(&flat.to_vec1::<f32>().map_err(WireTensorError::candle)?, |v| v.to_le_bytes()),
+        DType::BF16 => le_bytes(
+            &flat.to_vec1::<bf16>().map_err(WireTensorError::candle)?,
+            |v| v.to_le_bytes(),
+        ),
+        DType::F16 => le_bytes(
+            &flat.to_vec1::<f16>().map_err(WireTensorError::candle)?,
+            |v| v.to_le_bytes(),
+        ),
+        _ => le_bytes(
+            &flat.to_vec1::<f32>().map_err(WireTensorError::candle)?,
+            |v| v.to_le_bytes(),
+        ),
     };
     Ok(pb::TensorData {
         dtype: dtype as i32,
@@ -68,15 +77,29 @@ pub fn decode_tensor(td: &pb::TensorData, device: &Device) -> Result<Tensor, Wir
     let t = match dtype {
         DType::BF16 => {
             let (e, _) = td.data.as_chunks::<2>();
-            Tensor::from_vec(e.iter().map(|&b| bf16::from_le_bytes(b)).collect::<Vec<_>>(), dims, device)
+            Tensor::from_vec(
+                e.iter()
+                    .map(|&b| bf16::from_le_bytes(b))
+                    .collect::<Vec<_>>(),
+                dims,
+                device,
+            )
         }
         DType::F16 => {
             let (e, _) = td.data.as_chunks::<2>();
-            Tensor::from_vec(e.iter().map(|&b| f16::from_le_bytes(b)).collect::<Vec<_>>(), dims, device)
+            Tensor::from_vec(
+                e.iter().map(|&b| f16::from_le_bytes(b)).collect::<Vec<_>>(),
+                dims,
+                device,
+            )
         }
         _ => {
             let (e, _) = td.data.as_chunks::<4>();
-            Tensor::from_vec(e.iter().map(|&b| f32::from_le_bytes(b)).collect::<Vec<_>>(), dims, device)
+            Tensor::from_vec(
+                e.iter().map(|&b| f32::from_le_bytes(b)).collect::<Vec<_>>(),
+                dims,
+                device,
+            )
         }
     };
     t.map_err(WireTensorError::candle)

@@ -93,7 +93,10 @@ impl Prepared {
 
     /// Starts the local workers when no external ones are configured. Each gets an equal share
     /// of the cores: candle's pool collapses when two processes fight for one core.
-    pub fn spawn_local_workers(&self, settings: &Settings) -> Result<Option<LocalWorkers>, ClusterError> {
+    pub fn spawn_local_workers(
+        &self,
+        settings: &Settings,
+    ) -> Result<Option<LocalWorkers>, ClusterError> {
         if !settings.workers.is_empty() {
             return Ok(None);
         }
@@ -150,7 +153,10 @@ impl Cluster {
             .await
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
-        let data_addrs: Vec<String> = clients.iter().map(|(_, info)| info.data_addr.clone()).collect();
+        let data_addrs: Vec<String> = clients
+            .iter()
+            .map(|(_, info)| info.data_addr.clone())
+            .collect();
         let cluster_id = cluster_id();
         let dtype = dtype_of(&settings.dtype)?;
         tracing::info!(
@@ -160,8 +166,11 @@ impl Cluster {
             "shard plan"
         );
         let deadline = Instant::now() + Duration::from_secs(settings.load_timeout_s);
-        let assigns = clients.into_iter().zip(&prepared.plan.shards).zip(&addrs).map(
-            |(((client, _), spec), addr)| {
+        let assigns = clients
+            .into_iter()
+            .zip(&prepared.plan.shards)
+            .zip(&addrs)
+            .map(|(((client, _), spec), addr)| {
                 let req = pb::AssignRequest {
                     model_path: prepared.model_dir.display().to_string(),
                     tp: prepared.plan.tp as u32,
@@ -182,12 +191,22 @@ impl Cluster {
                     cluster_id,
                 };
                 assign(client, req, spec.clone(), addr.clone(), deadline)
-            },
-        );
-        let assigned = join_all(assigns).await.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let kv_blocks = assigned.iter().map(|(_, blocks)| *blocks).min().unwrap_or(0);
+            });
+        let assigned = join_all(assigns)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let kv_blocks = assigned
+            .iter()
+            .map(|(_, blocks)| *blocks)
+            .min()
+            .unwrap_or(0);
         let workers = assigned.into_iter().map(|(link, _)| link).collect();
-        tracing::info!(kv_blocks, block_size = settings.block_size, "every worker is ready");
+        tracing::info!(
+            kv_blocks,
+            block_size = settings.block_size,
+            "every worker is ready"
+        );
         Ok(Self {
             config: prepared.config,
             plan: prepared.plan,
@@ -262,7 +281,9 @@ fn join_vocab_slices(slices: &[pb::TensorData], seqs: usize) -> Result<Vec<Vec<f
         let dims = t.dims();
         let values = t.to_f32().map_err(|e| e.to_string())?;
         let [n, width] = dims[..] else {
-            return Err(format!("logits of shape {dims:?}, expected [seqs, vocab slice]"));
+            return Err(format!(
+                "logits of shape {dims:?}, expected [seqs, vocab slice]"
+            ));
         };
         if n != seqs {
             return Err(format!("logits for {n} sequences, the step had {seqs}"));
@@ -347,18 +368,18 @@ async fn assign(
             .ok_or_else(|| load_err("the worker ended the assignment without Ready".into()))?
             .map_err(|s| load_err(s.message().to_string()))?;
         match event.event {
-            Some(pb::load_event::Event::Progress(p)) => {
-                if last_log.elapsed() >= Duration::from_secs(1) {
-                    last_log = Instant::now();
-                    tracing::info!(
-                        worker = %addr,
-                        stage = spec.stage,
-                        rank = spec.rank,
-                        loaded_mib = p.bytes_loaded >> 20,
-                        total_mib = p.bytes_total >> 20,
-                        "loading shard"
-                    );
-                }
+            Some(pb::load_event::Event::Progress(p))
+                if last_log.elapsed() >= Duration::from_secs(1) =>
+            {
+                last_log = Instant::now();
+                tracing::info!(
+                    worker = %addr,
+                    stage = spec.stage,
+                    rank = spec.rank,
+                    loaded_mib = p.bytes_loaded >> 20,
+                    total_mib = p.bytes_total >> 20,
+                    "loading shard"
+                );
             }
             Some(pb::load_event::Event::Ready(r)) => {
                 tracing::info!(
@@ -371,7 +392,7 @@ async fn assign(
                 );
                 break r.kv_blocks as usize;
             }
-            None => {}
+            _ => {}
         }
     };
     let (steps, rx) = mpsc::channel(4);

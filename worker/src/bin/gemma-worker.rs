@@ -47,7 +47,10 @@ fn main() -> Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
-        let announce = format!("gemma-worker listening on {addr} data {}\n", service.data_addr());
+        let announce = format!(
+            "gemma-worker listening on {addr} data {}\n",
+            service.data_addr()
+        );
         {
             let mut out = std::io::stdout().lock();
             out.write_all(announce.as_bytes())?;

@@ -1,0 +1,183 @@
+//! Real processes for tests and benchmarks: the project's binaries found beside the test
+//! executable, a coordinator started on an OS-chosen port and stopped on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+
+/// A binary of this workspace, from the target directory the running test was built into.
+/// Tests need `cargo build --bins` first (README's test command does it).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let dirs = [exe.parent(), exe.parent().and_then(Path::parent)];
+    dirs.iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not built next to {}; run `cargo build --workspace --bins` first",
+                exe.display()
+            )
+        })
+}
+
+/// A process whose stdout and stderr lines are collected as they come.
+pub struct Spawned {
+    child: Option<Child>,
+    stdout: mpsc::Receiver<String>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Spawned {
+    pub fn start(bin: &Path, args: &[String]) -> Result<Self> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let (tx, stdout) = mpsc::channel();
+        let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Ok(mut v) = sink.lock() {
+                    v.push(line);
+                }
+            }
+        });
+        Ok(Self {
+            child: Some(child),
+            stdout,
+            stderr,
+        })
+    }
+
+    /// The next stdout line, or None if the process closed stdout or `timeout` passed.
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.stdout.recv_timeout(timeout).ok()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().map(|v| v.join("\n")).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit on its own, at most `timeout`; kills it past that.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let mut child = self.child.take().ok_or_else(|| anyhow!("already waited"))?;
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        // `Child::wait` blocks: a thread turns it into a bounded wait on a channel.
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                // SAFETY: the child is not reaped yet (its waiter holds it), so the pid is its.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+                Err(anyhow!(
+                    "process {pid} still running after {timeout:?}; killed"
+                ))
+            }
+        }
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM first so a coordinator stops its workers; SIGKILL if it lingers.
+            // SAFETY: our own unreaped child.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let (tx, rx) = mpsc::channel();
+            let pid = child.id();
+            std::thread::spawn(move || {
+                let _ = tx.send(child.wait());
+            });
+            if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                // SAFETY: still unreaped (the waiter has not returned).
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// A coordinator started on an OS-chosen port; stopped (with its workers) on drop.
+pub struct CoordinatorProcess {
+    pub process: Spawned,
+    /// host:port of its HTTP API.
+    pub addr: String,
+}
+
+impl CoordinatorProcess {
+    /// Starts `gemma-coordinator --listen 127.0.0.1:0 ARGS..` and waits until it serves.
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let mut all = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let process = Spawned::start(&binary("gemma-coordinator"), &all)?;
+        let line = process
+            .next_line(Duration::from_secs(120))
+            .ok_or_else(|| anyhow!("coordinator did not start:\n{}", process.stderr_text()))?;
+        let addr = line
+            .strip_prefix("gemma-coordinator listening on http://")
+            .ok_or_else(|| anyhow!("unexpected first line {line:?}"))?
+            .to_string();
+        Ok(Self { process, addr })
+    }
+
+    /// Pids of the local workers it started (from its log).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        worker_pids(&self.process.stderr_text())
+    }
+}
+
+/// Pids from a coordinator log's `started local worker ... pid=N` lines.
+pub fn worker_pids(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter(|l| l.contains("started local worker"))
+        .filter_map(|l| {
+            l.split("pid=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|state| state != "Z"))
+        .unwrap_or(false)
+}
