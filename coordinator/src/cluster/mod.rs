@@ -116,6 +116,10 @@ fn dtype_of(name: &str) -> Result<pb::DType, ClusterError> {
     }
 }
 
+/// HTTP/2 flow-control windows of the coordinator-worker connections.
+pub const STREAM_WINDOW: u32 = 64 << 20;
+pub const CONNECTION_WINDOW: u32 = 128 << 20;
+
 struct WorkerLink {
     addr: String,
     spec: ShardSpec,
@@ -306,7 +310,11 @@ async fn connect_worker(
     let endpoint = Channel::from_shared(format!("http://{addr}"))
         .map_err(|e| unreachable(e.to_string()))?
         .connect_timeout(timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Logits of a batch are megabytes: HTTP/2's default 64 KiB window would stall every
+        // step on window updates.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
         .map_err(|_| unreachable(format!("no connection within {timeout:?}")))?

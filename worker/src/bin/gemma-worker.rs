@@ -59,17 +59,31 @@ fn main() -> Result<()> {
         tracing::info!(%addr, data = service.data_addr(), "worker up");
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // Logits answers are megabytes: a 64 KiB HTTP/2 window would stall them.
+            .initial_stream_window_size(64 << 20)
+            .initial_connection_window_size(128 << 20)
             .add_service(
                 WorkerServer::new(service)
                     .max_decoding_message_size(usize::MAX)
                     .max_encoding_message_size(usize::MAX),
             )
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                shutdown_signal(),
-            )
+            .serve_with_incoming_shutdown(incoming_nodelay(listener), shutdown_signal())
             .await
             .context("serving")
+    })
+}
+
+/// Accepted connections with Nagle off: tonic's own `tcp_nodelay` applies only to listeners it
+/// binds itself, and a step answer held back for a delayed ACK costs 40 ms.
+fn incoming_nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        conn.and_then(|s| {
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
     })
 }
 

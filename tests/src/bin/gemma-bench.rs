@@ -1,0 +1,342 @@
+//! gemma-bench: the project's benchmark. Prints one table: each figure beside a reference
+//! measured in the same run, and their ratio.
+//!
+//! `gemma-bench` runs everything; the other subcommands are the child processes it starts.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use gemma_cluster_tests::TinyGemma;
+use gemma_coordinator::cluster::{Cluster, Prepared};
+use gemma_coordinator::settings::{Args, Settings};
+use gemma_proto::{KvBlockManager, PlanRequest, SeqStep, ShardSpec, StepBatch};
+use gemma_worker::collective::Collective;
+use gemma_worker::data_plane::{DataPlane, PlaneCollective};
+use gemma_worker::{LocalCluster, ModelFolder, ShardOptions};
+
+const HIDDEN: usize = 3072;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => run_all(),
+        Some("echo") => echo_server(),
+        Some("allreduce-rank") => allreduce_rank(&args[1..]),
+        Some(other) => bail!("unknown subcommand {other}; run gemma-bench without arguments"),
+    }
+}
+
+struct Row {
+    figure: String,
+    value: f64,
+    unit: &'static str,
+    reference: String,
+    ref_value: f64,
+}
+
+fn run_all() -> Result<()> {
+    let mut rows = Vec::new();
+    let floor_small = ping_pong(64)?;
+    let floor_row = ping_pong(HIDDEN * 4)?;
+    let floor_big = ping_pong(64 * HIDDEN * 4)?;
+    rows.push(Row {
+        figure: "raw TCP one-way, 64 B (RTT/2)".into(),
+        value: floor_small,
+        unit: "us",
+        reference: "-".into(),
+        ref_value: f64::NAN,
+    });
+    for world in [2usize, 4] {
+        for (rows_n, floor) in [(1usize, floor_row), (64, floor_big)] {
+            let us = allreduce(world, rows_n)?;
+            rows.push(Row {
+                figure: format!("all-reduce {rows_n}x{HIDDEN} f32, {world} processes"),
+                value: us,
+                unit: "us",
+                reference: format!("raw TCP one-way {} B", rows_n * HIDDEN * 4),
+                ref_value: floor,
+            });
+        }
+    }
+    let (single, cluster) = decode_speeds()?;
+    rows.push(Row {
+        figure: "decode, tp=2 cluster (2 worker processes)".into(),
+        value: cluster,
+        unit: "ms/token",
+        reference: "one process, tp=1".into(),
+        ref_value: single,
+    });
+    println!();
+    println!(
+        "| {:<46} | {:>12} | {:<30} | {:>12} | {:>6} |",
+        "figure", "value", "reference (same run)", "reference", "ratio"
+    );
+    println!("|{:-<48}|{:->14}|{:-<32}|{:->14}|{:->8}|", "", "", "", "", "");
+    for r in rows {
+        let ratio = if r.ref_value.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", r.value / r.ref_value)
+        };
+        let rv = if r.ref_value.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.1} {}", r.ref_value, r.unit)
+        };
+        println!(
+            "| {:<46} | {:>12} | {:<30} | {:>12} | {:>6} |",
+            r.figure,
+            format!("{:.1} {}", r.value, r.unit),
+            r.reference,
+            rv,
+            ratio
+        );
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn self_exe() -> Result<std::path::PathBuf> {
+    std::env::current_exe().context("current_exe")
+}
+
+/// Child: echoes every message back (length-prefixed), TCP_NODELAY.
+fn echo_server() -> Result<()> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", l.local_addr()?);
+    std::io::stdout().flush()?;
+    let (mut s, _) = l.accept()?;
+    s.set_nodelay(true)?;
+    let mut buf = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        if s.read_exact(&mut len).is_err() {
+            return Ok(());
+        }
+        buf.resize(u32::from_le_bytes(len) as usize, 0);
+        s.read_exact(&mut buf)?;
+        s.write_all(&len)?;
+        s.write_all(&buf)?;
+    }
+}
+
+fn spawn_child(args: &[&str]) -> Result<(Child, BufReader<std::process::ChildStdout>)> {
+    let mut child = Command::new(self_exe()?)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let out = BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
+    Ok((child, out))
+}
+
+/// Median one-way latency (RTT / 2) of `size`-byte messages to another process, in us.
+fn ping_pong(size: usize) -> Result<f64> {
+    let (mut child, mut out) = spawn_child(&["echo"])?;
+    let mut addr = String::new();
+    out.read_line(&mut addr)?;
+    let mut s = TcpStream::connect(addr.trim())?;
+    s.set_nodelay(true)?;
+    let msg = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let iters = if size > 100_000 { 300 } else { 3000 };
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + 100 {
+        let t = Instant::now();
+        s.write_all(&(size as u32).to_le_bytes())?;
+        s.write_all(&msg)?;
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len)?;
+        s.read_exact(&mut back)?;
+        if i >= 100 {
+            times.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+        }
+    }
+    drop(s);
+    let _ = child.wait();
+    Ok(median(&mut times))
+}
+
+/// Median all-reduce latency among `world` processes for [rows, 3072] f32, in us (rank 0's).
+fn allreduce(world: usize, rows: usize) -> Result<f64> {
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..world {
+        let (child, mut out) = spawn_child(&[
+            "allreduce-rank",
+            &i.to_string(),
+            &world.to_string(),
+            &rows.to_string(),
+        ])?;
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        addrs.push(line.trim().to_string());
+        children.push((child, out));
+    }
+    let list = addrs.join(",") + "\n";
+    for (child, _) in &mut children {
+        child
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("no stdin"))?
+            .write_all(list.as_bytes())?;
+    }
+    let mut result = f64::NAN;
+    for (i, (mut child, mut out)) in children.into_iter().enumerate() {
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if i == 0 {
+            result = line.trim().parse().with_context(|| format!("rank 0 said {line:?}"))?;
+        }
+        child.wait()?;
+    }
+    Ok(result)
+}
+
+/// Child: one rank of an all-reduce group over the worker's data plane.
+fn allreduce_rank(args: &[String]) -> Result<()> {
+    let [index, world, rows] = args else {
+        bail!("usage: allreduce-rank INDEX WORLD ROWS")
+    };
+    let (index, world, rows): (usize, usize, usize) = (index.parse()?, world.parse()?, rows.parse()?);
+    // One thread per rank, as a worker sharing the machine would have.
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let addrs: Vec<String> = line.trim().split(',').map(str::to_string).collect();
+    let spec = ShardSpec {
+        stage: 0,
+        rank: index,
+        tp: world,
+        pp: 1,
+        layers: 0..1,
+        q_heads: index..index + 1,
+        kv_heads: index..index + 1,
+        mlp_cols: index..index + 1,
+        vocab_rows: index..index + 1,
+    };
+    let plane = DataPlane::connect(&spec, 1, &addrs, listener, Duration::from_secs(30), Device::Cpu)?;
+    let group = PlaneCollective(std::sync::Arc::new(plane));
+    let x = Tensor::ones((rows, HIDDEN), candle_core::DType::F32, &Device::Cpu)?;
+    let iters = if rows > 1 { 300 } else { 3000 };
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + 100 {
+        let t = Instant::now();
+        let y = group.all_reduce_sum(&x)?;
+        if i >= 100 {
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        drop(y);
+    }
+    println!("{:.2}", median(&mut times));
+    Ok(())
+}
+
+/// Decode ms/token of one model: in one process (tp=1) and as a tp=2 cluster of 2 processes.
+fn decode_speeds() -> Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let model = TinyGemma {
+        vocab_size: 32_000,
+        hidden_size: 1024,
+        intermediate_size: 8192,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 8,
+        head_dim: 128,
+        ..TinyGemma::mha_like_7b()
+    };
+    model.write(dir.path())?;
+    eprintln!(
+        "decode model: {} MiB of f32 weights (hidden 1024, 4 layers, vocab 32000)",
+        model.f32_bytes() >> 20
+    );
+    let single = {
+        let folder = ModelFolder::open(dir.path())?;
+        let cluster = LocalCluster::load(&folder, &PlanRequest::new(1, 1), &ShardOptions::default())?;
+        let kv = KvBlockManager::new(64, 16);
+        time_decode(&kv, |b| Ok(cluster.step(&b)?.to_vec2::<f32>()?))?
+    };
+    if std::env::var_os("BENCH_EXTRA").is_some() {
+        let folder = ModelFolder::open(dir.path())?;
+        let cluster = LocalCluster::load(&folder, &PlanRequest::new(2, 1), &ShardOptions::default())?;
+        let kv = KvBlockManager::new(64, 16);
+        let t = time_decode(&kv, |b| Ok(cluster.step(&b)?.to_vec2::<f32>()?))?;
+        eprintln!("EXTRA in-process tp=2: {t:.1} ms/token");
+        let c1 = cluster_decode(dir.path(), 1)?;
+        eprintln!("EXTRA cluster tp=1: {c1:.1} ms/token");
+    }
+    let tp2 = cluster_decode(dir.path(), 2)?;
+    Ok((single, tp2))
+}
+
+fn cluster_decode(dir: &std::path::Path, tp: usize) -> Result<f64> {
+    {
+        let settings = Settings::load(&Args {
+            model: Some(dir.to_path_buf()),
+            tp: Some(tp),
+            worker_bin: Some(sibling("gemma-worker")?),
+            kv_budget_mib: Some(64),
+            ..Args::default()
+        })?;
+        let prepared = Prepared::new(&settings)?;
+        let local = prepared.spawn_local_workers(&settings)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let mut cluster = rt.block_on(Cluster::connect(prepared, &settings, local))?;
+        let kv = KvBlockManager::new(cluster.kv_blocks.min(64), 16);
+        time_decode(&kv, |b| Ok(rt.block_on(cluster.step(&b))?))
+    }
+}
+
+fn sibling(name: &str) -> Result<std::path::PathBuf> {
+    let exe = self_exe()?;
+    let p = exe.parent().map(|d| d.join(name)).unwrap_or_default();
+    if p.is_file() {
+        Ok(p)
+    } else {
+        bail!("{} not found; build with cargo build --release --bins", p.display())
+    }
+}
+
+/// Prefill 16 tokens, then time 64 greedy decode steps; ms per token.
+fn time_decode(
+    kv: &KvBlockManager,
+    mut step: impl FnMut(StepBatch) -> Result<Vec<Vec<f32>>>,
+) -> Result<f64> {
+    let prompt: Vec<u32> = (0..16).map(|i| 2 + i * 97).collect();
+    let alloc = kv.allocate(16 + 64 + 8)?;
+    let batch = |tokens: Vec<u32>, start_pos: usize| StepBatch {
+        seqs: vec![SeqStep {
+            seq_id: 0,
+            tokens,
+            start_pos,
+            block_table: alloc.block_table().to_vec(),
+        }],
+    };
+    let logits = step(batch(prompt.clone(), 0))?;
+    let mut next = gemma_worker::generate::argmax(&logits[0]);
+    let mut pos = prompt.len();
+    // Warm up, then measure.
+    for _ in 0..4 {
+        let l = step(batch(vec![next], pos))?;
+        next = gemma_worker::generate::argmax(&l[0]);
+        pos += 1;
+    }
+    let t = Instant::now();
+    for _ in 0..64 {
+        let l = step(batch(vec![next], pos))?;
+        next = gemma_worker::generate::argmax(&l[0]);
+        pos += 1;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1000.0 / 64.0)
+}
