@@ -4,8 +4,12 @@
 //! Every connection lives on one current_thread tokio runtime that the compute thread drives
 //! itself (`block_on`), so an all-reduce costs no cross-thread wake-up: the thread that computed
 //! the partial writes it to every peer and reads theirs concurrently (no deadlock however large
-//! the tensor), then sums in rank order. Frames are a u32 little-endian length and a prost
-//! `PeerFrame`, encoded once per operation; read buffers are kept per link and reused.
+//! the tensor), then sums in rank order.
+//!
+//! A tensor frame is a u32 little-endian header length, a prost `PeerFrame` header (kind,
+//! operation number, dtype, shape; its data field empty), then the raw little-endian elements.
+//! Elements are copied once out of candle's storage into a reused send buffer, and read from the
+//! socket straight into the received tensor's own buffer.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,15 +25,21 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::collective::{sum_in_rank_order, Collective};
 use crate::error::CollectiveError;
-use crate::wire::{decode_tensor, encode_tensor};
+use crate::wire::{append_elements, tensor_header, ElementBuffer};
 
 /// Largest frame accepted: a prefill chunk's hidden states stay far below it.
 const MAX_FRAME: usize = 1 << 30;
 
 struct Link {
     stream: TcpStream,
-    /// Reused for every frame read on this link.
+    /// Reused for every frame header read on this link.
     rbuf: Vec<u8>,
+}
+
+/// A tensor received from a peer: the frame header and the tensor built from its elements.
+struct Received {
+    frame: pb::PeerFrame,
+    tensor: Tensor,
 }
 
 struct PlaneState {
@@ -40,6 +50,8 @@ struct PlaneState {
     next_ops: u64,
     prev_ops: u64,
     aborted: Option<String>,
+    /// Reused for every frame this shard sends.
+    send_buf: Vec<u8>,
 }
 
 /// This shard's connections to the shards it exchanges tensors with.
@@ -99,6 +111,7 @@ impl DataPlane {
                 next_ops: 0,
                 prev_ops: 0,
                 aborted: None,
+                send_buf: Vec::new(),
             }),
             stage,
             rank: spec.rank,
@@ -122,14 +135,16 @@ impl DataPlane {
         let next = self
             .next
             .ok_or_else(|| CollectiveError::Connect("no next stage".into()))?;
-        let mut st = self.lock()?;
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
         let op = st.next_ops;
         st.next_ops += 1;
-        let frame = frame_bytes(pb::FrameKind::Hidden, op, hidden)?;
+        encode_frame(&mut st.send_buf, pb::FrameKind::Hidden, op, hidden)?;
+        let frame = &st.send_buf;
         let link = link(&mut st.links, next)?;
         let timeout = self.timeout;
         self.rt.block_on(async {
-            tokio::time::timeout(timeout, link.stream.write_all(&frame))
+            tokio::time::timeout(timeout, link.stream.write_all(frame))
                 .await
                 .map_err(|_| link_err(next, "send timed out"))?
                 .map_err(|e| link_err(next, &e.to_string()))
@@ -146,27 +161,24 @@ impl DataPlane {
         st.prev_ops += 1;
         let link = link(&mut st.links, prev)?;
         let timeout = self.timeout;
-        let frame = self.rt.block_on(async {
+        let device = &self.device;
+        let got = self.rt.block_on(async {
             let Link { stream, rbuf, .. } = link;
-            read_peer_frame(stream, rbuf, prev, timeout).await
+            read_tensor_frame(stream, rbuf, prev, timeout, device).await
         })?;
-        check_frame(&frame, pb::FrameKind::Hidden, op, prev)?;
-        self.tensor_of(frame, prev)
-    }
-
-    fn tensor_of(&self, frame: pb::PeerFrame, peer: usize) -> Result<Tensor, CollectiveError> {
-        let td = frame
-            .tensor
-            .ok_or_else(|| link_err(peer, "frame without tensor"))?;
-        decode_tensor(&td, &self.device).map_err(|e| link_err(peer, &e.to_string()))
+        check_frame(&got.frame, pb::FrameKind::Hidden, op, prev)?;
+        Ok(got.tensor)
     }
 
     fn all_reduce(&self, partial: &Tensor) -> Result<Tensor, CollectiveError> {
-        let mut st = self.lock()?;
+        let mut guard = self.lock()?;
+        let st = &mut *guard;
         let op = st.stage_ops;
         st.stage_ops += 1;
-        let frame = frame_bytes(pb::FrameKind::Partial, op, partial)?;
+        encode_frame(&mut st.send_buf, pb::FrameKind::Partial, op, partial)?;
+        let frame = &st.send_buf;
         let timeout = self.timeout;
+        let device = &self.device;
         let peers: Vec<usize> = self
             .stage
             .iter()
@@ -182,14 +194,14 @@ impl DataPlane {
         let received = self.rt.block_on(join_all(
             links
                 .iter_mut()
-                .map(|(peer, link)| exchange(*peer, link, &frame, timeout)),
+                .map(|(peer, link)| exchange(*peer, link, frame, timeout, device)),
         ));
         let mut parts: Vec<Option<Tensor>> = vec![None; self.stage.len()];
         parts[self.rank] = Some(partial.clone());
-        for ((peer, _), frame) in links.iter().zip(received) {
-            let frame = frame?;
-            check_frame(&frame, pb::FrameKind::Partial, op, *peer)?;
-            let t = self.tensor_of(frame, *peer)?;
+        for ((peer, _), got) in links.iter().zip(received) {
+            let got = got?;
+            check_frame(&got.frame, pb::FrameKind::Partial, op, *peer)?;
+            let t = got.tensor;
             if t.dims() != partial.dims() || t.dtype() != partial.dtype() {
                 return Err(CollectiveError::Mismatch(format!(
                     "shard {peer} sent {:?} {:?}, this rank has {:?} {:?}",
@@ -261,15 +273,26 @@ fn check_frame(
     Ok(())
 }
 
-/// One length-prefixed PeerFrame, encoded once and written to every peer.
-fn frame_bytes(kind: pb::FrameKind, op: u64, t: &Tensor) -> Result<Bytes, CollectiveError> {
-    let tensor = encode_tensor(t).map_err(|e| CollectiveError::Mismatch(e.to_string()))?;
-    let frame = pb::PeerFrame {
+/// Encodes a tensor frame into `buf` (cleared first): header length, header, elements. Encoded
+/// once per operation and written to every peer.
+fn encode_frame(
+    buf: &mut Vec<u8>,
+    kind: pb::FrameKind,
+    op: u64,
+    t: &Tensor,
+) -> Result<(), CollectiveError> {
+    let bad = |e: crate::error::WireTensorError| CollectiveError::Mismatch(e.to_string());
+    let header = pb::PeerFrame {
         kind: kind as i32,
         op,
-        tensor: Some(tensor),
+        tensor: Some(tensor_header(t).map_err(bad)?),
     };
-    Ok(length_prefixed(&frame))
+    buf.clear();
+    buf.extend_from_slice(&(header.encoded_len() as u32).to_le_bytes());
+    header
+        .encode(buf)
+        .map_err(|e| CollectiveError::Mismatch(e.to_string()))?;
+    append_elements(t, buf).map_err(bad)
 }
 
 fn length_prefixed(msg: &impl Message) -> Bytes {
@@ -285,9 +308,10 @@ fn length_prefixed(msg: &impl Message) -> Bytes {
 async fn exchange(
     peer: usize,
     link: &mut Link,
-    frame: &Bytes,
+    frame: &[u8],
     timeout: Duration,
-) -> Result<pb::PeerFrame, CollectiveError> {
+    device: &Device,
+) -> Result<Received, CollectiveError> {
     let Link { stream, rbuf, .. } = link;
     let (mut r, mut w) = stream.split();
     let write = async {
@@ -296,24 +320,37 @@ async fn exchange(
             .map_err(|_| link_err(peer, "send timed out"))?
             .map_err(|e| link_err(peer, &e.to_string()))
     };
-    let read = read_peer_frame(&mut r, rbuf, peer, timeout);
+    let read = read_tensor_frame(&mut r, rbuf, peer, timeout, device);
     let (written, read) = tokio::join!(write, read);
     written?;
     read
 }
 
-async fn read_peer_frame<R: AsyncRead + Unpin>(
+/// Reads a tensor frame: the header into `buf`, the elements straight into a new tensor's buffer.
+async fn read_tensor_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
     peer: usize,
     timeout: Duration,
-) -> Result<pb::PeerFrame, CollectiveError> {
+    device: &Device,
+) -> Result<Received, CollectiveError> {
     let read = async {
         read_frame(r, buf).await?;
-        pb::PeerFrame::decode(&buf[..]).map_err(|e| std::io::Error::other(e.to_string()))
+        let frame = pb::PeerFrame::decode(&buf[..]).map_err(std::io::Error::other)?;
+        let header = frame
+            .tensor
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("frame without tensor header"))?;
+        let (mut elements, dims) = ElementBuffer::for_header(header, MAX_FRAME)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        r.read_exact(elements.bytes_mut()).await?;
+        let tensor = elements
+            .into_tensor(dims, device)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok::<_, std::io::Error>(Received { frame, tensor })
     };
     match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(frame)) => Ok(frame),
+        Ok(Ok(got)) => Ok(got),
         Ok(Err(e)) => Err(link_err(peer, &e.to_string())),
         Err(_) => Err(CollectiveError::Timeout {
             rank: peer,
@@ -386,10 +423,18 @@ async fn dial(addr: &str, deadline: Instant) -> Result<TcpStream, CollectiveErro
     }
 }
 
+/// Socket buffers large enough that a whole prefill chunk's frame is in flight at once instead
+/// of trickling through the default 16 KiB send buffer (the kernel caps it at wmem_max).
+const SOCKET_BUFFER: usize = 8 << 20;
+
 fn new_link(stream: TcpStream) -> Result<Link, CollectiveError> {
     stream
         .set_nodelay(true)
         .map_err(|e| CollectiveError::Connect(format!("TCP_NODELAY: {e}")))?;
+    let sock = socket2::SockRef::from(&stream);
+    // Best effort: a smaller buffer is slower, not wrong.
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
     Ok(Link {
         stream,
         rbuf: Vec::new(),

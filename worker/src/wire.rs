@@ -104,3 +104,95 @@ pub fn decode_tensor(td: &pb::TensorData, device: &Device) -> Result<Tensor, Wir
     };
     t.map_err(WireTensorError::candle)
 }
+
+/// A frame header for a tensor whose elements travel separately (the data plane): dtype and shape
+/// only, `data` empty.
+pub fn tensor_header(t: &Tensor) -> Result<pb::TensorData, WireTensorError> {
+    Ok(pb::TensorData {
+        dtype: dtype_to_wire(t.dtype())? as i32,
+        shape: t.dims().iter().map(|&d| d as u64).collect(),
+        data: Bytes::new(),
+    })
+}
+
+/// Appends the tensor's elements, little-endian, to `out` with a single copy out of candle's
+/// storage (the hosts are little-endian: see the compile-time check below).
+pub fn append_elements(t: &Tensor, out: &mut Vec<u8>) -> Result<(), WireTensorError> {
+    let t = t.contiguous().map_err(WireTensorError::candle)?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(WireTensorError(
+            "only CPU tensors travel on the TCP data plane".into(),
+        ));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(WireTensorError("tensor is not contiguous".into()));
+    };
+    let bytes: &[u8] = match t.dtype() {
+        DType::F32 => bytemuck::cast_slice(
+            &cpu.as_slice::<f32>().map_err(WireTensorError::candle)?[start..end],
+        ),
+        DType::BF16 => bytemuck::cast_slice(
+            &cpu.as_slice::<bf16>().map_err(WireTensorError::candle)?[start..end],
+        ),
+        DType::F16 => bytemuck::cast_slice(
+            &cpu.as_slice::<f16>().map_err(WireTensorError::candle)?[start..end],
+        ),
+        other => return Err(WireTensorError(format!("dtype {other:?} cannot travel"))),
+    };
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+/// A zeroed element buffer for a tensor described by `header`, to be filled straight from the
+/// socket, and turned into a tensor by [`ElementBuffer::into_tensor`].
+pub enum ElementBuffer {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl ElementBuffer {
+    pub fn for_header(
+        header: &pb::TensorData,
+        limit_bytes: usize,
+    ) -> Result<(Self, Vec<usize>), WireTensorError> {
+        let dtype = dtype_from_wire(header.dtype)?;
+        let dims = header.dims();
+        let numel = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let numel = numel
+            .filter(|n| n.saturating_mul(dtype.size_in_bytes()) <= limit_bytes)
+            .ok_or_else(|| {
+                WireTensorError(format!(
+                    "tensor of shape {dims:?} exceeds {limit_bytes} bytes"
+                ))
+            })?;
+        let buf = match dtype {
+            DType::BF16 => Self::Bf16(vec![bf16::ZERO; numel]),
+            DType::F16 => Self::F16(vec![f16::ZERO; numel]),
+            _ => Self::F32(vec![0.0; numel]),
+        };
+        Ok((buf, dims))
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::F32(v) => bytemuck::cast_slice_mut(v),
+            Self::Bf16(v) => bytemuck::cast_slice_mut(v),
+            Self::F16(v) => bytemuck::cast_slice_mut(v),
+        }
+    }
+
+    pub fn into_tensor(self, dims: Vec<usize>, device: &Device) -> Result<Tensor, WireTensorError> {
+        match self {
+            Self::F32(v) => Tensor::from_vec(v, dims, device),
+            Self::Bf16(v) => Tensor::from_vec(v, dims, device),
+            Self::F16(v) => Tensor::from_vec(v, dims, device),
+        }
+        .map_err(WireTensorError::candle)
+    }
+}
+
+// The data plane sends elements in memory order as little-endian bytes.
+#[cfg(not(target_endian = "little"))]
+compile_error!("gemma-worker's data plane assumes a little-endian host");

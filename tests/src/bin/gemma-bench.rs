@@ -75,7 +75,10 @@ fn run_all() -> Result<()> {
         "| {:<46} | {:>12} | {:<30} | {:>12} | {:>6} |",
         "figure", "value", "reference (same run)", "reference", "ratio"
     );
-    println!("|{:-<48}|{:->14}|{:-<32}|{:->14}|{:->8}|", "", "", "", "", "");
+    println!(
+        "|{:-<48}|{:->14}|{:-<32}|{:->14}|{:->8}|",
+        "", "", "", "", ""
+    );
     for r in rows {
         let ratio = if r.ref_value.is_nan() {
             "-".to_string()
@@ -128,9 +131,15 @@ fn echo_server() -> Result<()> {
     }
 }
 
-fn spawn_child(args: &[&str]) -> Result<(Child, BufReader<std::process::ChildStdout>)> {
+/// Starts this binary as a child with `threads` compute threads (as a worker sharing the machine
+/// gets: candle's pool spin-waits, so oversubscribed cores slow every process down).
+fn spawn_child(
+    args: &[&str],
+    threads: usize,
+) -> Result<(Child, BufReader<std::process::ChildStdout>)> {
     let mut child = Command::new(self_exe()?)
         .args(args)
+        .env("RAYON_NUM_THREADS", threads.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -141,7 +150,7 @@ fn spawn_child(args: &[&str]) -> Result<(Child, BufReader<std::process::ChildStd
 
 /// Median one-way latency (RTT / 2) of `size`-byte messages to another process, in us.
 fn ping_pong(size: usize) -> Result<f64> {
-    let (mut child, mut out) = spawn_child(&["echo"])?;
+    let (mut child, mut out) = spawn_child(&["echo"], 1)?;
     let mut addr = String::new();
     out.read_line(&mut addr)?;
     let mut s = TcpStream::connect(addr.trim())?;
@@ -170,13 +179,17 @@ fn ping_pong(size: usize) -> Result<f64> {
 fn allreduce(world: usize, rows: usize) -> Result<f64> {
     let mut children = Vec::new();
     let mut addrs = Vec::new();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for i in 0..world {
-        let (child, mut out) = spawn_child(&[
-            "allreduce-rank",
-            &i.to_string(),
-            &world.to_string(),
-            &rows.to_string(),
-        ])?;
+        let (child, mut out) = spawn_child(
+            &[
+                "allreduce-rank",
+                &i.to_string(),
+                &world.to_string(),
+                &rows.to_string(),
+            ],
+            (cores / world).max(1),
+        )?;
         let mut line = String::new();
         out.read_line(&mut line)?;
         addrs.push(line.trim().to_string());
@@ -195,7 +208,10 @@ fn allreduce(world: usize, rows: usize) -> Result<f64> {
         let mut line = String::new();
         out.read_line(&mut line)?;
         if i == 0 {
-            result = line.trim().parse().with_context(|| format!("rank 0 said {line:?}"))?;
+            result = line
+                .trim()
+                .parse()
+                .with_context(|| format!("rank 0 said {line:?}"))?;
         }
         child.wait()?;
     }
@@ -207,8 +223,8 @@ fn allreduce_rank(args: &[String]) -> Result<()> {
     let [index, world, rows] = args else {
         bail!("usage: allreduce-rank INDEX WORLD ROWS")
     };
-    let (index, world, rows): (usize, usize, usize) = (index.parse()?, world.parse()?, rows.parse()?);
-    // One thread per rank, as a worker sharing the machine would have.
+    let (index, world, rows): (usize, usize, usize) =
+        (index.parse()?, world.parse()?, rows.parse()?);
     let listener = TcpListener::bind("127.0.0.1:0")?;
     println!("{}", listener.local_addr()?);
     std::io::stdout().flush()?;
@@ -226,7 +242,14 @@ fn allreduce_rank(args: &[String]) -> Result<()> {
         mlp_cols: index..index + 1,
         vocab_rows: index..index + 1,
     };
-    let plane = DataPlane::connect(&spec, 1, &addrs, listener, Duration::from_secs(30), Device::Cpu)?;
+    let plane = DataPlane::connect(
+        &spec,
+        1,
+        &addrs,
+        listener,
+        Duration::from_secs(30),
+        Device::Cpu,
+    )?;
     let group = PlaneCollective(std::sync::Arc::new(plane));
     let x = Tensor::ones((rows, HIDDEN), candle_core::DType::F32, &Device::Cpu)?;
     let iters = if rows > 1 { 300 } else { 3000 };
@@ -263,13 +286,15 @@ fn decode_speeds() -> Result<(f64, f64)> {
     );
     let single = {
         let folder = ModelFolder::open(dir.path())?;
-        let cluster = LocalCluster::load(&folder, &PlanRequest::new(1, 1), &ShardOptions::default())?;
+        let cluster =
+            LocalCluster::load(&folder, &PlanRequest::new(1, 1), &ShardOptions::default())?;
         let kv = KvBlockManager::new(64, 16);
         time_decode(&kv, |b| Ok(cluster.step(&b)?.to_vec2::<f32>()?))?
     };
     if std::env::var_os("BENCH_EXTRA").is_some() {
         let folder = ModelFolder::open(dir.path())?;
-        let cluster = LocalCluster::load(&folder, &PlanRequest::new(2, 1), &ShardOptions::default())?;
+        let cluster =
+            LocalCluster::load(&folder, &PlanRequest::new(2, 1), &ShardOptions::default())?;
         let kv = KvBlockManager::new(64, 16);
         let t = time_decode(&kv, |b| Ok(cluster.step(&b)?.to_vec2::<f32>()?))?;
         eprintln!("EXTRA in-process tp=2: {t:.1} ms/token");
@@ -291,7 +316,9 @@ fn cluster_decode(dir: &std::path::Path, tp: usize) -> Result<f64> {
         })?;
         let prepared = Prepared::new(&settings)?;
         let local = prepared.spawn_local_workers(&settings)?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let mut cluster = rt.block_on(Cluster::connect(prepared, &settings, local))?;
         let kv = KvBlockManager::new(cluster.kv_blocks.min(64), 16);
         time_decode(&kv, |b| Ok(rt.block_on(cluster.step(&b))?))
@@ -304,7 +331,10 @@ fn sibling(name: &str) -> Result<std::path::PathBuf> {
     if p.is_file() {
         Ok(p)
     } else {
-        bail!("{} not found; build with cargo build --release --bins", p.display())
+        bail!(
+            "{} not found; build with cargo build --release --bins",
+            p.display()
+        )
     }
 }
 
