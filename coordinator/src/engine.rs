@@ -1,15 +1,25 @@
-//! The generation engine: one task that owns the cluster, admits requests while KV blocks last,
-//! and steps every running sequence together (prefill chunks and decodes in the same step).
+//! The generation engine: one task that owns the cluster and runs iteration-level (continuous)
+//! batching, as vLLM's scheduler does:
+//! - requests join the running batch between steps, while their KV blocks are free;
+//! - every step carries each running sequence's next token, then prefill chunks of the others
+//!   under a per-step token budget, so long prompts never stall running requests;
+//! - a sequence that cannot grow when the pool is full preempts the newest running sequence,
+//!   whose blocks are freed and whose tokens are recomputed when it is readmitted;
+//! - a request whose client went away is dropped between steps, and its blocks freed;
+//! - the waiting queue is bounded: past it, submissions are refused at once.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use gemma_proto::{KvAllocation, KvBlockManager, SeqStep, StepBatch};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::cluster::Cluster;
-use crate::sampler::{Sampler, SamplingParams};
+use crate::metrics::{Metrics, Outcome};
+use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,18 +39,12 @@ impl FinishReason {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct Generation {
-    pub text: String,
-    pub tokens: Vec<u32>,
-    pub prompt_tokens: usize,
-    pub finish_reason: FinishReason,
-}
-
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     #[error("the prompt and max_tokens need {needed} KV blocks but the cluster holds {total}")]
     TooLong { needed: usize, total: usize },
+    #[error("the server is at capacity ({waiting} requests waiting); retry shortly")]
+    QueueFull { waiting: usize },
     #[error("cluster step failed: {0}")]
     Cluster(String),
     #[error("detokenizing: {0}")]
@@ -49,248 +53,578 @@ pub enum EngineError {
     Stopped,
 }
 
-pub struct GenerateRequest {
+/// What a request asks the engine for.
+#[derive(Debug, Clone)]
+pub struct RequestSpec {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    /// Alternatives to report per token (0: none).
+    pub top_logprobs: usize,
     pub max_tokens: usize,
     pub stop: Vec<String>,
-    pub reply: oneshot::Sender<Result<Generation, EngineError>>,
+}
+
+/// One generated token as the client sees it.
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    /// Text this token completes; empty while a character or a possible stop string is pending.
+    pub text: String,
+    pub sampled: Sampled,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token(TokenEvent),
+    Done {
+        finish_reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        /// Text held back until the end (a partial stop-string match that was not one).
+        tail: String,
+    },
+    Error(EngineError),
+}
+
+/// A whole generation, for non-streaming answers.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<Sampled>,
+    pub prompt_tokens: usize,
+    pub finish_reason: FinishReason,
+}
+
+struct Request {
+    spec: RequestSpec,
+    events: mpsc::UnboundedSender<Event>,
+    arrived: Instant,
 }
 
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<GenerateRequest>,
+    tx: mpsc::UnboundedSender<Request>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    pub metrics: Arc<Metrics>,
+    kv: KvBlockManager,
 }
 
 impl EngineHandle {
-    pub async fn generate(
-        &self,
-        prompt: Vec<u32>,
-        params: SamplingParams,
-        max_tokens: usize,
-        stop: Vec<String>,
-    ) -> Result<Generation, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(GenerateRequest {
-                prompt,
-                params,
-                max_tokens,
-                stop,
-                reply,
-            })
-            .await
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)?
+    /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
+    /// cancels the request and frees its KV blocks.
+    pub fn submit(&self, spec: RequestSpec) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.outcome(Outcome::Rejected);
+            return Err(EngineError::QueueFull { waiting });
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        let request = Request {
+            spec,
+            events,
+            arrived: Instant::now(),
+        };
+        if self.tx.send(request).is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Stopped);
+        }
+        Ok(rx)
+    }
+
+    /// Runs a request to the end.
+    pub async fn generate(&self, spec: RequestSpec) -> Result<Generation, EngineError> {
+        let mut rx = self.submit(spec)?;
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        while let Some(event) = rx.recv().await {
+            match event {
+                Event::Token(t) => {
+                    text.push_str(&t.text);
+                    tokens.push(t.sampled);
+                }
+                Event::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    tail,
+                    ..
+                } => {
+                    text.push_str(&tail);
+                    return Ok(Generation {
+                        text,
+                        tokens,
+                        prompt_tokens,
+                        finish_reason,
+                    });
+                }
+                Event::Error(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+
+    /// KV blocks held by sequences now.
+    pub fn kv_blocks_used(&self) -> usize {
+        self.kv.used_blocks()
     }
 }
 
 pub struct EngineConfig {
     pub max_batch_tokens: usize,
     pub max_running: usize,
+    pub max_waiting: usize,
     pub max_context: usize,
 }
 
-/// Starts the engine task; it ends when every handle is dropped.
-pub fn spawn(cluster: Cluster, tokenizer: Arc<TextTokenizer>, cfg: EngineConfig) -> EngineHandle {
-    let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(run(cluster, tokenizer, cfg, rx).instrument(tracing::info_span!("engine")));
-    EngineHandle { tx }
+/// Starts the engine task; it ends when every handle is dropped. `failed` receives the reason
+/// when a cluster step fails (the readiness endpoint reports it).
+pub fn spawn(
+    cluster: Cluster,
+    tokenizer: Arc<TextTokenizer>,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    failed: Option<oneshot::Sender<String>>,
+) -> EngineHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let kv = KvBlockManager::new(cluster.kv_blocks, cluster.block_size);
+    metrics.kv_blocks_total.set(cluster.kv_blocks as i64);
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let handle = EngineHandle {
+        tx,
+        waiting: waiting.clone(),
+        max_waiting: cfg.max_waiting,
+        metrics: metrics.clone(),
+        kv: kv.clone(),
+    };
+    let engine = Engine {
+        cluster,
+        tokenizer,
+        cfg,
+        kv,
+        metrics,
+        waiting_count: waiting,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        next_id: 0,
+        failed,
+    };
+    tokio::spawn(engine.run(rx).instrument(tracing::info_span!("engine")));
+    handle
 }
 
 struct Sequence {
     id: u64,
-    request: GenerateRequest,
+    request: Request,
     kv: KvAllocation,
-    /// Tokens already in the KV cache.
+    /// Tokens of prompt + output already in the KV cache.
     cached: usize,
-    generated: Vec<u32>,
+    /// prompt ++ generated: what a preempted sequence recomputes.
+    context: Vec<u32>,
+    generated: usize,
     sampler: Sampler,
     decoder: IncrementalDecoder,
+    /// All text so far and how much of it the client has.
     text: String,
+    sent: usize,
+    last_token_at: Option<Instant>,
 }
 
 impl Sequence {
-    /// This sequence's tokens for the next step: a prefill chunk of at most `budget`, or the
-    /// last sampled token.
-    fn next_tokens(&self, budget: usize) -> (Vec<u32>, usize) {
-        let prompt = &self.request.prompt;
-        if self.cached < prompt.len() {
-            let end = (self.cached + budget).min(prompt.len());
-            (prompt[self.cached..end].to_vec(), self.cached)
-        } else {
-            let last = self.generated.last().copied().unwrap_or_default();
-            (vec![last], self.cached)
-        }
-    }
-}
-
-async fn run(
-    mut cluster: Cluster,
-    tokenizer: Arc<TextTokenizer>,
-    cfg: EngineConfig,
-    mut rx: mpsc::Receiver<GenerateRequest>,
-) {
-    let kv = KvBlockManager::new(cluster.kv_blocks, cluster.block_size);
-    let mut waiting: VecDeque<GenerateRequest> = VecDeque::new();
-    let mut running: Vec<Sequence> = Vec::new();
-    let mut next_id = 0u64;
-    loop {
-        if running.is_empty() && waiting.is_empty() {
-            match rx.recv().await {
-                Some(r) => waiting.push_back(r),
-                None => return,
-            }
-        }
-        while let Ok(r) = rx.try_recv() {
-            waiting.push_back(r);
-        }
-        admit(&mut waiting, &mut running, &kv, &cfg, &mut next_id);
-        if running.is_empty() {
-            continue;
-        }
-        let batch = build_batch(&mut running, cfg.max_batch_tokens);
-        let span =
-            tracing::debug_span!("step", seqs = batch.seqs.len(), tokens = batch.num_tokens());
-        let logits = match cluster.step(&batch).instrument(span).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "step failed; failing the running requests");
-                for seq in running.drain(..) {
-                    let _ = seq
-                        .request
-                        .reply
-                        .send(Err(EngineError::Cluster(e.to_string())));
-                }
-                continue;
-            }
-        };
-        let mut finished = Vec::new();
-        for ((i, step), mut row) in batch.seqs.iter().enumerate().zip(logits) {
-            let seq = &mut running[i];
-            seq.cached = step.end_pos();
-            if seq.cached < seq.request.prompt.len() {
-                continue; // a prefill chunk that is not the last
-            }
-            match advance(seq, &mut row, &tokenizer, cfg.max_context) {
-                Ok(None) => {}
-                Ok(Some(reason)) => finished.push((i, Ok(reason))),
-                Err(e) => finished.push((i, Err(e))),
-            }
-        }
-        for (i, outcome) in finished.into_iter().rev() {
-            let seq = running.swap_remove(i);
-            let prompt_tokens = seq.request.prompt.len();
-            let result = outcome.map(|finish_reason| Generation {
-                text: seq.text,
-                tokens: seq.generated,
-                prompt_tokens,
-                finish_reason,
-            });
-            // Dropping `seq.kv` (inside `seq`) returns its blocks.
-            let _ = seq.request.reply.send(result);
-        }
-    }
-}
-
-/// Moves waiting requests into the running set while their prompt's KV blocks are free.
-fn admit(
-    waiting: &mut VecDeque<GenerateRequest>,
-    running: &mut Vec<Sequence>,
-    kv: &KvBlockManager,
-    cfg: &EngineConfig,
-    next_id: &mut u64,
-) {
-    while running.len() < cfg.max_running {
-        let Some(request) = waiting.pop_front() else {
-            return;
-        };
-        let needed = kv.blocks_for(request.prompt.len() + request.max_tokens);
-        if needed > kv.total_blocks() {
-            let _ = request.reply.send(Err(EngineError::TooLong {
-                needed,
-                total: kv.total_blocks(),
-            }));
-            continue;
-        }
-        // Reserve the whole request up front: admitted requests then never run out of blocks.
-        let alloc = match kv.allocate(request.prompt.len() + request.max_tokens) {
-            Ok(a) => a,
-            Err(_) => {
-                waiting.push_front(request);
-                return;
-            }
-        };
-        *next_id += 1;
-        running.push(Sequence {
-            id: *next_id,
-            sampler: Sampler::new(request.params.clone(), &request.prompt),
+    fn new(id: u64, request: Request, kv: KvAllocation) -> Self {
+        let s = &request.spec;
+        let sampler = Sampler::with_logprobs(s.params.clone(), &s.prompt, s.top_logprobs);
+        Self {
+            id,
+            context: s.prompt.clone(),
+            sampler,
             request,
-            kv: alloc,
+            kv,
             cached: 0,
-            generated: Vec::new(),
+            generated: 0,
             decoder: IncrementalDecoder::default(),
             text: String::new(),
-        });
+            sent: 0,
+            last_token_at: None,
+        }
+    }
+
+    fn prompt_len(&self) -> usize {
+        self.request.spec.prompt.len()
+    }
+
+    fn is_decoding(&self) -> bool {
+        self.cached + 1 == self.context.len()
+    }
+
+    fn cancelled(&self) -> bool {
+        self.request.events.is_closed()
     }
 }
 
-fn build_batch(running: &mut [Sequence], max_tokens: usize) -> StepBatch {
-    let mut budget = max_tokens.max(1);
-    let mut batch = StepBatch::default();
-    for seq in running.iter() {
-        let (tokens, start_pos) = seq.next_tokens(budget.max(1));
-        budget = budget.saturating_sub(tokens.len());
-        batch.seqs.push(SeqStep {
-            seq_id: seq.id,
-            tokens,
-            start_pos,
-            block_table: seq.kv.block_table().to_vec(),
-        });
-    }
-    batch
+/// A waiting request, fresh or preempted (then it keeps its sampler and output).
+enum Waiting {
+    Fresh(Request),
+    Preempted(Box<Sequence>),
 }
 
-/// Samples the next token of a sequence whose prompt is fully cached; returns why it finished,
-/// if it did.
+impl Waiting {
+    fn cancelled(&self) -> bool {
+        match self {
+            Waiting::Fresh(r) => r.events.is_closed(),
+            Waiting::Preempted(s) => s.cancelled(),
+        }
+    }
+
+    /// Tokens whose KV it needs to be admitted (what it will prefill, plus one to grow into).
+    fn tokens_needed(&self) -> usize {
+        match self {
+            Waiting::Fresh(r) => r.spec.prompt.len() + 1,
+            Waiting::Preempted(s) => s.context.len() + 1,
+        }
+    }
+
+    /// Blocks the whole request may need: refused at once if the pool can never hold it.
+    fn tokens_at_most(&self) -> usize {
+        match self {
+            Waiting::Fresh(r) => r.spec.prompt.len() + r.spec.max_tokens,
+            Waiting::Preempted(s) => s.prompt_len() + s.request.spec.max_tokens,
+        }
+    }
+}
+
+struct Engine {
+    cluster: Cluster,
+    tokenizer: Arc<TextTokenizer>,
+    cfg: EngineConfig,
+    kv: KvBlockManager,
+    metrics: Arc<Metrics>,
+    /// Shared with the handles: requests submitted and not yet admitted.
+    waiting_count: Arc<AtomicUsize>,
+    waiting: VecDeque<Waiting>,
+    /// In admission order: the last is the newest (preempted first).
+    running: Vec<Sequence>,
+    next_id: u64,
+    failed: Option<oneshot::Sender<String>>,
+}
+
+impl Engine {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                self.update_gauges();
+                match rx.recv().await {
+                    Some(r) => self.waiting.push_back(Waiting::Fresh(r)),
+                    None => return,
+                }
+            }
+            while let Ok(r) = rx.try_recv() {
+                self.waiting.push_back(Waiting::Fresh(r));
+            }
+            self.drop_cancelled();
+            self.admit();
+            let batch = self.schedule();
+            self.update_gauges();
+            if batch.seqs.is_empty() {
+                continue;
+            }
+            self.step(batch).await;
+        }
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.queue_length.set(self.waiting.len() as i64);
+        self.metrics
+            .running_sequences
+            .set(self.running.len() as i64);
+        self.metrics
+            .kv_blocks_used
+            .set(self.kv.used_blocks() as i64);
+    }
+
+    /// Forgets requests whose client went away; their blocks return to the pool.
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|w| !w.cancelled());
+        let fresh_gone = before - self.waiting.len();
+        for _ in 0..fresh_gone {
+            self.metrics.outcome(Outcome::Cancelled);
+        }
+        self.waiting_count.fetch_sub(fresh_gone, Ordering::SeqCst);
+        let before = self.running.len();
+        self.running.retain(|s| !s.cancelled());
+        for _ in 0..before - self.running.len() {
+            self.metrics.outcome(Outcome::Cancelled);
+        }
+    }
+
+    /// Moves waiting requests into the running batch, oldest first, while their blocks fit.
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_running {
+            let Some(w) = self.waiting.front() else {
+                return;
+            };
+            let at_most = self.kv.blocks_for(w.tokens_at_most());
+            if at_most > self.kv.total_blocks() {
+                let events = match self.waiting.pop_front() {
+                    Some(Waiting::Fresh(r)) => r.events,
+                    Some(Waiting::Preempted(s)) => s.request.events,
+                    None => return,
+                };
+                self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.outcome(Outcome::Failed);
+                let _ = events.send(Event::Error(EngineError::TooLong {
+                    needed: at_most,
+                    total: self.kv.total_blocks(),
+                }));
+                continue;
+            }
+            let needed = w.tokens_needed();
+            let Ok(alloc) = self.kv.allocate(needed) else {
+                return;
+            };
+            let seq = match self.waiting.pop_front() {
+                Some(Waiting::Fresh(r)) => {
+                    self.next_id += 1;
+                    self.metrics
+                        .prompt_tokens
+                        .inc_by(r.spec.prompt.len() as u64);
+                    Sequence::new(self.next_id, r, alloc)
+                }
+                Some(Waiting::Preempted(mut s)) => {
+                    s.kv = alloc;
+                    *s
+                }
+                None => return,
+            };
+            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            self.running.push(seq);
+        }
+    }
+
+    /// Builds the next step: every decoding sequence's token first, then prefill chunks under
+    /// the remaining token budget. Preempts the newest sequences when blocks run out.
+    fn schedule(&mut self) -> StepBatch {
+        // Growth for decodes: each needs room for one more token.
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &mut self.running[i];
+            if s.is_decoding() && s.kv.ensure_capacity(s.context.len()).is_err() {
+                // Free the newest sequence (possibly this one) and try again.
+                self.preempt_newest();
+                continue;
+            }
+            i += 1;
+        }
+        let mut budget = self.cfg.max_batch_tokens.max(1);
+        let mut batch = StepBatch::default();
+        let decoding = self.running.iter().filter(|s| s.is_decoding());
+        let prefilling = self.running.iter().filter(|s| !s.is_decoding());
+        for s in decoding.chain(prefilling) {
+            if budget == 0 {
+                break;
+            }
+            let end = (s.cached + budget).min(s.context.len());
+            let tokens = s.context[s.cached..end].to_vec();
+            budget -= tokens.len();
+            batch.seqs.push(SeqStep {
+                seq_id: s.id,
+                tokens,
+                start_pos: s.cached,
+                block_table: s.kv.block_table().to_vec(),
+                top_candidates: s.sampler.candidates_needed(),
+            });
+        }
+        batch
+    }
+
+    fn preempt_newest(&mut self) {
+        let Some(mut s) = self.running.pop() else {
+            return;
+        };
+        tracing::debug!(
+            seq = s.id,
+            tokens = s.context.len(),
+            "preempted: KV blocks exhausted"
+        );
+        self.metrics.preemptions.inc();
+        // Its blocks go back now; it recomputes prompt + output when readmitted.
+        s.kv = self.kv.allocation();
+        s.cached = 0;
+        self.waiting_count.fetch_add(1, Ordering::SeqCst);
+        self.waiting.push_front(Waiting::Preempted(Box::new(s)));
+    }
+
+    async fn step(&mut self, batch: StepBatch) {
+        let started = Instant::now();
+        self.metrics.step_sequences.observe(batch.seqs.len() as f64);
+        self.metrics.step_tokens.observe(batch.num_tokens() as f64);
+        let span =
+            tracing::debug_span!("step", seqs = batch.seqs.len(), tokens = batch.num_tokens());
+        let output = match self.cluster.step(&batch).instrument(span).await {
+            Ok(o) => o,
+            Err(e) => return self.fail_all(e.to_string()),
+        };
+        self.metrics
+            .step_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .all_reduce_duration
+            .observe(output.collective.as_secs_f64());
+        let mut finished = Vec::new();
+        for (step, logits) in batch.seqs.iter().zip(output.logits) {
+            let Some(i) = self.running.iter().position(|s| s.id == step.seq_id) else {
+                continue;
+            };
+            let seq = &mut self.running[i];
+            seq.cached = step.end_pos();
+            if seq.cached < seq.context.len() {
+                continue; // a prefill chunk that is not the last
+            }
+            let sampled = seq.sampler.sample(logits);
+            match advance(
+                seq,
+                sampled,
+                &self.tokenizer,
+                self.cfg.max_context,
+                &self.metrics,
+            ) {
+                Ok(None) => {}
+                Ok(Some(reason)) => finished.push((seq.id, Ok(reason))),
+                Err(e) => finished.push((seq.id, Err(e))),
+            }
+        }
+        for (id, outcome) in finished {
+            let Some(i) = self.running.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            let mut seq = self.running.remove(i);
+            let event = match outcome {
+                Ok(finish_reason) => {
+                    self.metrics.outcome(Outcome::Finished);
+                    self.metrics
+                        .e2e_latency
+                        .observe(seq.request.arrived.elapsed().as_secs_f64());
+                    Event::Done {
+                        finish_reason,
+                        prompt_tokens: seq.prompt_len(),
+                        completion_tokens: seq.generated,
+                        tail: seq.text.split_off(seq.sent),
+                    }
+                }
+                Err(e) => {
+                    self.metrics.outcome(Outcome::Failed);
+                    Event::Error(e)
+                }
+            };
+            // `seq` (and its KV allocation) drops here: its blocks return to the pool.
+            let _ = seq.request.events.send(event);
+        }
+    }
+
+    fn fail_all(&mut self, reason: String) {
+        tracing::error!(error = %reason, "step failed; failing the running requests");
+        for seq in self.running.drain(..) {
+            self.metrics.outcome(Outcome::Failed);
+            let _ = seq
+                .request
+                .events
+                .send(Event::Error(EngineError::Cluster(reason.clone())));
+        }
+        if let Some(tx) = self.failed.take() {
+            let _ = tx.send(reason);
+        }
+    }
+}
+
+/// Takes a sampled token into the sequence and tells the client; returns why it finished, if
+/// it did.
 fn advance(
     seq: &mut Sequence,
-    logits: &mut [f32],
+    sampled: Sampled,
     tok: &TextTokenizer,
     max_context: usize,
+    metrics: &Metrics,
 ) -> Result<Option<FinishReason>, EngineError> {
-    let token = seq.sampler.sample(logits);
-    seq.generated.push(token);
+    let now = Instant::now();
+    match seq.last_token_at {
+        None => metrics
+            .time_to_first_token
+            .observe((now - seq.request.arrived).as_secs_f64()),
+        Some(t) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
+    }
+    seq.last_token_at = Some(now);
+    metrics.generation_tokens.inc();
+    let token = sampled.token;
     if tok.stop_ids().contains(&token) {
-        seq.generated.pop();
         return Ok(Some(FinishReason::Stop));
     }
-    let piece = seq
-        .decoder
-        .push(tok, token)
-        .map_err(|e| EngineError::Decode(e.to_string()))?;
-    seq.text.push_str(&piece);
-    if let Some(at) = first_stop(&seq.text, &seq.request.stop) {
+    seq.generated += 1;
+    seq.context.push(token);
+    let decode = |e: crate::tokenizer::TokenizerError| EngineError::Decode(e.to_string());
+    seq.text
+        .push_str(&seq.decoder.push(tok, token).map_err(decode)?);
+    let stops = &seq.request.spec.stop;
+    let at_limit = seq.generated >= seq.request.spec.max_tokens || seq.context.len() >= max_context;
+    if at_limit {
+        seq.text.push_str(&seq.decoder.flush(tok).map_err(decode)?);
+    }
+    let stopped = first_stop(&seq.text, stops);
+    if let Some(at) = stopped {
         seq.text.truncate(at);
-        return Ok(Some(FinishReason::Stop));
     }
-    let total = seq.request.prompt.len() + seq.generated.len();
-    if seq.generated.len() >= seq.request.max_tokens || total >= max_context {
-        let rest = seq
-            .decoder
-            .flush(tok)
-            .map_err(|e| EngineError::Decode(e.to_string()))?;
-        seq.text.push_str(&rest);
-        if let Some(at) = first_stop(&seq.text, &seq.request.stop) {
-            seq.text.truncate(at);
-            return Ok(Some(FinishReason::Stop));
-        }
-        return Ok(Some(FinishReason::Length));
-    }
-    Ok(None)
+    // Send what can no longer become part of a stop string.
+    let safe = if stopped.is_some() || at_limit {
+        seq.text.len()
+    } else {
+        seq.text.len() - pending_stop_prefix(&seq.text, stops)
+    };
+    let text = seq
+        .text
+        .get(seq.sent..safe.max(seq.sent))
+        .unwrap_or_default()
+        .to_string();
+    seq.sent += text.len();
+    let _ = seq
+        .request
+        .events
+        .send(Event::Token(TokenEvent { text, sampled }));
+    Ok(match (stopped, at_limit) {
+        (Some(_), _) => Some(FinishReason::Stop),
+        (None, true) => Some(FinishReason::Length),
+        (None, false) => None,
+    })
 }
 
 /// Byte offset of the earliest stop string in `text`.
 fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Length of the longest end of `text` that is the start of a stop string (held back: the
+/// next token may complete the stop string, which must then not reach the client).
+fn pending_stop_prefix(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|s| {
+            (1..s.len())
+                .rev()
+                .filter(|&n| s.is_char_boundary(n))
+                .find(|&n| text.ends_with(&s[..n]))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_string_prefixes_are_held_back() {
+        let stops = vec!["\nUser:".to_string(), "END".to_string()];
+        assert_eq!(pending_stop_prefix("hello\nUs", &stops), 3);
+        assert_eq!(pending_stop_prefix("hello E", &stops), 1);
+        assert_eq!(pending_stop_prefix("hello", &stops), 0);
+        assert_eq!(first_stop("a END b\nUser:", &stops), Some(2));
+    }
 }

@@ -6,6 +6,7 @@ pub mod api;
 pub mod chat;
 pub mod cluster;
 pub mod engine;
+pub mod metrics;
 pub mod sampler;
 pub mod settings;
 pub mod tokenizer;

@@ -4,6 +4,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use gemma_proto::candidates::{candidate_order, log_sum_exp, top_candidates};
+use gemma_proto::SeqLogits;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0: greedy.
@@ -65,8 +68,22 @@ impl SeededRng {
     }
 }
 
+/// Largest candidate list the last stage is asked for; beyond it the full slice is cheaper.
+pub const MAX_CANDIDATES: usize = 1024;
+
+/// A sampled token with its log-probability under the model (log-softmax of the raw logits)
+/// and, when asked, the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    /// (token, logprob), most likely first; `top_logprobs` of them.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
 pub struct Sampler {
     params: SamplingParams,
+    top_logprobs: usize,
     rng: SeededRng,
     /// Output token counts (frequency / presence penalties).
     output_counts: HashMap<u32, u32>,
@@ -76,25 +93,109 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        Self::with_logprobs(params, prompt, 0)
+    }
+
+    /// A sampler that also reports the `top_logprobs` most likely tokens at each step.
+    pub fn with_logprobs(params: SamplingParams, prompt: &[u32], top_logprobs: usize) -> Self {
         Self {
             rng: SeededRng::new(params.seed),
             seen: prompt.iter().copied().collect(),
             output_counts: HashMap::new(),
+            top_logprobs,
             params,
         }
     }
 
-    /// Picks the next token from `logits` (modified in place by the penalties) and records it.
-    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
-        self.apply_penalties(logits);
-        let token = if self.params.is_greedy() {
-            argmax(logits)
+    fn has_penalties(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0
+    }
+
+    /// How many top candidates the last stage must send for exact sampling; 0 when this request
+    /// needs every logit (penalties can lift any token into the top; no top-k limit means the
+    /// whole distribution takes part).
+    pub fn candidates_needed(&self) -> u32 {
+        let k = if self.params.is_greedy() {
+            1
         } else {
-            self.draw(logits)
+            self.params.top_k
         };
+        let n = k.max(self.top_logprobs);
+        if self.has_penalties() || k == 0 || n > MAX_CANDIDATES {
+            0
+        } else {
+            n as u32
+        }
+    }
+
+    /// Picks the next token and records it.
+    pub fn sample(&mut self, logits: SeqLogits) -> Sampled {
+        let (candidates, log_sum_exp, top) = match logits {
+            SeqLogits::Top {
+                candidates,
+                log_sum_exp,
+            } => {
+                let top = self.top_list(&candidates, log_sum_exp);
+                (candidates, log_sum_exp, top)
+            }
+            SeqLogits::Full(mut row) => {
+                let lse = log_sum_exp(&row);
+                let raw_top = if self.top_logprobs > 0 {
+                    self.top_list(&top_candidates(&row, self.top_logprobs, 0), lse)
+                } else {
+                    Vec::new()
+                };
+                let raw = row.clone();
+                self.apply_penalties(&mut row);
+                let k = if self.params.is_greedy() {
+                    1
+                } else {
+                    self.params.top_k
+                };
+                let cands = if k > 0 {
+                    top_candidates(&row, k, 0)
+                } else {
+                    let mut all: Vec<(f32, u32)> = row
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &l)| (l, i as u32))
+                        .collect();
+                    all.sort_unstable_by(candidate_order);
+                    all
+                };
+                // Log-probabilities are the model's: of the raw logits, before penalties.
+                let token = self.pick(&cands);
+                let logprob = raw
+                    .get(token as usize)
+                    .map_or(f32::NEG_INFINITY, |l| l - lse);
+                return self.record(token, logprob, raw_top);
+            }
+        };
+        let token = self.pick(&candidates);
+        let logprob = candidates
+            .iter()
+            .find(|c| c.1 == token)
+            .map_or(f32::NEG_INFINITY, |c| c.0 - log_sum_exp);
+        self.record(token, logprob, top)
+    }
+
+    fn top_list(&self, candidates: &[(f32, u32)], lse: f32) -> Vec<(u32, f32)> {
+        candidates
+            .iter()
+            .take(self.top_logprobs)
+            .map(|&(l, t)| (t, l - lse))
+            .collect()
+    }
+
+    fn record(&mut self, token: u32, logprob: f32, top_logprobs: Vec<(u32, f32)>) -> Sampled {
         *self.output_counts.entry(token).or_default() += 1;
         self.seen.insert(token);
-        token
+        Sampled {
+            token,
+            logprob,
+            top_logprobs,
+        }
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -119,22 +220,19 @@ impl Sampler {
         }
     }
 
-    fn draw(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        let mut cands: Vec<(f32, u32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (l, i as u32))
-            .collect();
-        let by_logit = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        if p.top_k > 0 && p.top_k < cands.len() {
-            cands.select_nth_unstable_by(p.top_k - 1, by_logit);
-            cands.truncate(p.top_k);
-        }
-        cands.sort_unstable_by(by_logit);
+    /// Greedy, or a draw from `cands` (sorted by [`candidate_order`], already cut to top-k) at
+    /// the request's temperature after top-p and min-p.
+    fn pick(&mut self, cands: &[(f32, u32)]) -> u32 {
         let Some(&(max, first)) = cands.first() else {
             return 0;
+        };
+        let p = &self.params;
+        if p.is_greedy() {
+            return first;
+        }
+        let cands = match p.top_k {
+            0 => cands,
+            k => &cands[..k.min(cands.len())],
         };
         // Softmax in f64 over the candidates at this temperature.
         let t = f64::from(p.temperature);
@@ -167,7 +265,7 @@ impl Sampler {
             }
             u -= q;
         }
-        cands.get(keep - 1).map_or(first, |c| c.1)
+        cands[keep - 1].1
     }
 }
 
@@ -204,7 +302,7 @@ mod tests {
             &[1],
         );
         // Token 1 was in the prompt: 3.0 / 2 = 1.5 < 2.0.
-        assert_eq!(s.sample(&mut [0.0, 3.0, 2.0]), 2);
+        assert_eq!(s.sample(SeqLogits::Full(vec![0.0, 3.0, 2.0])).token, 2);
     }
 
     #[test]
@@ -216,7 +314,7 @@ mod tests {
         let run = |p: SamplingParams| {
             let mut s = Sampler::new(p, &[]);
             (0..50)
-                .map(|_| s.sample(&mut logits.clone()))
+                .map(|_| s.sample(SeqLogits::Full(logits.clone())).token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(params(0.8)), run(params(0.8)));
@@ -245,6 +343,70 @@ mod tests {
         assert!(nucleus.iter().all(|&t| t == best[0]));
     }
 
+    /// What the last stage sends (per-rank top candidates and log-sum-exp, merged) samples
+    /// exactly as every logit does, log-probabilities included.
+    #[test]
+    fn candidates_sample_exactly_like_full_logits() {
+        use gemma_proto::candidates::{combine_log_sum_exp, merge_candidates};
+        let mut rng = SeededRng::new(99);
+        for (k, temperature, top_p, min_p) in [
+            (1, 0.0, 1.0, 0.0),
+            (40, 0.8, 0.9, 0.0),
+            (64, 1.3, 1.0, 0.05),
+            (5, 1.0, 0.5, 0.0),
+        ] {
+            let p = SamplingParams {
+                temperature,
+                top_k: k,
+                top_p,
+                min_p,
+                seed: 5,
+                ..SamplingParams::default()
+            };
+            let mut full = Sampler::with_logprobs(p.clone(), &[], 5);
+            let mut top = Sampler::with_logprobs(p, &[], 5);
+            let n = top.candidates_needed() as usize;
+            assert_eq!(n, k.max(5));
+            for _ in 0..30 {
+                let logits: Vec<f32> = (0..3000)
+                    .map(|_| (rng.next_f64() * 12.0 - 6.0) as f32)
+                    .collect();
+                let slices = [&logits[..1000], &logits[1000..2000], &logits[2000..]];
+                let ranks: Vec<_> = slices
+                    .iter()
+                    .enumerate()
+                    .map(|(r, s)| top_candidates(s, n, 1000 * r as u32))
+                    .collect();
+                let lses: Vec<f32> = slices.iter().map(|s| log_sum_exp(s)).collect();
+                let a = full.sample(SeqLogits::Full(logits.clone()));
+                let b = top.sample(SeqLogits::Top {
+                    candidates: merge_candidates(&ranks, n),
+                    log_sum_exp: combine_log_sum_exp(&lses),
+                });
+                assert_eq!(a.token, b.token);
+                assert!((a.logprob - b.logprob).abs() < 1e-4);
+                assert_eq!(a.top_logprobs.len(), 5);
+                for (x, y) in a.top_logprobs.iter().zip(&b.top_logprobs) {
+                    assert_eq!(x.0, y.0);
+                    assert!((x.1 - y.1).abs() < 1e-4);
+                }
+            }
+        }
+        // Penalties or an unlimited top-k need every logit.
+        assert_eq!(
+            Sampler::new(
+                SamplingParams {
+                    repetition_penalty: 1.1,
+                    ..params(0.0)
+                },
+                &[]
+            )
+            .candidates_needed(),
+            0
+        );
+        assert_eq!(Sampler::new(params(0.7), &[]).candidates_needed(), 0);
+    }
+
     #[test]
     fn frequency_penalty_moves_off_a_repeated_token() {
         let mut s = Sampler::new(
@@ -255,7 +417,11 @@ mod tests {
             &[],
         );
         let logits = [2.0f32, 1.5, 0.0];
-        assert_eq!(s.sample(&mut logits.clone()), 0);
-        assert_eq!(s.sample(&mut logits.clone()), 1, "2.0 - 1 < 1.5");
+        assert_eq!(s.sample(SeqLogits::Full(logits.to_vec())).token, 0);
+        assert_eq!(
+            s.sample(SeqLogits::Full(logits.to_vec())).token,
+            1,
+            "2.0 - 1 < 1.5"
+        );
     }
 }

@@ -40,6 +40,15 @@ pub struct Args {
     /// The gemma-worker binary for local workers (default: next to this binary).
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,
+    /// Most tokens in one step; prefill chunks are cut to fit (default 512).
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// Most sequences running at once (default 64).
+    #[arg(long)]
+    pub max_running: Option<usize>,
+    /// Most requests waiting for admission before 429 (default 256).
+    #[arg(long)]
+    pub max_waiting: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +77,8 @@ pub struct Settings {
     pub max_batch_tokens: usize,
     /// Most sequences running at once.
     pub max_running: usize,
+    /// Most requests waiting for admission; past it, 429 with Retry-After.
+    pub max_waiting: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +108,8 @@ impl Settings {
             .set_default("connect_timeout_ms", 5_000)?
             .set_default("load_timeout_s", 1800)?
             .set_default("max_batch_tokens", 512)?
-            .set_default("max_running", 64)?;
+            .set_default("max_running", 64)?
+            .set_default("max_waiting", 256)?;
         if let Some(path) = &args.config {
             b = b.add_source(File::from(path.as_path()).format(FileFormat::Toml));
         }
@@ -123,7 +135,10 @@ impl Settings {
             .set_override_option("listen", args.listen.clone())?
             .set_override_option("dtype", args.dtype.clone())?
             .set_override_option("kv_budget_mib", args.kv_budget_mib)?
-            .set_override_option("worker_bin", s(&args.worker_bin))?;
+            .set_override_option("worker_bin", s(&args.worker_bin))?
+            .set_override_option("max_batch_tokens", args.max_batch_tokens.map(|v| v as u64))?
+            .set_override_option("max_running", args.max_running.map(|v| v as u64))?
+            .set_override_option("max_waiting", args.max_waiting.map(|v| v as u64))?;
         let settings: Settings = b.build()?.try_deserialize()?;
         if settings.model.as_os_str().is_empty() {
             return Err(SettingsError::NoModel);

@@ -70,6 +70,11 @@ impl TextTokenizer {
         Ok(out)
     }
 
+    /// One token's text as a client sees it in log-probabilities.
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
     /// Ids -> text, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner

@@ -1,6 +1,7 @@
 //! The contract between the coordinator and the workers: the model config, the shard plan, the KV
 //! block tables and the step. The coordinator depends on this crate only, never on the worker.
 
+pub mod candidates;
 pub mod config;
 pub mod error;
 pub mod kv_blocks;
@@ -8,6 +9,7 @@ pub mod plan;
 pub mod step;
 pub mod wire;
 
+pub use candidates::SeqLogits;
 pub use config::{Activation, Architecture, ModelConfig};
 pub use error::{ConfigError, KvError, PlanError, WireError};
 pub use kv_blocks::{KvAllocation, KvBlockManager, DEFAULT_BLOCK_SIZE};

@@ -12,6 +12,10 @@ pub struct SeqStep {
     pub start_pos: usize,
     /// KV blocks of the sequence in position order; must cover `start_pos + tokens.len()`.
     pub block_table: Vec<u32>,
+    /// What the last stage returns for this sequence: 0 for every logit, n for each rank's n
+    /// largest logits plus its log-sum-exp (see `candidates`).
+    #[serde(default)]
+    pub top_candidates: u32,
 }
 
 impl SeqStep {

@@ -63,6 +63,7 @@ impl From<&SeqStep> for pb::SeqStep {
             tokens: s.tokens.clone(),
             start_pos: s.start_pos as u64,
             block_table: s.block_table.clone(),
+            top_candidates: s.top_candidates,
         }
     }
 }
@@ -74,6 +75,7 @@ impl From<pb::SeqStep> for SeqStep {
             tokens: s.tokens,
             start_pos: s.start_pos as usize,
             block_table: s.block_table,
+            top_candidates: s.top_candidates,
         }
     }
 }

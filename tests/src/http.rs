@@ -117,3 +117,41 @@ pub fn request(
 pub fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> Result<HttpResponse> {
     request(addr, "POST", path, Some(body), Duration::from_secs(60))
 }
+
+/// The `data:` payloads of a server-sent-events body, in order.
+pub fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim_start().to_string())
+        .collect()
+}
+
+/// Starts a streaming POST and returns the open connection after `events` SSE events arrived;
+/// dropping it is a client that goes away mid-stream.
+pub fn open_stream(
+    addr: &str,
+    path: &str,
+    body: &serde_json::Value,
+    events: usize,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let payload = body.to_string();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    )?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches("data:").count() < events {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            bail!("stream ended after {}", String::from_utf8_lossy(&seen));
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(stream)
+}

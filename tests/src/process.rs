@@ -37,8 +37,13 @@ pub struct Spawned {
 
 impl Spawned {
     pub fn start(bin: &Path, args: &[String]) -> Result<Self> {
+        Self::start_with_env(bin, args, &[])
+    }
+
+    pub fn start_with_env(bin: &Path, args: &[String], env: &[(&str, &str)]) -> Result<Self> {
         let mut child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -141,9 +146,14 @@ pub struct CoordinatorProcess {
 impl CoordinatorProcess {
     /// Starts `gemma-coordinator --listen 127.0.0.1:0 ARGS..` and waits until it serves.
     pub fn start(args: &[&str]) -> Result<Self> {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like [`Self::start`], with extra environment variables (GEMMA_* settings).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let mut all = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
-        let process = Spawned::start(&binary("gemma-coordinator"), &all)?;
+        let process = Spawned::start_with_env(&binary("gemma-coordinator"), &all, env)?;
         let line = process
             .next_line(Duration::from_secs(120))
             .ok_or_else(|| anyhow!("coordinator did not start:\n{}", process.stderr_text()))?;

@@ -14,7 +14,7 @@ use gemma_coordinator::cluster::{Cluster, Prepared};
 use gemma_coordinator::sampler::{argmax, Sampler, SamplingParams};
 use gemma_coordinator::settings::{Args, Settings};
 use gemma_coordinator::tokenizer::TextTokenizer;
-use gemma_proto::{KvBlockManager, PlanRequest, SeqStep, StepBatch};
+use gemma_proto::{KvBlockManager, PlanRequest, SeqLogits, SeqStep, StepBatch};
 use gemma_worker::{LocalCluster, ModelFolder, ShardOptions};
 use serde_json::json;
 
@@ -121,6 +121,7 @@ impl GreedyDriver {
                     tokens: self.next[i].clone(),
                     start_pos: self.pos[i],
                     block_table: self.allocs[i].block_table().to_vec(),
+                    top_candidates: 0,
                 })
                 .collect(),
         }
@@ -133,6 +134,17 @@ impl GreedyDriver {
         }
         self.logits.push(logits);
     }
+}
+
+/// Every logit of each sequence (the driver asks for full logits).
+fn full_rows(logits: Vec<SeqLogits>) -> Vec<Vec<f32>> {
+    logits
+        .into_iter()
+        .map(|l| match l {
+            SeqLogits::Full(row) => row,
+            SeqLogits::Top { .. } => panic!("asked for every logit, got candidates"),
+        })
+        .collect()
 }
 
 fn in_process(dir: &Path, req: PlanRequest, prompts: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
@@ -168,8 +180,8 @@ fn check_cluster(dir: &Path, tp: usize, pp: usize) {
         let kv = KvBlockManager::new(cluster.kv_blocks, cluster.block_size);
         let mut d = GreedyDriver::new(&prompts, &kv);
         for _ in 0..=DECODE_STEPS {
-            let logits = cluster.step(&d.batch()).await.expect("cluster step");
-            d.advance(logits);
+            let out = cluster.step(&d.batch()).await.expect("cluster step");
+            d.advance(full_rows(out.logits));
         }
         d.logits
     });
@@ -246,6 +258,7 @@ fn in_process_greedy_text(
                 tokens: next.clone(),
                 start_pos: pos,
                 block_table: alloc.block_table().to_vec(),
+                top_candidates: 0,
             }],
         };
         let mut logits = cluster
@@ -254,7 +267,7 @@ fn in_process_greedy_text(
             .to_vec2::<f32>()
             .expect("logits");
         pos += next.len();
-        let t = sampler.sample(&mut logits[0]);
+        let t = sampler.sample(SeqLogits::Full(logits.remove(0))).token;
         if tok.stop_ids().contains(&t) {
             break;
         }

@@ -65,9 +65,27 @@ pub struct DataPlane {
     prev: Option<usize>,
     timeout: Duration,
     device: Device,
+    /// Time spent in all-reduces and hand-offs since last taken (for the step's metrics).
+    wait_micros: std::sync::atomic::AtomicU64,
 }
 
 impl DataPlane {
+    /// Microseconds spent exchanging tensors since the last call.
+    pub fn take_wait_micros(&self) -> u64 {
+        self.wait_micros
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        self.wait_micros.fetch_add(
+            t.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        out
+    }
+
     /// Connects to every peer `spec` needs: it dials peers with a higher shard index and accepts
     /// the lower ones on `listener`, each side identifying itself with a `PeerHello`.
     pub fn connect(
@@ -119,6 +137,7 @@ impl DataPlane {
             prev,
             timeout,
             device,
+            wait_micros: Default::default(),
         })
     }
 
@@ -132,6 +151,10 @@ impl DataPlane {
 
     /// Sends this stage's output to rank t of the next stage.
     pub fn send_next(&self, hidden: &Tensor) -> Result<(), CollectiveError> {
+        self.timed(|| self.send_next_inner(hidden))
+    }
+
+    fn send_next_inner(&self, hidden: &Tensor) -> Result<(), CollectiveError> {
         let next = self
             .next
             .ok_or_else(|| CollectiveError::Connect("no next stage".into()))?;
@@ -153,6 +176,10 @@ impl DataPlane {
 
     /// Receives the previous stage's output from its rank t.
     pub fn recv_prev(&self) -> Result<Tensor, CollectiveError> {
+        self.timed(|| self.recv_prev_inner())
+    }
+
+    fn recv_prev_inner(&self) -> Result<Tensor, CollectiveError> {
         let prev = self
             .prev
             .ok_or_else(|| CollectiveError::Connect("no previous stage".into()))?;
@@ -235,7 +262,7 @@ impl Collective for PlaneCollective {
         if self.0.stage.len() == 1 {
             return Ok(partial.clone());
         }
-        self.0.all_reduce(partial)
+        self.0.timed(|| self.0.all_reduce(partial))
     }
     fn abort(&self, reason: &str) {
         let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());

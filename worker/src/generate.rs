@@ -90,6 +90,7 @@ pub fn generate_greedy(
                 tokens,
                 start_pos,
                 block_table: seqs[i].kv.block_table().to_vec(),
+                top_candidates: 0,
             });
         }
         max_batch = max_batch.max(batch.seqs.len());

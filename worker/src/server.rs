@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use gemma_proto::{pb, PlanRequest, ShardPlan, ShardSpec, StepBatch};
+use gemma_proto::{candidates, pb, PlanRequest, ShardPlan, ShardSpec, StepBatch};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -19,7 +19,7 @@ use crate::data_plane::{DataPlane, PlaneCollective};
 use crate::folder::ModelFolder;
 use crate::kv_cache::KvCache;
 use crate::model::{Shard, ShardOptions, StageOutput};
-use crate::wire::{dtype_from_wire, encode_tensor};
+use crate::wire::dtype_from_wire;
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -206,6 +206,7 @@ impl pb::worker_server::Worker for WorkerService {
 fn failed(step_id: u64, error: String) -> pb::StepResponse {
     pb::StepResponse {
         step_id,
+        collective_us: 0,
         result: Some(pb::step_response::Result::Error(error)),
     }
 }
@@ -373,6 +374,38 @@ fn spawn_progress_reporter(
     }
 }
 
+/// Per sequence, what its sampler asked for from this rank's slice: the whole slice, or its
+/// largest logits and log-sum-exp (a few hundred bytes instead of the vocabulary).
+fn last_stage_output(
+    batch: &StepBatch,
+    logits: &candle_core::Tensor,
+    first_id: u32,
+) -> Result<pb::LastStageOutput, String> {
+    let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
+    let seqs = batch
+        .seqs
+        .iter()
+        .zip(rows)
+        .map(|(seq, row)| match seq.top_candidates {
+            0 => pb::SeqOutput {
+                // Little-endian f32 (the data plane already requires a little-endian host).
+                full: bytemuck::cast_slice::<f32, u8>(&row).to_vec(),
+                ..pb::SeqOutput::default()
+            },
+            n => {
+                let top = candidates::top_candidates(&row, n as usize, first_id);
+                pb::SeqOutput {
+                    ids: top.iter().map(|c| c.1).collect(),
+                    logits: top.iter().map(|c| c.0).collect(),
+                    log_sum_exp: candidates::log_sum_exp(&row),
+                    full: Default::default(),
+                }
+            }
+        })
+        .collect();
+    Ok(pb::LastStageOutput { seqs })
+}
+
 fn run_step(shard: &Shard, plane: &DataPlane, request: pb::StepRequest) -> pb::StepResponse {
     let step_id = request.step_id;
     let _span = tracing::debug_span!("step", step_id).entered();
@@ -392,14 +425,17 @@ fn run_step(shard: &Shard, plane: &DataPlane, request: pb::StepRequest) -> pb::S
                 plane.send_next(&h).map_err(|e| e.to_string())?;
                 Ok(pb::step_response::Result::Done(pb::StepDone {}))
             }
-            StageOutput::Logits(l) => Ok(pb::step_response::Result::Logits(
-                encode_tensor(&l).map_err(|e| e.to_string())?,
-            )),
+            StageOutput::Logits(l) => Ok(pb::step_response::Result::Output(last_stage_output(
+                &batch,
+                &l,
+                shard.spec().vocab_rows.start as u32,
+            )?)),
         }
     })();
     match result {
         Ok(r) => pb::StepResponse {
             step_id,
+            collective_us: plane.take_wait_micros(),
             result: Some(r),
         },
         Err(e) => {

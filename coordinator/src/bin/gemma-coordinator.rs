@@ -4,14 +4,16 @@
 //! Once serving it prints `gemma-coordinator listening on http://ADDR` on stdout.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use gemma_coordinator::api::{router, AppState};
 use gemma_coordinator::chat::ChatTemplate;
-use gemma_coordinator::cluster::{Cluster, Prepared};
+use gemma_coordinator::cluster::{Cluster, HealthProbe, Prepared};
 use gemma_coordinator::engine::{self, EngineConfig};
+use gemma_coordinator::metrics::Metrics;
 use gemma_coordinator::settings::{Args, Settings};
 use gemma_coordinator::tokenizer::TextTokenizer;
 
@@ -45,21 +47,29 @@ async fn serve(
 ) -> Result<()> {
     let max_context = prepared.config.max_position_embeddings;
     let cluster = Cluster::connect(prepared, &settings, local).await?;
+    let probe = cluster.health_probe();
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
     let engine = engine::spawn(
         cluster,
         tokenizer.clone(),
         EngineConfig {
             max_batch_tokens: settings.max_batch_tokens,
             max_running: settings.max_running,
+            max_waiting: settings.max_waiting,
             max_context,
         },
+        Arc::new(Metrics::new()),
+        Some(failed_tx),
     );
+    let unready = Arc::new(Mutex::new(None));
+    tokio::spawn(watch_readiness(probe, failed_rx, unready.clone()));
     let state = Arc::new(AppState {
         engine,
         tokenizer,
         chat,
         model_name: settings.model_name(),
         max_context,
+        unready,
     });
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
@@ -75,6 +85,41 @@ async fn serve(
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")
+}
+
+/// Keeps /ready's answer current: probes every worker every 2 s; a failed step marks the cluster
+/// unready for good (its data plane is torn down).
+async fn watch_readiness(
+    probe: HealthProbe,
+    mut failed: tokio::sync::oneshot::Receiver<String>,
+    unready: Arc<Mutex<Option<String>>>,
+) {
+    let set = |v: Option<String>| {
+        *unready.lock().unwrap_or_else(|e| e.into_inner()) = v;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut engine_running = true;
+    loop {
+        tokio::select! {
+            reason = &mut failed, if engine_running => {
+                match reason {
+                    Ok(reason) => {
+                        set(Some(format!("a cluster step failed: {reason}")));
+                        return;
+                    }
+                    // The engine stopped without failing: keep probing the workers.
+                    Err(_) => engine_running = false,
+                }
+            }
+            _ = tick.tick() => {
+                let status = probe.check(Duration::from_secs(1)).await;
+                if let Err(reason) = &status {
+                    tracing::warn!(%reason, "cluster not ready");
+                }
+                set(status.err());
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

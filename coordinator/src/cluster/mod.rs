@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use gemma_proto::pb::worker_client::WorkerClient;
-use gemma_proto::{pb, ModelConfig, PlanRequest, ShardPlan, ShardSpec, StepBatch};
+use gemma_proto::{
+    candidates, pb, ModelConfig, PlanRequest, SeqLogits, ShardPlan, ShardSpec, StepBatch,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -122,6 +124,8 @@ pub const CONNECTION_WINDOW: u32 = 128 << 20;
 
 struct WorkerLink {
     addr: String,
+    /// A second handle on the connection for health probes.
+    probe: WorkerClient<Channel>,
     spec: ShardSpec,
     steps: mpsc::Sender<pb::StepRequest>,
     responses: tonic::Streaming<pb::StepResponse>,
@@ -223,9 +227,20 @@ impl Cluster {
         })
     }
 
-    /// Runs one step on every worker; returns the full-vocabulary logits of each sequence's last
-    /// token (the last stage's slices joined in rank order).
-    pub async fn step(&mut self, batch: &StepBatch) -> Result<Vec<Vec<f32>>, ClusterError> {
+    /// A probe that can check the workers while the engine owns the cluster.
+    pub fn health_probe(&self) -> HealthProbe {
+        HealthProbe {
+            workers: self
+                .workers
+                .iter()
+                .map(|w| (w.addr.clone(), w.spec.clone(), w.probe.clone()))
+                .collect(),
+        }
+    }
+
+    /// Runs one step on every worker; returns, per sequence, what its sampler asked for (every
+    /// logit, or the global top candidates) joined from the last stage's ranks.
+    pub async fn step(&mut self, batch: &StepBatch) -> Result<StepOutput, ClusterError> {
         let step_id = self.next_step;
         self.next_step += 1;
         let request = batch.to_wire(step_id);
@@ -254,49 +269,125 @@ impl Cluster {
                         response.step_id
                     )));
                 }
+                let waited = response.collective_us;
                 match response.result {
-                    Some(pb::step_response::Result::Logits(t)) => Ok(Some(t)),
-                    Some(pb::step_response::Result::Done(_)) => Ok(None),
+                    Some(pb::step_response::Result::Output(o)) => Ok((Some(o), waited)),
+                    Some(pb::step_response::Result::Done(_)) => Ok((None, waited)),
                     Some(pb::step_response::Result::Error(e)) => Err(err(e)),
                     None => Err(err("empty answer".into())),
                 }
             }
         }))
         .await;
-        let mut slices = Vec::new();
+        let mut outputs = Vec::new();
+        let mut collective_us = 0;
         for r in results {
-            if let Some(t) = r? {
-                slices.push(t);
-            }
+            let (output, waited) = r?;
+            collective_us = collective_us.max(waited);
+            outputs.extend(output);
         }
-        join_vocab_slices(&slices, batch.seqs.len()).map_err(|reason| ClusterError::Step {
+        let logits = join_outputs(&outputs, batch).map_err(|reason| ClusterError::Step {
             addr: "last stage".into(),
             stage: self.plan.pp - 1,
             rank: 0,
             reason,
+        })?;
+        Ok(StepOutput {
+            logits,
+            collective: Duration::from_micros(collective_us),
         })
     }
 }
 
-/// Rows of the full logits from the last stage's [seqs, slice] tensors in rank order.
-fn join_vocab_slices(slices: &[pb::TensorData], seqs: usize) -> Result<Vec<Vec<f32>>, String> {
-    let mut rows: Vec<Vec<f32>> = vec![Vec::new(); seqs];
-    for t in slices {
-        let dims = t.dims();
-        let values = t.to_f32().map_err(|e| e.to_string())?;
-        let [n, width] = dims[..] else {
-            return Err(format!(
-                "logits of shape {dims:?}, expected [seqs, vocab slice]"
-            ));
-        };
-        if n != seqs {
-            return Err(format!("logits for {n} sequences, the step had {seqs}"));
-        }
-        for (row, chunk) in rows.iter_mut().zip(values.chunks_exact(width.max(1))) {
-            row.extend_from_slice(chunk);
-        }
+/// Checks every worker of a running cluster: loaded and reachable, or why not.
+#[derive(Clone)]
+pub struct HealthProbe {
+    workers: Vec<(String, ShardSpec, WorkerClient<Channel>)>,
+}
+
+impl HealthProbe {
+    /// Ok when every worker answers Info within `timeout` and reports Ready.
+    pub async fn check(&self, timeout: Duration) -> Result<(), String> {
+        let answers = join_all(self.workers.iter().map(|(addr, spec, client)| {
+            let mut client = client.clone();
+            async move {
+                let why = |reason: String| {
+                    format!(
+                        "worker {addr} (stage {}, rank {}): {reason}",
+                        spec.stage, spec.rank
+                    )
+                };
+                let info = tokio::time::timeout(timeout, client.info(pb::InfoRequest {}))
+                    .await
+                    .map_err(|_| why(format!("no answer within {timeout:?}")))?
+                    .map_err(|s| why(format!("unreachable: {}", s.message())))?
+                    .into_inner();
+                if info.state == pb::WorkerState::Ready as i32 {
+                    Ok(())
+                } else if !info.error.is_empty() {
+                    Err(why(info.error))
+                } else {
+                    Err(why(format!("not ready (state {})", info.state)))
+                }
+            }
+        }))
+        .await;
+        answers.into_iter().collect()
     }
-    Ok(rows)
+}
+
+/// One step's result.
+#[derive(Debug)]
+pub struct StepOutput {
+    /// Per sequence of the batch, in order.
+    pub logits: Vec<SeqLogits>,
+    /// The longest time any worker spent in all-reduces and hand-offs.
+    pub collective: Duration,
+}
+
+/// Joins the last stage's per-rank answers (rank order) into each sequence's logits.
+fn join_outputs(
+    ranks: &[pb::LastStageOutput],
+    batch: &StepBatch,
+) -> Result<Vec<SeqLogits>, String> {
+    if let Some(r) = ranks.iter().find(|r| r.seqs.len() != batch.seqs.len()) {
+        return Err(format!(
+            "an answer for {} sequences, the step had {}",
+            r.seqs.len(),
+            batch.seqs.len()
+        ));
+    }
+    batch
+        .seqs
+        .iter()
+        .enumerate()
+        .map(|(i, seq)| {
+            let parts: Vec<&pb::SeqOutput> = ranks.iter().map(|r| &r.seqs[i]).collect();
+            if seq.top_candidates == 0 {
+                let mut row = Vec::new();
+                for p in parts {
+                    let (elems, _) = p.full.as_chunks::<4>();
+                    row.extend(elems.iter().map(|&b| f32::from_le_bytes(b)));
+                }
+                return Ok(SeqLogits::Full(row));
+            }
+            let lists: Vec<Vec<(f32, u32)>> = parts
+                .iter()
+                .map(|p| {
+                    p.logits
+                        .iter()
+                        .copied()
+                        .zip(p.ids.iter().copied())
+                        .collect()
+                })
+                .collect();
+            let lses: Vec<f32> = parts.iter().map(|p| p.log_sum_exp).collect();
+            Ok(SeqLogits::Top {
+                candidates: candidates::merge_candidates(&lists, seq.top_candidates as usize),
+                log_sum_exp: candidates::combine_log_sum_exp(&lses),
+            })
+        })
+        .collect()
 }
 
 async fn connect_worker(
@@ -405,12 +496,14 @@ async fn assign(
     };
     let (steps, rx) = mpsc::channel(4);
     let responses = client
+        .clone()
         .steps(ReceiverStream::new(rx))
         .await
         .map_err(|s| load_err(format!("opening the step stream: {}", s.message())))?
         .into_inner();
     Ok((
         WorkerLink {
+            probe: client,
             addr,
             spec,
             steps,

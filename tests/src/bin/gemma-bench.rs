@@ -321,7 +321,17 @@ fn cluster_decode(dir: &std::path::Path, tp: usize) -> Result<f64> {
             .build()?;
         let mut cluster = rt.block_on(Cluster::connect(prepared, &settings, local))?;
         let kv = KvBlockManager::new(cluster.kv_blocks.min(64), 16);
-        time_decode(&kv, |b| Ok(rt.block_on(cluster.step(&b))?))
+        time_decode(&kv, |b| {
+            let out = rt.block_on(cluster.step(&b))?;
+            Ok(out
+                .logits
+                .into_iter()
+                .map(|l| match l {
+                    gemma_proto::SeqLogits::Full(row) => row,
+                    gemma_proto::SeqLogits::Top { .. } => Vec::new(),
+                })
+                .collect())
+        })
     }
 }
 
@@ -351,6 +361,7 @@ fn time_decode(
             tokens,
             start_pos,
             block_table: alloc.block_table().to_vec(),
+            top_candidates: 0,
         }],
     };
     let logits = step(batch(prompt.clone(), 0))?;

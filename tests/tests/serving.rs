@@ -1,0 +1,309 @@
+//! Serving at scale against real processes: streaming in OpenAI's format, continuous batching
+//! that does not change greedy text, cancellation that frees KV blocks, back-pressure, metrics,
+//! readiness, log-probabilities and n.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use gemma_cluster_tests::http::{open_stream, post_json, request, sse_data};
+use gemma_cluster_tests::process::CoordinatorProcess;
+use gemma_cluster_tests::{add_tokenizer, TinyGemma};
+use serde_json::{json, Value};
+
+fn model_dir() -> &'static std::path::Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tmp");
+        TinyGemma::mha_like_7b().write(dir.path()).expect("model");
+        add_tokenizer(dir.path()).expect("tokenizer");
+        dir
+    })
+    .path()
+}
+
+fn start(extra: &[&str], env: &[(&str, &str)]) -> CoordinatorProcess {
+    let dir = model_dir().display().to_string();
+    let mut args = vec!["--model", &dir, "--tp", "2", "--kv-budget-mib", "32"];
+    args.extend_from_slice(extra);
+    CoordinatorProcess::start_with_env(&args, env).expect("coordinator")
+}
+
+/// Text of a streamed completion, checking the SSE framing on the way.
+fn streamed_text(addr: &str, body: Value) -> String {
+    let r = request(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(&body),
+        Duration::from_secs(120),
+    )
+    .expect("stream");
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/event-stream")));
+    let events = sse_data(&r.body);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "ends with [DONE]"
+    );
+    let mut text = String::new();
+    let mut finish = None;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).expect("chunk JSON");
+        assert_eq!(v["object"], "text_completion");
+        let c = &v["choices"][0];
+        text.push_str(c["text"].as_str().unwrap_or_default());
+        if !c["finish_reason"].is_null() {
+            finish = Some(c["finish_reason"].clone());
+        }
+    }
+    assert!(finish.is_some(), "a chunk carries the finish reason");
+    text
+}
+
+fn metrics(addr: &str) -> HashMap<String, f64> {
+    let r = request(addr, "GET", "/metrics", None, Duration::from_secs(10)).expect("metrics");
+    assert_eq!(r.status, 200);
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits (bounded) until `f` holds for the metrics.
+fn until_metrics(
+    addr: &str,
+    what: &str,
+    f: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = metrics(addr);
+        if f(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{what} never held: {m:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn concurrent_streams_match_solo_and_steps_batch() {
+    let c = start(&["--max-batch-tokens", "64"], &[]);
+    let prompts: Vec<String> = (0..16)
+        .map(|i| format!("Request {i}: tell me about the number {}", i * 7))
+        .collect();
+    let body = |p: &str| json!({"prompt": p, "max_tokens": 12, "temperature": 0, "stream": true});
+    let solo: Vec<String> = prompts
+        .iter()
+        .map(|p| streamed_text(&c.addr, body(p)))
+        .collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(|| streamed_text(&c.addr, body(p))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    assert_eq!(together, solo, "batching must not change greedy text");
+    let m = metrics(&c.addr);
+    let steps = m["gemma_cluster_step_sequences_count"];
+    let single = m["gemma_cluster_step_sequences_bucket{le=\"1.0\"}"];
+    assert!(
+        steps - single > 0.0,
+        "some steps carried more than one sequence: {m:?}"
+    );
+    assert!(m["gemma_cluster_requests_total{outcome=\"Finished\"}"] >= 32.0);
+    assert!(m["gemma_cluster_generation_tokens_total"] > 0.0);
+    assert_eq!(
+        m["gemma_cluster_kv_blocks_used"], 0.0,
+        "idle cluster holds no blocks"
+    );
+}
+
+#[test]
+fn cancelled_stream_frees_its_blocks() {
+    let c = start(&[], &[]);
+    let conn = open_stream(
+        &c.addr,
+        "/v1/completions",
+        &json!({"prompt": "A long story:", "max_tokens": 4000, "temperature": 0.7, "top_k": 40, "stream": true}),
+        3,
+        Duration::from_secs(60),
+    )
+    .expect("stream started");
+    let m = metrics(&c.addr);
+    assert!(
+        m["gemma_cluster_kv_blocks_used"] > 0.0,
+        "the running request holds blocks"
+    );
+    drop(conn); // the client goes away mid-stream
+    until_metrics(&c.addr, "blocks freed after cancel", |m| {
+        m["gemma_cluster_kv_blocks_used"] == 0.0
+            && m.get("gemma_cluster_requests_total{outcome=\"Cancelled\"}")
+                .is_some_and(|&n| n >= 1.0)
+    });
+}
+
+#[test]
+fn full_queue_answers_429_with_retry_after() {
+    let c = start(
+        &[],
+        &[("GEMMA_MAX_RUNNING", "1"), ("GEMMA_MAX_WAITING", "1")],
+    );
+    let long =
+        json!({"prompt": "x", "max_tokens": 2000, "temperature": 0.9, "top_k": 20, "stream": true});
+    // One running, one waiting; the third has no room.
+    let first = open_stream(
+        &c.addr,
+        "/v1/completions",
+        &long,
+        1,
+        Duration::from_secs(60),
+    )
+    .expect("first");
+    let statuses: Vec<(u16, Option<String>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = post_json(
+                        &c.addr,
+                        "/v1/completions",
+                        &json!({"prompt": "y", "max_tokens": 1}),
+                    )
+                    .expect("req");
+                    (r.status, r.header("retry-after").map(str::to_string))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    drop(first);
+    assert!(
+        statuses
+            .iter()
+            .any(|(s, ra)| *s == 429 && ra.as_deref() == Some("1")),
+        "{statuses:?}"
+    );
+    let m = metrics(&c.addr);
+    assert!(m["gemma_cluster_requests_total{outcome=\"Rejected\"}"] >= 1.0);
+}
+
+#[test]
+fn logprobs_n_usage_and_readiness() {
+    let c = start(&[], &[]);
+    let r = request(&c.addr, "GET", "/ready", None, Duration::from_secs(10)).expect("ready");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // Completions logprobs: the greedy token is the most likely alternative.
+    let v = post_json(
+        &c.addr,
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 5, "temperature": 0, "logprobs": 3}),
+    )
+    .expect("req")
+    .json()
+    .expect("json");
+    let lp = &v["choices"][0]["logprobs"];
+    let n = v["usage"]["completion_tokens"].as_u64().expect("usage") as usize;
+    assert_eq!(lp["tokens"].as_array().map(Vec::len), Some(n));
+    for (i, top) in lp["top_logprobs"]
+        .as_array()
+        .expect("top")
+        .iter()
+        .enumerate()
+    {
+        let top = top.as_object().expect("map");
+        assert_eq!(top.len(), 3);
+        let best = top
+            .values()
+            .filter_map(Value::as_f64)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let chosen = lp["token_logprobs"][i].as_f64().expect("logprob");
+        assert!((best - chosen).abs() < 1e-5 && chosen <= 0.0, "{lp}");
+    }
+
+    // Chat logprobs and n: choice 0 equals the single request with the same seed.
+    let chat =
+        |n: u32| {
+            post_json(&c.addr, "/v1/chat/completions", &json!({
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "n": n,
+            "temperature": 1.0, "top_k": 30, "seed": 11, "logprobs": true, "top_logprobs": 2,
+        }))
+        .expect("req")
+        .json()
+        .expect("json")
+        };
+    let one = chat(1);
+    let two = chat(2);
+    assert_eq!(two["choices"].as_array().map(Vec::len), Some(2));
+    assert_eq!(two["choices"][0]["message"], one["choices"][0]["message"]);
+    for t in one["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content")
+    {
+        assert_eq!(t["top_logprobs"].as_array().map(Vec::len), Some(2));
+    }
+
+    // Chat streaming with usage: role first, usage chunk last, then [DONE].
+    let r = request(
+        &c.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&json!({
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+            "stream": true, "stream_options": {"include_usage": true},
+        })),
+        Duration::from_secs(60),
+    )
+    .expect("stream");
+    let events = sse_data(&r.body);
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("json"))
+        .collect();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let last = chunks.last().expect("usage chunk");
+    assert_eq!(last["choices"].as_array().map(Vec::len), Some(0));
+    assert!(last["usage"]["completion_tokens"]
+        .as_u64()
+        .is_some_and(|n| n <= 4));
+
+    // A worker that dies makes the cluster unready, with the reason.
+    let pid = c.worker_pids()[1];
+    // SAFETY: signalling a child process of our coordinator by its logged pid.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = request(&c.addr, "GET", "/ready", None, Duration::from_secs(10)).expect("ready");
+        if r.status == 503 {
+            let v = r.json().expect("json");
+            assert!(
+                v["reason"].as_str().is_some_and(|s| s.contains("rank 1")),
+                "{v}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready stayed 200 after a worker died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
