@@ -326,7 +326,7 @@ fn check(
                 presence_penalty: penalty("presence_penalty", f.presence_penalty)?,
                 seed: f.seed.unwrap_or_else(random_seed),
             },
-            top_logprobs: logprobs.unwrap_or(0),
+            logprobs,
             max_tokens,
             stop,
         },

@@ -58,8 +58,8 @@ pub enum EngineError {
 pub struct RequestSpec {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
-    /// Alternatives to report per token (0: none).
-    pub top_logprobs: usize,
+    /// Some(k): report log-probabilities with k alternatives per token.
+    pub logprobs: Option<usize>,
     pub max_tokens: usize,
     pub stop: Vec<String>,
 }
@@ -232,7 +232,10 @@ struct Sequence {
 impl Sequence {
     fn new(id: u64, request: Request, kv: KvAllocation) -> Self {
         let s = &request.spec;
-        let sampler = Sampler::with_logprobs(s.params.clone(), &s.prompt, s.top_logprobs);
+        let sampler = match s.logprobs {
+            Some(k) => Sampler::with_logprobs(s.params.clone(), &s.prompt, k),
+            None => Sampler::new(s.params.clone(), &s.prompt),
+        };
         Self {
             id,
             context: s.prompt.clone(),
@@ -432,6 +435,7 @@ impl Engine {
                 start_pos: s.cached,
                 block_table: s.kv.block_table().to_vec(),
                 top_candidates: s.sampler.candidates_needed(),
+                log_probs: s.sampler.needs_log_sum_exp(),
             });
         }
         batch

@@ -71,8 +71,8 @@ impl SeededRng {
 /// Largest candidate list the last stage is asked for; beyond it the full slice is cheaper.
 pub const MAX_CANDIDATES: usize = 1024;
 
-/// A sampled token with its log-probability under the model (log-softmax of the raw logits)
-/// and, when asked, the most likely alternatives.
+/// A sampled token with its log-probability under the model (log-softmax of the raw logits;
+/// NaN when the request asked for none) and, when asked, the most likely alternatives.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
@@ -83,6 +83,8 @@ pub struct Sampled {
 
 pub struct Sampler {
     params: SamplingParams,
+    /// Whether log-probabilities are reported at all.
+    logprobs: bool,
     top_logprobs: usize,
     rng: SeededRng,
     /// Output token counts (frequency / presence penalties).
@@ -93,12 +95,22 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
-        Self::with_logprobs(params, prompt, 0)
+        Self {
+            logprobs: false,
+            ..Self::with_logprobs(params, prompt, 0)
+        }
     }
 
-    /// A sampler that also reports the `top_logprobs` most likely tokens at each step.
+    /// Whether the last stage must send log-sum-exps (only for log-probabilities).
+    pub fn needs_log_sum_exp(&self) -> bool {
+        self.logprobs
+    }
+
+    /// A sampler that also reports log-probabilities, with the `top_logprobs` most likely
+    /// tokens at each step.
     pub fn with_logprobs(params: SamplingParams, prompt: &[u32], top_logprobs: usize) -> Self {
         Self {
+            logprobs: true,
             rng: SeededRng::new(params.seed),
             seen: prompt.iter().copied().collect(),
             output_counts: HashMap::new(),
@@ -140,7 +152,11 @@ impl Sampler {
                 (candidates, log_sum_exp, top)
             }
             SeqLogits::Full(mut row) => {
-                let lse = log_sum_exp(&row);
+                let lse = if self.logprobs {
+                    log_sum_exp(&row)
+                } else {
+                    f32::NAN
+                };
                 let raw_top = if self.top_logprobs > 0 {
                     self.top_list(&top_candidates(&row, self.top_logprobs, 0), lse)
                 } else {

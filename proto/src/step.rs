@@ -16,6 +16,9 @@ pub struct SeqStep {
     /// largest logits plus its log-sum-exp (see `candidates`).
     #[serde(default)]
     pub top_candidates: u32,
+    /// Whether the sampler needs log-probabilities (then the last stage sends log-sum-exps).
+    #[serde(default)]
+    pub log_probs: bool,
 }
 
 impl SeqStep {

@@ -64,6 +64,7 @@ impl From<&SeqStep> for pb::SeqStep {
             start_pos: s.start_pos as u64,
             block_table: s.block_table.clone(),
             top_candidates: s.top_candidates,
+            log_probs: s.log_probs,
         }
     }
 }
@@ -76,6 +77,7 @@ impl From<pb::SeqStep> for SeqStep {
             start_pos: s.start_pos as usize,
             block_table: s.block_table,
             top_candidates: s.top_candidates,
+            log_probs: s.log_probs,
         }
     }
 }

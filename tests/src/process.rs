@@ -33,6 +33,8 @@ pub struct Spawned {
     child: Option<Child>,
     stdout: mpsc::Receiver<String>,
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// Ends when the process closes stderr (at exit at the latest).
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Spawned {
@@ -62,7 +64,7 @@ impl Spawned {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let err = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 if let Ok(mut v) = sink.lock() {
                     v.push(line);
@@ -73,6 +75,7 @@ impl Spawned {
             child: Some(child),
             stdout,
             stderr,
+            stderr_reader: Some(stderr_reader),
         })
     }
 
@@ -95,7 +98,13 @@ impl Spawned {
             let _ = tx.send(child.wait());
         });
         match rx.recv_timeout(timeout) {
-            Ok(status) => Ok(status?),
+            Ok(status) => {
+                // The process is gone: its stderr is complete once the reader drains the pipe.
+                if let Some(reader) = self.stderr_reader.take() {
+                    let _ = reader.join();
+                }
+                Ok(status?)
+            }
             Err(_) => {
                 // SAFETY: the child is not reaped yet (its waiter holds it), so the pid is its.
                 unsafe {
@@ -153,10 +162,14 @@ impl CoordinatorProcess {
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let mut all = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
-        let process = Spawned::start_with_env(&binary("gemma-coordinator"), &all, env)?;
-        let line = process
-            .next_line(Duration::from_secs(120))
-            .ok_or_else(|| anyhow!("coordinator did not start:\n{}", process.stderr_text()))?;
+        let mut process = Spawned::start_with_env(&binary("gemma-coordinator"), &all, env)?;
+        let Some(line) = process.next_line(Duration::from_secs(120)) else {
+            let status = process.wait(Duration::from_secs(10));
+            return Err(anyhow!(
+                "coordinator did not start ({status:?}):\n{}",
+                process.stderr_text()
+            ));
+        };
         let addr = line
             .strip_prefix("gemma-coordinator listening on http://")
             .ok_or_else(|| anyhow!("unexpected first line {line:?}"))?

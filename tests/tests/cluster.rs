@@ -122,6 +122,7 @@ impl GreedyDriver {
                     start_pos: self.pos[i],
                     block_table: self.allocs[i].block_table().to_vec(),
                     top_candidates: 0,
+                    log_probs: false,
                 })
                 .collect(),
         }
@@ -259,6 +260,7 @@ fn in_process_greedy_text(
                 start_pos: pos,
                 block_table: alloc.block_table().to_vec(),
                 top_candidates: 0,
+                log_probs: false,
             }],
         };
         let mut logits = cluster

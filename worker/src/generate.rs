@@ -91,6 +91,7 @@ pub fn generate_greedy(
                 start_pos,
                 block_table: seqs[i].kv.block_table().to_vec(),
                 top_candidates: 0,
+                log_probs: false,
             });
         }
         max_batch = max_batch.max(batch.seqs.len());

@@ -397,7 +397,11 @@ fn last_stage_output(
                 pb::SeqOutput {
                     ids: top.iter().map(|c| c.1).collect(),
                     logits: top.iter().map(|c| c.0).collect(),
-                    log_sum_exp: candidates::log_sum_exp(&row),
+                    log_sum_exp: if seq.log_probs {
+                        candidates::log_sum_exp(&row)
+                    } else {
+                        f32::NAN
+                    },
                     full: Default::default(),
                 }
             }

@@ -70,6 +70,9 @@ fn run_all() -> Result<()> {
         reference: "one process, tp=1".into(),
         ref_value: single,
     });
+    if std::env::var_os("BENCH_SKIP_SERVING").is_none() {
+        rows.extend(serving()?);
+    }
     println!();
     println!(
         "| {:<46} | {:>12} | {:<30} | {:>12} | {:>6} |",
@@ -362,6 +365,7 @@ fn time_decode(
             start_pos,
             block_table: alloc.block_table().to_vec(),
             top_candidates: 0,
+            log_probs: false,
         }],
     };
     let logits = step(batch(prompt.clone(), 0))?;
@@ -380,4 +384,208 @@ fn time_decode(
         pos += 1;
     }
     Ok(t.elapsed().as_secs_f64() * 1000.0 / 64.0)
+}
+
+/// Serving throughput: generated tokens/s at concurrency 1, 4, 16, 64 against a coordinator with
+/// tp=1 and tp=2, with time to first token and inter-token latency, on a 590 MB model.
+fn serving() -> Result<Vec<Row>> {
+    let dir = tempfile::tempdir()?;
+    let model = TinyGemma {
+        vocab_size: 256_000,
+        hidden_size: 512,
+        intermediate_size: 2048,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 8,
+        head_dim: 64,
+        ..TinyGemma::mha_like_7b()
+    };
+    model.write(dir.path())?;
+    gemma_cluster_tests::add_tokenizer(dir.path())?;
+    eprintln!(
+        "serving model: {} MiB of f32 weights",
+        model.f32_bytes() >> 20
+    );
+    let mut rows = Vec::new();
+    for tp in [1usize, 2] {
+        let coordinator = Command::new(sibling("gemma-coordinator")?)
+            .args([
+                "--model",
+                &dir.path().display().to_string(),
+                "--tp",
+                &tp.to_string(),
+            ])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--kv-budget-mib",
+                "512",
+                "--max-running",
+                "64",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut guard = KillOnDrop(coordinator);
+        let mut out = BufReader::new(guard.0.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("gemma-coordinator listening on http://")
+            .ok_or_else(|| anyhow!("coordinator said {line:?}"))?
+            .to_string();
+        let mut base = f64::NAN;
+        for c in [1usize, 4, 16, 64] {
+            let level = load_level(&addr, c)?;
+            if c == 1 {
+                base = level.tokens_per_s;
+            }
+            rows.push(Row {
+                figure: format!("serving tp={tp}, concurrency {c}: throughput"),
+                value: level.tokens_per_s,
+                unit: "tok/s",
+                reference: format!("concurrency 1, tp={tp}"),
+                ref_value: base,
+            });
+            for (what, v) in [
+                ("TTFT p50", level.ttft_p50),
+                ("TTFT p99", level.ttft_p99),
+                ("ITL p50", level.itl_p50),
+                ("ITL p99", level.itl_p99),
+            ] {
+                rows.push(Row {
+                    figure: format!("serving tp={tp}, concurrency {c}: {what}"),
+                    value: v,
+                    unit: "ms",
+                    reference: "-".into(),
+                    ref_value: f64::NAN,
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SIGTERM: the coordinator stops its workers on the way out.
+        // SAFETY: our own unreaped child.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Time to the first token and the gaps between the following ones, in ms.
+type RequestTimings = (f64, Vec<f64>);
+
+struct Level {
+    tokens_per_s: f64,
+    ttft_p50: f64,
+    ttft_p99: f64,
+    itl_p50: f64,
+    itl_p99: f64,
+}
+
+/// `c` clients each streaming greedy requests back to back; 64 x 32 tokens at least in total.
+fn load_level(addr: &str, c: usize) -> Result<Level> {
+    let per_client = (64 / c).clamp(1, 8);
+    let started = Instant::now();
+    let results: Vec<Result<Vec<RequestTimings>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..c)
+            .map(|i| {
+                s.spawn(move || {
+                    (0..per_client)
+                        .map(|r| {
+                            stream_timings(
+                                addr,
+                                &format!("Client {i} request {r}: once upon a time"),
+                            )
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("client panicked"))))
+            .collect()
+    });
+    let wall = started.elapsed().as_secs_f64();
+    let (mut ttft, mut itl, mut tokens) = (Vec::new(), Vec::new(), 0usize);
+    for r in results {
+        for (first, gaps) in r? {
+            ttft.push(first);
+            tokens += gaps.len() + 1;
+            itl.extend(gaps);
+        }
+    }
+    let pct = |v: &mut Vec<f64>, q: f64| -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * q).round() as usize]
+    };
+    Ok(Level {
+        tokens_per_s: tokens as f64 / wall,
+        ttft_p50: pct(&mut ttft, 0.5),
+        ttft_p99: pct(&mut ttft, 0.99),
+        itl_p50: pct(&mut itl, 0.5),
+        itl_p99: pct(&mut itl, 0.99),
+    })
+}
+
+/// One streamed greedy completion of 32 tokens: time to the first token chunk and the gaps
+/// between the following ones, in ms.
+fn stream_timings(addr: &str, prompt: &str) -> Result<(f64, Vec<f64>)> {
+    let body = format!(
+        r#"{{"prompt":{},"max_tokens":32,"temperature":0,"stream":true}}"#,
+        serde_json_string(prompt)
+    );
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let sent = Instant::now();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut times = Vec::new();
+    let mut pending = String::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let now = sent.elapsed().as_secs_f64() * 1000.0;
+        pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+        while let Some(end) = pending.find('\n') {
+            let line: String = pending.drain(..=end).collect();
+            if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                if data == "[DONE]" {
+                    return finish(times);
+                }
+                // Token chunks carry no finish reason; the last chunk does.
+                if data.contains("\"finish_reason\":null") {
+                    times.push(now);
+                }
+            }
+        }
+    }
+    finish(times)
+}
+
+fn finish(times: Vec<f64>) -> Result<(f64, Vec<f64>)> {
+    let first = *times.first().ok_or_else(|| anyhow!("no token arrived"))?;
+    Ok((first, times.windows(2).map(|w| w[1] - w[0]).collect()))
+}
+
+fn serde_json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
 }
