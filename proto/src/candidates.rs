@@ -46,6 +46,71 @@ pub fn top_candidates(logits: &[f32], n: usize, first_id: u32) -> Vec<(f32, u32)
     best
 }
 
+/// [`top_candidates`] for every column of a row-major `[vocab, seqs]` matrix (the last stage's
+/// vocabulary-major logits) in one pass over memory: column `s` keeps its `wanted[s]` best.
+pub fn top_candidates_by_column(
+    values: &[f32],
+    seqs: usize,
+    wanted: &[usize],
+    first_id: u32,
+) -> Vec<Vec<(f32, u32)>> {
+    let mut best: Vec<Vec<(f32, u32)>> =
+        wanted.iter().map(|&n| Vec::with_capacity(n + 1)).collect();
+    // The weakest kept logit per column once it is full: most values fail this one comparison.
+    let mut floor = vec![f32::NEG_INFINITY; seqs];
+    for (v, row) in values.chunks_exact(seqs.max(1)).enumerate() {
+        for (s, &x) in row.iter().enumerate() {
+            let n = wanted[s];
+            if n == 0 || x < floor[s] {
+                continue;
+            }
+            let c = (x, first_id + v as u32);
+            let list = &mut best[s];
+            if list.len() == n {
+                if candidate_order(&c, &list[n - 1]) != Ordering::Less {
+                    continue;
+                }
+                list.pop();
+            }
+            let at = list.partition_point(|b| candidate_order(b, &c) == Ordering::Less);
+            list.insert(at, c);
+            if list.len() == n {
+                floor[s] = list[n - 1].0;
+            }
+        }
+    }
+    best
+}
+
+/// [`log_sum_exp`] of the columns of a row-major `[vocab, seqs]` matrix that are `wanted`
+/// (NaN for the others).
+pub fn log_sum_exp_by_column(values: &[f32], seqs: usize, wanted: &[bool]) -> Vec<f32> {
+    if !wanted.iter().any(|&w| w) {
+        return vec![f32::NAN; seqs];
+    }
+    let mut max = vec![f32::NEG_INFINITY; seqs];
+    for row in values.chunks_exact(seqs.max(1)) {
+        for (m, &x) in max.iter_mut().zip(row) {
+            *m = m.max(x);
+        }
+    }
+    let mut sum = vec![0f64; seqs];
+    for row in values.chunks_exact(seqs.max(1)) {
+        for s in 0..seqs {
+            if wanted[s] {
+                sum[s] += (f64::from(row[s]) - f64::from(max[s])).exp();
+            }
+        }
+    }
+    (0..seqs)
+        .map(|s| match wanted[s] && max[s].is_finite() {
+            true => (f64::from(max[s]) + sum[s].ln()) as f32,
+            false if wanted[s] => max[s],
+            false => f32::NAN,
+        })
+        .collect()
+}
+
 /// log(sum(exp(x))) computed stably (f64 accumulation).
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -98,5 +163,34 @@ mod tests {
         assert_eq!(merge_candidates(&ranks, 20), want);
         let lse = combine_log_sum_exp(&[log_sum_exp(halves[0]), log_sum_exp(halves[1])]);
         assert!((lse - log_sum_exp(&logits)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn by_column_equals_per_column() {
+        // Three sequences' logits, vocabulary-major.
+        let vocab = 700;
+        let columns: Vec<Vec<f32>> = (0..3u32)
+            .map(|s| {
+                (0..vocab as u32)
+                    .map(|v| ((v * 7919 + s * 104729) % 1009) as f32 / 13.0)
+                    .collect()
+            })
+            .collect();
+        let values: Vec<f32> = (0..vocab)
+            .flat_map(|v| columns.iter().map(move |c| c[v]))
+            .collect();
+        let wanted = [5, 0, 64];
+        let got = top_candidates_by_column(&values, 3, &wanted, 1000);
+        for s in 0..3 {
+            assert_eq!(
+                got[s],
+                top_candidates(&columns[s], wanted[s], 1000),
+                "column {s}"
+            );
+        }
+        let lse = log_sum_exp_by_column(&values, 3, &[true, false, true]);
+        assert!((lse[0] - log_sum_exp(&columns[0])).abs() < 1e-6);
+        assert!(lse[1].is_nan());
+        assert!((lse[2] - log_sum_exp(&columns[2])).abs() < 1e-6);
     }
 }

@@ -66,7 +66,7 @@ impl LocalCluster {
                 }
             }
             if !logits.is_empty() {
-                return Ok(Tensor::cat(&logits, 1)?);
+                return Ok(Tensor::cat(&logits, 0)?.t()?.contiguous()?);
             }
         }
         Err(StepError::Invalid(

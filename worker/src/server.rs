@@ -381,33 +381,45 @@ fn last_stage_output(
     logits: &candle_core::Tensor,
     first_id: u32,
 ) -> Result<pb::LastStageOutput, String> {
-    let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
-    let seqs = batch
+    let seqs = batch.seqs.len();
+    let values = logits
+        .contiguous()
+        .and_then(|l| l.flatten_all())
+        .and_then(|l| l.to_vec1::<f32>())
+        .map_err(|e| e.to_string())?;
+    let wanted: Vec<usize> = batch
         .seqs
         .iter()
-        .zip(rows)
-        .map(|(seq, row)| match seq.top_candidates {
-            0 => pb::SeqOutput {
-                // Little-endian f32 (the data plane already requires a little-endian host).
-                full: bytemuck::cast_slice::<f32, u8>(&row).to_vec(),
-                ..pb::SeqOutput::default()
-            },
-            n => {
-                let top = candidates::top_candidates(&row, n as usize, first_id);
+        .map(|s| s.top_candidates as usize)
+        .collect();
+    let mut top = candidates::top_candidates_by_column(&values, seqs, &wanted, first_id);
+    let lse_wanted: Vec<bool> = batch.seqs.iter().map(|s| s.log_probs).collect();
+    let lse = candidates::log_sum_exp_by_column(&values, seqs, &lse_wanted);
+    let outputs = batch
+        .seqs
+        .iter()
+        .enumerate()
+        .map(|(i, seq)| match seq.top_candidates {
+            0 => {
+                let column: Vec<f32> = values.iter().skip(i).step_by(seqs).copied().collect();
                 pb::SeqOutput {
-                    ids: top.iter().map(|c| c.1).collect(),
-                    logits: top.iter().map(|c| c.0).collect(),
-                    log_sum_exp: if seq.log_probs {
-                        candidates::log_sum_exp(&row)
-                    } else {
-                        f32::NAN
-                    },
+                    // Little-endian f32 (the data plane already requires a little-endian host).
+                    full: bytemuck::cast_slice::<f32, u8>(&column).to_vec(),
+                    ..pb::SeqOutput::default()
+                }
+            }
+            _ => {
+                let best = std::mem::take(&mut top[i]);
+                pb::SeqOutput {
+                    ids: best.iter().map(|c| c.1).collect(),
+                    logits: best.iter().map(|c| c.0).collect(),
+                    log_sum_exp: lse[i],
                     full: Default::default(),
                 }
             }
         })
         .collect();
-    Ok(pb::LastStageOutput { seqs })
+    Ok(pb::LastStageOutput { seqs: outputs })
 }
 
 fn run_step(shard: &Shard, plane: &DataPlane, request: pb::StepRequest) -> pb::StepResponse {

@@ -67,3 +67,59 @@ fn tp_plans_agree_bit_for_bit_with_themselves() {
     let b = run_plan(Model::Mqa, PlanRequest::new(4, 1), small_blocks());
     assert_eq!(a, b);
 }
+
+/// A step's sequences may come in any order: decodes batched together and prefill chunks are
+/// put back in token order, so each sequence's logits do not depend on where it sits.
+#[test]
+fn batch_order_does_not_change_logits() {
+    use gemma_proto::{KvBlockManager, SeqStep, StepBatch};
+    use gemma_worker::{LocalCluster, ModelFolder};
+    let folder = ModelFolder::open(Model::Mqa.dir()).expect("folder");
+    let prompts = prompts();
+    let run = |order: &[usize]| {
+        let cluster =
+            LocalCluster::load(&folder, &PlanRequest::new(2, 1), &small_blocks()).expect("load");
+        let kv = KvBlockManager::new(64, 4);
+        let allocs: Vec<_> = prompts
+            .iter()
+            .map(|p| kv.allocate(p.len() + 1).expect("blocks"))
+            .collect();
+        let seq = |i: usize, tokens: Vec<u32>, start_pos: usize| SeqStep {
+            seq_id: i as u64,
+            tokens,
+            start_pos,
+            block_table: allocs[i].block_table().to_vec(),
+            top_candidates: 0,
+            log_probs: false,
+        };
+        // Prefill prompts 0 and 1, then one step: decode 0, decode 1, prefill 2 - in `order`.
+        for (i, p) in prompts.iter().enumerate().take(2) {
+            cluster
+                .step(&StepBatch {
+                    seqs: vec![seq(i, p.clone(), 0)],
+                })
+                .expect("prefill");
+        }
+        let parts = [
+            seq(0, vec![7], prompts[0].len()),
+            seq(1, vec![9], prompts[1].len()),
+            seq(2, prompts[2].clone(), 0),
+        ];
+        let batch = StepBatch {
+            seqs: order.iter().map(|&i| parts[i].clone()).collect(),
+        };
+        let rows = cluster
+            .step(&batch)
+            .expect("step")
+            .to_vec2::<f32>()
+            .expect("logits");
+        let mut by_seq = vec![Vec::new(); 3];
+        for (&i, row) in order.iter().zip(rows) {
+            by_seq[i] = row;
+        }
+        by_seq
+    };
+    let natural = run(&[0, 1, 2]);
+    let shuffled = run(&[2, 0, 1]);
+    assert_eq!(natural, shuffled);
+}

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use gemma_proto::{ModelConfig, ShardSpec};
 
-use super::context::StepContext;
+use super::context::{DecodeBatch, StepContext};
 use super::linear::Linear;
 use super::rope::Rope;
 use crate::error::LoadError;
@@ -77,15 +77,48 @@ impl Attention {
         let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?;
         let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?;
         let v = v.contiguous()?;
-        let mut outs = Vec::with_capacity(ctx.seqs.len());
+        // Every new K/V first: sequences own disjoint blocks, so no read below sees a stale one.
         for seq in &ctx.seqs {
             kv.write(&k, &v, &seq.slots.writes)?;
+        }
+        let mut outs = Vec::with_capacity(ctx.seqs.len() + 1);
+        if let Some(d) = &ctx.decode {
+            outs.push(self.attend_decodes(&q, d, kv)?);
+        }
+        for seq in ctx.seqs.iter().filter(|s| !s.batched) {
             let (keys, values) = kv.read(&seq.slots.context)?;
             let q_s = q.narrow(0, seq.offset, seq.len)?;
             outs.push(self.attend(&q_s, &keys, &values, seq.mask.as_ref())?);
         }
         let attn = Tensor::cat(&outs, 0)?;
+        let attn = match &ctx.restore {
+            Some(order) => attn.index_select(order, 0)?,
+            None => attn,
+        };
         self.o.forward(&attn)
+    }
+
+    /// All decoding sequences at once: q [n, hq, hd] against their padded contexts.
+    fn attend_decodes(&self, q: &Tensor, d: &DecodeBatch, kv: &LayerKv) -> Result<Tensor> {
+        let (n, len) = (d.count, d.max_len);
+        let q = q.index_select(&d.rows, 0)?.unsqueeze(2)?; // [n, hq, 1, hd]
+        let (k, v) = kv.read(&d.slots)?; // [n * len, hkv, hd]
+        let per_seq = |t: Tensor| -> Result<Tensor> {
+            let t = t
+                .reshape((n, len, self.kv_heads, self.head_dim))?
+                .transpose(1, 2)?; // [n, hkv, len, hd]
+            let group = self.q_heads / self.kv_heads;
+            t.unsqueeze(2)?
+                .broadcast_as((n, self.kv_heads, group, len, self.head_dim))?
+                .reshape((n, self.q_heads, len, self.head_dim))
+        };
+        let (k, v) = (per_seq(k)?, per_seq(v)?);
+        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
+        let scores = scores.broadcast_add(&d.mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+        probs
+            .matmul(&v)? // [n, hq, 1, hd]
+            .reshape((n, self.q_heads * self.head_dim))
     }
 
     /// One sequence: q [n, hq, hd], keys/values [ctx, hkv, hd] -> [n, hq * hd].

@@ -17,6 +17,23 @@ pub struct SeqView {
     pub slots: SeqSlots,
     /// None for a single new token (it may see everything before it).
     pub mask: Option<Tensor>,
+    /// Attended together with the other decoding sequences (see [`DecodeBatch`]).
+    pub batched: bool,
+}
+
+/// The step's decoding sequences (one new token each), attended in one batched matmul instead
+/// of one small matmul chain per sequence: their contexts padded to the longest, the padding
+/// masked out (exp(-inf) = 0 adds nothing to the softmax).
+#[derive(Debug)]
+pub struct DecodeBatch {
+    /// Their rows in the step's activations, u32 [n].
+    pub rows: Tensor,
+    /// Context slots, each sequence's padded to `max_len` with its first slot, u32 [n * max_len].
+    pub slots: Tensor,
+    pub max_len: usize,
+    /// [n, 1, 1, max_len] f32: 0 on real positions, -inf on padding.
+    pub mask: Tensor,
+    pub count: usize,
 }
 
 #[derive(Debug)]
@@ -26,6 +43,10 @@ pub struct StepContext {
     pub seqs: Vec<SeqView>,
     /// Row of each sequence's last token, u32 [seqs]: where logits are taken.
     pub last_rows: Tensor,
+    pub decode: Option<DecodeBatch>,
+    /// Attention outputs come out as [decode batch.., other sequences..]; this puts them back
+    /// in token order (None when that already is the order).
+    pub restore: Option<Tensor>,
 }
 
 impl StepContext {
@@ -52,16 +73,91 @@ impl StepContext {
                 len,
                 slots: kv.slots_for(seq, offset, device)?,
                 mask,
+                batched: false,
             });
         }
         let n = positions.len();
         let (cos, sin) = rope.tables_for(&Tensor::from_vec(positions, n, device)?)?;
         let s = last_rows.len();
+        let decode = decode_batch(batch, &mut seqs, kv, device)?;
+        let restore = restore_order(&seqs, n, device)?;
         Ok(Self {
             cos,
             sin,
             seqs,
             last_rows: Tensor::from_vec(last_rows, s, device)?,
+            decode,
+            restore,
         })
     }
+}
+
+/// Groups the single-token sequences (two or more) for batched attention.
+fn decode_batch(
+    batch: &StepBatch,
+    seqs: &mut [SeqView],
+    kv: &KvCache,
+    device: &Device,
+) -> Result<Option<DecodeBatch>, StepError> {
+    let decoding: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].len == 1).collect();
+    if decoding.len() < 2 {
+        return Ok(None);
+    }
+    let max_len = decoding
+        .iter()
+        .map(|&i| batch.seqs[i].end_pos())
+        .max()
+        .unwrap_or(1);
+    let count = decoding.len();
+    let mut rows = Vec::with_capacity(count);
+    let mut slots = Vec::with_capacity(count * max_len);
+    let mut mask = Vec::with_capacity(count * max_len);
+    for &i in &decoding {
+        let seq = &batch.seqs[i];
+        let len = seq.end_pos();
+        let table = &seq.block_table;
+        let slot = |pos: usize| {
+            (table[pos / kv.block_size()] as usize * kv.block_size() + pos % kv.block_size()) as u32
+        };
+        rows.push(seqs[i].offset as u32);
+        slots.extend((0..max_len).map(|p| slot(if p < len { p } else { 0 })));
+        mask.extend((0..max_len).map(|p| if p < len { 0.0 } else { f32::NEG_INFINITY }));
+        seqs[i].batched = true;
+    }
+    Ok(Some(DecodeBatch {
+        rows: Tensor::from_vec(rows, count, device)?,
+        slots: Tensor::from_vec(slots, count * max_len, device)?,
+        max_len,
+        mask: Tensor::from_vec(mask, (count, 1, 1, max_len), device)?,
+        count,
+    }))
+}
+
+/// The permutation from [batched decodes.., other sequences' rows..] back to token order.
+fn restore_order(
+    seqs: &[SeqView],
+    tokens: usize,
+    device: &Device,
+) -> Result<Option<Tensor>, StepError> {
+    if !seqs.iter().any(|s| s.batched) {
+        return Ok(None);
+    }
+    let produced: Vec<usize> = seqs
+        .iter()
+        .filter(|s| s.batched)
+        .map(|s| s.offset)
+        .chain(
+            seqs.iter()
+                .filter(|s| !s.batched)
+                .flat_map(|s| s.offset..s.offset + s.len),
+        )
+        .collect();
+    if produced.iter().enumerate().all(|(i, &row)| i == row) {
+        return Ok(None);
+    }
+    let mut restore = vec![0u32; tokens];
+    for (at, &row) in produced.iter().enumerate() {
+        restore[row] = at as u32;
+    }
+    Ok(Some(Tensor::from_vec(restore, tokens, device)?))
 }

@@ -54,7 +54,7 @@ impl Default for ShardOptions {
 pub enum StageOutput {
     /// [tokens, hidden] in the compute dtype.
     Hidden(Tensor),
-    /// [seqs, vocab slice] in f32.
+    /// [vocab slice, seqs] in f32 (vocabulary-major: see `VocabParallelEmbedding::logits`).
     Logits(Tensor),
 }
 
