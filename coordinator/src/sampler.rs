@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+pub use gemma_proto::candidates::argmax;
 use gemma_proto::candidates::{candidate_order, log_sum_exp, top_candidates};
 use gemma_proto::SeqLogits;
 
@@ -283,17 +284,6 @@ impl Sampler {
         }
         cands[keep - 1].1
     }
-}
-
-/// Index of the largest logit; the first on ties.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]

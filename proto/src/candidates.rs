@@ -23,6 +23,17 @@ pub fn candidate_order(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
+/// Index of the largest logit; the first on ties (what greedy decoding picks).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// The `n` largest of `logits` as (logit, `first_id` + index), in [`candidate_order`]; one
 /// pass that rejects most values with a single comparison.
 pub fn top_candidates(logits: &[f32], n: usize, first_id: u32) -> Vec<(f32, u32)> {

@@ -1,8 +1,8 @@
 //! Test support: tiny random Gemma models written as HuggingFace folders (config.json plus
 //! safetensors, single-file or sharded with an index), deterministic for a seed.
 //!
-//! The weights come from a SplitMix64 stream of our own so that a seed means the same model for
-//! every version of every dependency.
+//! The weights come from a SplitMix64 stream (the sampler's) so that a seed means the same model
+//! for every version of every dependency.
 
 pub mod http;
 pub mod process;
@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use gemma_coordinator::sampler::SeededRng;
 use safetensors::tensor::{Dtype, TensorView};
 
 /// How the weights are stored on disk.
@@ -110,7 +111,7 @@ impl TinyGemma {
 
     /// Every tensor of the model: name, shape, f32 values (before storage rounding).
     pub fn tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        let mut rng = SplitMix64(self.seed);
+        let mut rng = SplitMix64::new(self.seed);
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let q = self.num_attention_heads * hd;
         let kv = self.num_key_value_heads * hd;
@@ -227,16 +228,17 @@ pub fn write_safetensors(
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// SplitMix64: tiny, fast, and the same stream forever for a given seed.
-pub struct SplitMix64(pub u64);
+/// The weights' random stream: the sampler's SplitMix64, so a seed means the same model for
+/// every version of every dependency.
+pub struct SplitMix64(SeededRng);
 
 impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(SeededRng::new(seed))
+    }
+
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [-1, 1).

@@ -2,6 +2,7 @@
 //! decode, prompts prefilled in chunks, so steps mix prefill and decode of sequences of different
 //! lengths through the paged cache.
 
+pub use gemma_proto::candidates::argmax;
 use gemma_proto::{KvAllocation, KvBlockManager, SeqStep, StepBatch};
 
 use crate::error::RunError;
@@ -122,15 +123,4 @@ pub fn generate_greedy(
             .collect(),
         max_batch,
     })
-}
-
-/// Index of the largest logit; the first one on ties.
-pub fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }

@@ -78,7 +78,7 @@ impl Model {
 
 /// Three prompts of different lengths, each starting with <bos>.
 pub fn prompts() -> Vec<Vec<u32>> {
-    let mut rng = SplitMix64(42);
+    let mut rng = SplitMix64::new(42);
     [5usize, 11, 23]
         .iter()
         .map(|&n| {
