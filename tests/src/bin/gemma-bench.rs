@@ -2,6 +2,8 @@
 //! measured in the same run, and their ratio.
 //!
 //! `gemma-bench` runs everything; the other subcommands are the child processes it starts.
+//! Environment: BENCH_SKIP_SERVING=1 leaves out the serving rows (the longest part);
+//! BENCH_EXTRA=1 adds decode diagnostics on stderr.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -294,6 +296,8 @@ fn decode_speeds() -> Result<(f64, f64)> {
         let kv = KvBlockManager::new(64, 16);
         time_decode(&kv, |b| Ok(cluster.step(&b)?.to_vec2::<f32>()?))?
     };
+    // Diagnostics for a slow cluster: in-process tp=2 (no network) and a one-worker cluster (no
+    // all-reduce) separate the data plane's cost from the gRPC step's.
     if std::env::var_os("BENCH_EXTRA").is_some() {
         let folder = ModelFolder::open(dir.path())?;
         let cluster =
