@@ -19,7 +19,7 @@ use crate::data_plane::{DataPlane, PlaneCollective};
 use crate::folder::ModelFolder;
 use crate::kv_cache::KvCache;
 use crate::model::{Shard, ShardOptions, StageOutput};
-use crate::wire::dtype_from_wire;
+use crate::wire::{dtype_from_wire, with_f32_elements};
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -381,20 +381,21 @@ fn last_stage_output(
     logits: &candle_core::Tensor,
     first_id: u32,
 ) -> Result<pb::LastStageOutput, String> {
+    with_f32_elements(logits, |values| select_outputs(batch, values, first_id))
+        .map_err(|e| e.to_string())
+}
+
+/// [`last_stage_output`] over the logits' elements, `[vocab slice, seqs]` row-major.
+fn select_outputs(batch: &StepBatch, values: &[f32], first_id: u32) -> pb::LastStageOutput {
     let seqs = batch.seqs.len();
-    let values = logits
-        .contiguous()
-        .and_then(|l| l.flatten_all())
-        .and_then(|l| l.to_vec1::<f32>())
-        .map_err(|e| e.to_string())?;
     let wanted: Vec<usize> = batch
         .seqs
         .iter()
         .map(|s| s.top_candidates as usize)
         .collect();
-    let mut top = candidates::top_candidates_by_column(&values, seqs, &wanted, first_id);
+    let mut top = candidates::top_candidates_by_column(values, seqs, &wanted, first_id);
     let lse_wanted: Vec<bool> = batch.seqs.iter().map(|s| s.log_probs).collect();
-    let lse = candidates::log_sum_exp_by_column(&values, seqs, &lse_wanted);
+    let lse = candidates::log_sum_exp_by_column(values, seqs, &lse_wanted);
     let outputs = batch
         .seqs
         .iter()
@@ -419,7 +420,7 @@ fn last_stage_output(
             }
         })
         .collect();
-    Ok(pb::LastStageOutput { seqs: outputs })
+    pb::LastStageOutput { seqs: outputs }
 }
 
 fn run_step(shard: &Shard, plane: &DataPlane, request: pb::StepRequest) -> pb::StepResponse {

@@ -68,6 +68,20 @@ pub fn append_elements(t: &Tensor, out: &mut Vec<u8>) -> Result<(), WireTensorEr
     Ok(())
 }
 
+/// Runs `f` on a contiguous CPU f32 tensor's elements in place (no copy out of candle).
+pub fn with_f32_elements<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, WireTensorError> {
+    let t = t.contiguous().map_err(WireTensorError::candle)?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(WireTensorError("expected a CPU tensor".into()));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(WireTensorError("tensor is not contiguous".into()));
+    };
+    let values = cpu.as_slice::<f32>().map_err(WireTensorError::candle)?;
+    Ok(f(&values[start..end]))
+}
+
 /// A zeroed element buffer for a tensor described by `header`, to be filled straight from the
 /// socket, and turned into a tensor by [`ElementBuffer::into_tensor`].
 pub enum ElementBuffer {
