@@ -29,8 +29,9 @@ struct Job {
     reply: oneshot::Sender<pb::StepResponse>,
 }
 
+/// What `Info` reports: the worker's state, its shard and how loading went.
 #[derive(Default)]
-struct Status_ {
+struct WorkerStatus {
     state: i32,
     shard: Option<ShardSpec>,
     bytes_total: u64,
@@ -42,7 +43,7 @@ pub struct WorkerService {
     data_addr: String,
     /// The data-plane listener, bound at start so peers can dial before this worker is assigned.
     data_listener: Mutex<Option<TcpListener>>,
-    status: Arc<Mutex<Status_>>,
+    status: Arc<Mutex<WorkerStatus>>,
     progress: Arc<Mutex<Arc<AtomicU64>>>,
     jobs: Arc<Mutex<Option<mpsc::Sender<Job>>>>,
 }
@@ -53,9 +54,9 @@ impl WorkerService {
         Ok(Self {
             data_addr,
             data_listener: Mutex::new(Some(data_listener)),
-            status: Arc::new(Mutex::new(Status_ {
+            status: Arc::new(Mutex::new(WorkerStatus {
                 state: pb::WorkerState::Idle as i32,
-                ..Status_::default()
+                ..WorkerStatus::default()
             })),
             progress: Arc::default(),
             jobs: Arc::default(),
@@ -218,7 +219,7 @@ fn compute_thread(
     listener: TcpListener,
     events: tmpsc::Sender<Result<pb::LoadEvent, Status>>,
     jobs: mpsc::Receiver<Job>,
-    status: Arc<Mutex<Status_>>,
+    status: Arc<Mutex<WorkerStatus>>,
     progress: Arc<Mutex<Arc<AtomicU64>>>,
 ) {
     let loaded = load(&a, listener, &events, &status, &progress);
@@ -255,7 +256,7 @@ fn load(
     a: &Assignment,
     listener: TcpListener,
     events: &tmpsc::Sender<Result<pb::LoadEvent, Status>>,
-    status: &Arc<Mutex<Status_>>,
+    status: &Arc<Mutex<WorkerStatus>>,
     progress: &Arc<Mutex<Arc<AtomicU64>>>,
 ) -> Result<(Shard, Arc<DataPlane>), String> {
     let folder = ModelFolder::open(&a.model).map_err(|e| e.to_string())?;
