@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod kv_blocks;
 pub mod plan;
+pub mod process;
 pub mod step;
 pub mod wire;
 

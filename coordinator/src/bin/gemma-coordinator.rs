@@ -19,7 +19,7 @@ use gemma_coordinator::tokenizer::TextTokenizer;
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    init_tracing();
+    gemma_proto::process::init_tracing();
     let settings = Settings::load(&args)?;
     // Everything that can be refused is refused before a worker starts.
     let prepared = Prepared::new(&settings)?;
@@ -82,7 +82,7 @@ async fn serve(
         out.flush()?;
     }
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(gemma_proto::process::shutdown_signal())
         .await
         .context("serving HTTP")
 }
@@ -120,32 +120,4 @@ async fn watch_readiness(
             }
         }
     }
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-    tracing::info!("shutting down");
-}
-
-fn init_tracing() {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
 }

@@ -50,13 +50,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    gemma_proto::process::init_tracing();
     let args = Args::parse();
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,

@@ -32,7 +32,7 @@ fn main() -> Result<()> {
         // candle reads this when it first sizes its thread pool, before any compute.
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
-    init_tracing();
+    gemma_proto::process::init_tracing();
     let data_addr = args
         .data_listen
         .unwrap_or_else(|| SocketAddr::new(args.listen.ip(), 0));
@@ -67,7 +67,10 @@ fn main() -> Result<()> {
                     .max_decoding_message_size(usize::MAX)
                     .max_encoding_message_size(usize::MAX),
             )
-            .serve_with_incoming_shutdown(incoming_nodelay(listener), shutdown_signal())
+            .serve_with_incoming_shutdown(
+                incoming_nodelay(listener),
+                gemma_proto::process::shutdown_signal(),
+            )
             .await
             .context("serving")
     })
@@ -85,28 +88,4 @@ fn incoming_nodelay(
             Ok(s)
         })
     })
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
-}
-
-fn init_tracing() {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
 }
