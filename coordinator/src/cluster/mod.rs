@@ -163,7 +163,8 @@ impl Cluster {
             .collect::<Result<Vec<_>, _>>()?;
         let data_addrs: Vec<String> = clients
             .iter()
-            .map(|(_, info)| info.data_addr.clone())
+            .zip(&addrs)
+            .map(|((_, info), grpc)| reachable_data_addr(&info.data_addr, grpc))
             .collect();
         let cluster_id = cluster_id();
         let dtype = dtype_of(&settings.dtype)?;
@@ -513,10 +514,36 @@ async fn assign(
     ))
 }
 
+/// The data-plane address peers should dial: a worker listening on every interface (0.0.0.0 or
+/// [::]) reports that, so its host is taken from the address the coordinator reached it at.
+fn reachable_data_addr(data_addr: &str, grpc_addr: &str) -> String {
+    match data_addr.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let host = grpc_addr.rsplit_once(':').map_or(grpc_addr, |(h, _)| h);
+            format!("{host}:{}", a.port())
+        }
+        _ => data_addr.to_string(),
+    }
+}
+
 /// A number that tells this cluster's data-plane connections from any older incarnation's.
 fn cluster_id() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     t ^ (u64::from(std::process::id()) << 32)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unspecified_data_hosts_take_the_workers_host() {
+        use super::reachable_data_addr as r;
+        assert_eq!(r("0.0.0.0:4100", "10.0.0.7:50051"), "10.0.0.7:4100");
+        assert_eq!(
+            r("[::]:4100", "worker-3.gemma:50051"),
+            "worker-3.gemma:4100"
+        );
+        assert_eq!(r("127.0.0.1:4100", "localhost:50051"), "127.0.0.1:4100");
+    }
 }
