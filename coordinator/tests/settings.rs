@@ -6,6 +6,16 @@ use gemma_coordinator::settings::{Args, Settings};
 
 #[test]
 fn file_then_environment_then_flags() {
+    // The deploy example parses, and says what its comments say.
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config.example.toml");
+    let s = Settings::load(&Args {
+        config: Some(example),
+        ..Args::default()
+    })
+    .expect("deploy/config.example.toml");
+    assert_eq!((s.tp, s.pp, s.workers.len()), (2, 2, 4));
+    assert_eq!(s.max_waiting, 256);
+
     let dir = tempfile::tempdir().expect("tmp");
     let file = dir.path().join("cluster.toml");
     std::fs::write(
