@@ -106,6 +106,13 @@ impl KvCache {
         self.layers.get(i)
     }
 
+    /// The cache slot of position `pos` of a sequence with this block table (checked by
+    /// [`Self::slots_for`] first).
+    pub fn slot(&self, block_table: &[u32], pos: usize) -> u32 {
+        let bs = self.block_size;
+        (block_table[pos / bs] as usize * bs + pos % bs) as u32
+    }
+
     /// Checks `seq`'s block table against this pool and maps its positions to slots; the step's
     /// tokens of this sequence start at `src` in the flattened batch.
     pub fn slots_for(
@@ -134,7 +141,7 @@ impl KvCache {
                 seq.seq_id, self.num_blocks
             )));
         }
-        let slot = |pos: usize| seq.block_table[pos / bs] as usize * bs + pos % bs;
+        let slot = |pos: usize| self.slot(&seq.block_table, pos) as usize;
         let mut writes = Vec::new();
         let mut pos = seq.start_pos;
         while pos < end {

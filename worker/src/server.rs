@@ -19,7 +19,7 @@ use crate::data_plane::{DataPlane, PlaneCollective};
 use crate::folder::ModelFolder;
 use crate::kv_cache::KvCache;
 use crate::model::{Shard, ShardOptions, StageOutput};
-use crate::wire::{dtype_from_wire, with_f32_elements};
+use crate::wire::{dtype_from_wire, with_elements};
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -382,7 +382,7 @@ fn last_stage_output(
     logits: &candle_core::Tensor,
     first_id: u32,
 ) -> Result<pb::LastStageOutput, String> {
-    with_f32_elements(logits, |values| select_outputs(batch, values, first_id))
+    with_elements::<f32, _>(logits, |values| select_outputs(batch, values, first_id))
         .map_err(|e| e.to_string())
 }
 

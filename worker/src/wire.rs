@@ -39,37 +39,11 @@ pub fn tensor_header(t: &Tensor) -> Result<pb::TensorData, WireTensorError> {
     })
 }
 
-/// Appends the tensor's elements, little-endian, to `out` with a single copy out of candle's
-/// storage (the hosts are little-endian: see the compile-time check below).
-pub fn append_elements(t: &Tensor, out: &mut Vec<u8>) -> Result<(), WireTensorError> {
-    let t = t.contiguous().map_err(WireTensorError::candle)?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(WireTensorError(
-            "only CPU tensors travel on the TCP data plane".into(),
-        ));
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Err(WireTensorError("tensor is not contiguous".into()));
-    };
-    let bytes: &[u8] = match t.dtype() {
-        DType::F32 => bytemuck::cast_slice(
-            &cpu.as_slice::<f32>().map_err(WireTensorError::candle)?[start..end],
-        ),
-        DType::BF16 => bytemuck::cast_slice(
-            &cpu.as_slice::<bf16>().map_err(WireTensorError::candle)?[start..end],
-        ),
-        DType::F16 => bytemuck::cast_slice(
-            &cpu.as_slice::<f16>().map_err(WireTensorError::candle)?[start..end],
-        ),
-        other => return Err(WireTensorError(format!("dtype {other:?} cannot travel"))),
-    };
-    out.extend_from_slice(bytes);
-    Ok(())
-}
-
-/// Runs `f` on a contiguous CPU f32 tensor's elements in place (no copy out of candle).
-pub fn with_f32_elements<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, WireTensorError> {
+/// Runs `f` on a contiguous CPU tensor's elements in place (no copy out of candle).
+pub fn with_elements<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R, WireTensorError> {
     let t = t.contiguous().map_err(WireTensorError::candle)?;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
@@ -78,8 +52,25 @@ pub fn with_f32_elements<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R
     let Some((start, end)) = layout.contiguous_offsets() else {
         return Err(WireTensorError("tensor is not contiguous".into()));
     };
-    let values = cpu.as_slice::<f32>().map_err(WireTensorError::candle)?;
+    let values = cpu.as_slice::<T>().map_err(WireTensorError::candle)?;
     Ok(f(&values[start..end]))
+}
+
+/// Appends the tensor's elements, little-endian, to `out` with a single copy out of candle's
+/// storage (the hosts are little-endian: see the compile-time check below).
+pub fn append_elements(t: &Tensor, out: &mut Vec<u8>) -> Result<(), WireTensorError> {
+    match t.dtype() {
+        DType::F32 => {
+            with_elements::<f32, _>(t, |v| out.extend_from_slice(bytemuck::cast_slice(v)))
+        }
+        DType::BF16 => {
+            with_elements::<bf16, _>(t, |v| out.extend_from_slice(bytemuck::cast_slice(v)))
+        }
+        DType::F16 => {
+            with_elements::<f16, _>(t, |v| out.extend_from_slice(bytemuck::cast_slice(v)))
+        }
+        other => Err(WireTensorError(format!("dtype {other:?} cannot travel"))),
+    }
 }
 
 /// A zeroed element buffer for a tensor described by `header`, to be filled straight from the

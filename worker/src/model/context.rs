@@ -115,10 +115,7 @@ fn decode_batch(
     for &i in &decoding {
         let seq = &batch.seqs[i];
         let len = seq.end_pos();
-        let table = &seq.block_table;
-        let slot = |pos: usize| {
-            (table[pos / kv.block_size()] as usize * kv.block_size() + pos % kv.block_size()) as u32
-        };
+        let slot = |pos: usize| kv.slot(&seq.block_table, pos);
         rows.push(seqs[i].offset as u32);
         slots.extend((0..max_len).map(|p| slot(if p < len { p } else { 0 })));
         mask.extend((0..max_len).map(|p| if p < len { 0.0 } else { f32::NEG_INFINITY }));
