@@ -43,6 +43,10 @@ pub struct Args {
     /// Most tokens in one step; prefill chunks are cut to fit (default 512).
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
+    /// GGUF models: dequantize the weights at load (more memory, f32 kernels) instead of
+    /// keeping them in their quantized blocks.
+    #[arg(long)]
+    pub dequantize: bool,
     /// Most sequences running at once (default 64).
     #[arg(long)]
     pub max_running: Option<usize>,
@@ -60,6 +64,8 @@ pub struct Settings {
     pub workers: Vec<String>,
     pub listen: String,
     pub dtype: String,
+    /// GGUF models: dequantize at load instead of keeping quantized blocks.
+    pub dequantize: bool,
     pub kv_budget_mib: u64,
     pub block_size: usize,
     pub worker_bin: Option<PathBuf>,
@@ -101,6 +107,7 @@ impl Settings {
             .set_default("workers", Vec::<String>::new())?
             .set_default("listen", "127.0.0.1:8080")?
             .set_default("dtype", "f32")?
+            .set_default("dequantize", false)?
             .set_default("kv_budget_mib", 256)?
             .set_default("block_size", gemma_proto::DEFAULT_BLOCK_SIZE as u64)?
             .set_default("step_timeout_ms", 60_000)?
@@ -134,6 +141,7 @@ impl Settings {
             .set_override_option("workers", args.workers.clone())?
             .set_override_option("listen", args.listen.clone())?
             .set_override_option("dtype", args.dtype.clone())?
+            .set_override_option("dequantize", args.dequantize.then_some(true))?
             .set_override_option("kv_budget_mib", args.kv_budget_mib)?
             .set_override_option("worker_bin", s(&args.worker_bin))?
             .set_override_option("max_batch_tokens", args.max_batch_tokens.map(|v| v as u64))?
@@ -148,8 +156,12 @@ impl Settings {
 
     pub fn model_name(&self) -> String {
         self.served_model_name.clone().unwrap_or_else(|| {
-            self.model
-                .file_name()
+            // A .gguf file is named without its extension.
+            let name = match self.model.extension().is_some_and(|e| e == "gguf") {
+                true => self.model.file_stem(),
+                false => self.model.file_name(),
+            };
+            name
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "gemma".to_string())
         })

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::gguf::GgufHeader;
 
 /// The GeGLU activation applied to the gate projection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +22,33 @@ pub enum Activation {
 pub enum Architecture {
     /// Gemma 1 and 1.1 (`model_type: gemma`).
     Gemma,
+    /// Gemma 2: norms after attention and MLP too, logit soft-capping, alternating
+    /// sliding-window layers.
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2's layout plus QK-norm, five sliding layers per global one, and a
+    /// RoPE base of its own for the sliding layers.
+    Gemma3,
+}
+
+impl Architecture {
+    /// RMSNorm after attention and after the MLP, before each residual add (Gemma 2 and 3).
+    pub fn has_sandwich_norms(self) -> bool {
+        !matches!(self, Architecture::Gemma)
+    }
+
+    /// RMSNorm over each query and key head before RoPE (Gemma 3).
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Architecture::Gemma3)
+    }
+}
+
+/// Which keys a layer attends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerKind {
+    /// Every earlier position (global attention).
+    Full,
+    /// Only the last `sliding_window` positions, the query's own included.
+    Sliding,
 }
 
 /// A validated Gemma model configuration.
@@ -42,6 +70,20 @@ pub struct ModelConfig {
     pub bos_token_id: u32,
     pub eos_token_id: u32,
     pub pad_token_id: u32,
+    /// Attention scores are scaled by 1/sqrt(this) (Gemma 1: head_dim).
+    pub query_pre_attn_scalar: f64,
+    /// Scores become tanh(s / cap) * cap before the mask (Gemma 2).
+    pub attn_logit_softcapping: Option<f64>,
+    /// Logits become tanh(l / cap) * cap (Gemma 2).
+    pub final_logit_softcapping: Option<f64>,
+    /// Keys a sliding layer sees, the query's own included (None: no sliding layers).
+    pub sliding_window: Option<usize>,
+    /// One entry per layer.
+    pub layer_kinds: Vec<LayerKind>,
+    /// RoPE base of the sliding layers (Gemma 3: its own; otherwise `rope_theta`).
+    pub rope_local_theta: f64,
+    /// Linear RoPE scaling of the full-attention layers (1: none): positions are divided by it.
+    pub rope_scaling_factor: f64,
 }
 
 /// `config.json` as HuggingFace writes it; every field optional so that a missing one gets a
@@ -63,9 +105,18 @@ struct HfConfig {
     hidden_activation: Option<String>,
     attention_bias: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
-    bos_token_id: Option<u32>,
-    eos_token_id: Option<u32>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
     pad_token_id: Option<u32>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    sliding_window: Option<usize>,
+    sliding_window_pattern: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    rope_local_base_freq: Option<f64>,
+    /// The multimodal Gemma 3 config nests the language model's.
+    text_config: Option<serde_json::Value>,
 }
 
 impl ModelConfig {
@@ -90,11 +141,24 @@ impl ModelConfig {
     fn from_hf(raw: HfConfig) -> Result<Self, ConfigError> {
         let architecture = match raw.model_type.as_deref() {
             Some("gemma") => Architecture::Gemma,
+            Some("gemma2") => Architecture::Gemma2,
+            Some("gemma3_text") => Architecture::Gemma3,
+            Some("gemma3") => {
+                // The multimodal checkpoint: serve its language model.
+                let text = raw.text_config.ok_or(ConfigError::Missing("text_config"))?;
+                let mut inner: HfConfig =
+                    serde_json::from_value(text).map_err(|e| ConfigError::Json {
+                        path: String::new(),
+                        message: format!("text_config: {e}"),
+                    })?;
+                inner.model_type = Some("gemma3_text".to_string());
+                return Self::from_hf(inner);
+            }
             Some(other) => {
                 return Err(ConfigError::invalid(
                     "model_type",
                     other,
-                    "\"gemma\" (Gemma 1 and 1.1)",
+                    "\"gemma\" (Gemma 1 and 1.1), \"gemma2\", \"gemma3_text\" or \"gemma3\"",
                 ))
             }
             None => return Err(ConfigError::Missing("model_type")),
@@ -106,29 +170,55 @@ impl ModelConfig {
                 "false (Gemma projections have no bias)",
             ));
         }
-        if let Some(scaling) = raw.rope_scaling.filter(|v| !v.is_null()) {
-            return Err(ConfigError::invalid(
-                "rope_scaling",
-                &scaling.to_string(),
-                "null (Gemma 1 uses plain RoPE)",
-            ));
-        }
+        let rope_scaling_factor = rope_scaling(raw.rope_scaling.as_ref(), architecture)?;
+        let num_hidden_layers = required(raw.num_hidden_layers, "num_hidden_layers")?;
+        let head_dim = raw.head_dim.ok_or(ConfigError::MissingHeadDim)?;
+        let defaults = ArchDefaults::of(architecture);
+        let layer_kinds = match raw.layer_types {
+            Some(types) => layer_kinds_from_names(&types, num_hidden_layers)?,
+            None => defaults.layer_kinds(
+                num_hidden_layers,
+                raw.sliding_window_pattern.unwrap_or(defaults.sliding_pattern),
+            ),
+        };
+        let rope_theta = raw.rope_theta.unwrap_or(defaults.rope_theta);
         let cfg = ModelConfig {
             architecture,
             vocab_size: required(raw.vocab_size, "vocab_size")?,
             hidden_size: required(raw.hidden_size, "hidden_size")?,
             intermediate_size: required(raw.intermediate_size, "intermediate_size")?,
-            num_hidden_layers: required(raw.num_hidden_layers, "num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads: required(raw.num_attention_heads, "num_attention_heads")?,
             num_key_value_heads: required(raw.num_key_value_heads, "num_key_value_heads")?,
-            head_dim: raw.head_dim.ok_or(ConfigError::MissingHeadDim)?,
+            head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(8192),
             activation: activation(raw.hidden_activation.as_deref(), raw.hidden_act.as_deref())?,
-            bos_token_id: raw.bos_token_id.unwrap_or(2),
-            eos_token_id: raw.eos_token_id.unwrap_or(1),
+            bos_token_id: first_id(raw.bos_token_id.as_ref()).unwrap_or(2),
+            eos_token_id: first_id(raw.eos_token_id.as_ref()).unwrap_or(1),
             pad_token_id: raw.pad_token_id.unwrap_or(0),
+            query_pre_attn_scalar: raw
+                .query_pre_attn_scalar
+                .unwrap_or(defaults.query_pre_attn_scalar.unwrap_or(head_dim as f64)),
+            attn_logit_softcapping: match architecture {
+                Architecture::Gemma2 => raw.attn_logit_softcapping.or(Some(50.0)),
+                _ => raw.attn_logit_softcapping,
+            },
+            final_logit_softcapping: match architecture {
+                Architecture::Gemma2 => raw.final_logit_softcapping.or(Some(30.0)),
+                _ => raw.final_logit_softcapping,
+            },
+            sliding_window: match architecture {
+                Architecture::Gemma => None,
+                _ => Some(raw.sliding_window.unwrap_or(4096)),
+            },
+            layer_kinds,
+            rope_local_theta: match architecture {
+                Architecture::Gemma3 => raw.rope_local_base_freq.unwrap_or(10_000.0),
+                _ => rope_theta,
+            },
+            rope_scaling_factor,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -169,7 +259,33 @@ impl ModelConfig {
                 ),
             ));
         }
+        if self.layer_kinds.len() != self.num_hidden_layers {
+            return Err(ConfigError::invalid(
+                "layer_types",
+                &format!("{} entries", self.layer_kinds.len()),
+                &format!("one per layer ({})", self.num_hidden_layers),
+            ));
+        }
+        if self.layer_kinds.contains(&LayerKind::Sliding) && self.sliding_window.unwrap_or(0) == 0
+        {
+            return Err(ConfigError::invalid(
+                "sliding_window",
+                "0 or none",
+                "a positive window for the sliding_attention layers",
+            ));
+        }
         let positive = |x: f64| x.is_finite() && x > 0.0;
+        for (name, value) in [
+            ("query_pre_attn_scalar", Some(self.query_pre_attn_scalar)),
+            ("rope_local_base_freq", Some(self.rope_local_theta)),
+            ("rope_scaling.factor", Some(self.rope_scaling_factor)),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(v) = value.filter(|v| !positive(*v)) {
+                return Err(ConfigError::invalid(name, &v.to_string(), "a positive number"));
+            }
+        }
         if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
             return Err(ConfigError::invalid(
                 "rms_norm_eps/rope_theta",
@@ -185,13 +301,122 @@ impl ModelConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
 
+    /// The attention score scale: 1/sqrt(query_pre_attn_scalar).
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self.query_pre_attn_scalar.sqrt()
+    }
+
     /// Number of weight parameters (embedding counted once: the lm_head is tied to it).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let per_layer = h * q * 2 + h * kv * 2 + 3 * h * self.intermediate_size + 2 * h;
+        let norms = if self.architecture.has_sandwich_norms() {
+            4 * h
+        } else {
+            2 * h
+        };
+        let qk_norms = if self.architecture.has_qk_norm() {
+            2 * self.head_dim
+        } else {
+            0
+        };
+        let per_layer =
+            h * q * 2 + h * kv * 2 + 3 * h * self.intermediate_size + norms + qk_norms;
         self.vocab_size * h + self.num_hidden_layers * per_layer + h
+    }
+}
+
+/// What HF's config classes assume when a key is absent.
+struct ArchDefaults {
+    rope_theta: f64,
+    query_pre_attn_scalar: Option<f64>,
+    /// Every `sliding_pattern`-th layer is global; 0: none slide.
+    sliding_pattern: usize,
+}
+
+impl ArchDefaults {
+    fn of(arch: Architecture) -> Self {
+        match arch {
+            Architecture::Gemma => Self {
+                rope_theta: 10_000.0,
+                query_pre_attn_scalar: None,
+                sliding_pattern: 0,
+            },
+            Architecture::Gemma2 => Self {
+                rope_theta: 10_000.0,
+                query_pre_attn_scalar: Some(256.0),
+                sliding_pattern: 2,
+            },
+            Architecture::Gemma3 => Self {
+                rope_theta: 1_000_000.0,
+                query_pre_attn_scalar: Some(256.0),
+                sliding_pattern: 6,
+            },
+        }
+    }
+
+    /// HF's rule: layer i slides unless (i + 1) is a multiple of the pattern (Gemma 2: layers
+    /// 0, 2, 4.. slide; Gemma 3: five sliding, then one global).
+    fn layer_kinds(&self, layers: usize, pattern: usize) -> Vec<LayerKind> {
+        (0..layers)
+            .map(|i| {
+                if pattern > 0 && !(i + 1).is_multiple_of(pattern) {
+                    LayerKind::Sliding
+                } else {
+                    LayerKind::Full
+                }
+            })
+            .collect()
+    }
+}
+
+fn layer_kinds_from_names(types: &[String], layers: usize) -> Result<Vec<LayerKind>, ConfigError> {
+    if types.len() != layers {
+        return Err(ConfigError::invalid(
+            "layer_types",
+            &format!("{} entries", types.len()),
+            &format!("one per layer ({layers})"),
+        ));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "full_attention" => Ok(LayerKind::Full),
+            "sliding_attention" => Ok(LayerKind::Sliding),
+            other => Err(ConfigError::invalid(
+                "layer_types",
+                other,
+                "\"full_attention\" or \"sliding_attention\"",
+            )),
+        })
+        .collect()
+}
+
+/// Gemma 3's larger models scale the global layers' RoPE linearly; nothing else is supported.
+fn rope_scaling(value: Option<&serde_json::Value>, arch: Architecture) -> Result<f64, ConfigError> {
+    let Some(v) = value.filter(|v| !v.is_null()) else {
+        return Ok(1.0);
+    };
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str());
+    match (arch, kind, v.get("factor").and_then(|f| f.as_f64())) {
+        (Architecture::Gemma3, Some("linear"), Some(factor)) => Ok(factor),
+        _ => Err(ConfigError::invalid(
+            "rope_scaling",
+            &v.to_string(),
+            "null, or {\"rope_type\": \"linear\", \"factor\": F} on Gemma 3",
+        )),
+    }
+}
+
+/// A token id given as a number or as a list of numbers (Gemma 3: eos [1, 106]).
+fn first_id(value: Option<&serde_json::Value>) -> Option<u32> {
+    match value? {
+        serde_json::Value::Array(ids) => ids.first()?.as_u64().map(|v| v as u32),
+        v => v.as_u64().map(|v| v as u32),
     }
 }
 
@@ -214,5 +439,111 @@ fn activation(
             Ok(Activation::GeluTanh)
         }
         (None, Some(other)) => Err(ConfigError::invalid("hidden_act", other, ALLOWED)),
+    }
+}
+
+impl ModelConfig {
+    /// The config of a GGUF file, from llama.cpp's metadata keys (`{arch}.embedding_length`,
+    /// ...). What llama.cpp derives rather than stores is derived the same way: Gemma 2 and 3's
+    /// query_pre_attn_scalar (hidden / heads for the 27B models, head_dim otherwise), the
+    /// sliding-layer pattern, and Gemma 3's local RoPE base (10000).
+    pub fn from_gguf(header: &GgufHeader) -> Result<Self, ConfigError> {
+        let arch_name = header
+            .get_str("general.architecture")
+            .ok_or(ConfigError::Missing("general.architecture"))?;
+        let architecture = match arch_name {
+            "gemma" => Architecture::Gemma,
+            "gemma2" => Architecture::Gemma2,
+            "gemma3" => Architecture::Gemma3,
+            other => {
+                return Err(ConfigError::invalid(
+                    "general.architecture",
+                    other,
+                    "gemma, gemma2 or gemma3",
+                ))
+            }
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let int = |k: &'static str| -> Result<usize, ConfigError> {
+            match header.get_int(&key(k)) {
+                Some(v) if v >= 0 => Ok(v as usize),
+                Some(v) => Err(ConfigError::invalid(k, &v.to_string(), "a positive integer")),
+                None => Err(ConfigError::Missing(k)),
+            }
+        };
+        let hidden_size = int("embedding_length")?;
+        let num_hidden_layers = int("block_count")?;
+        let num_attention_heads = int("attention.head_count")?;
+        let head_dim = int("attention.key_length")
+            .or_else(|_| Ok::<_, ConfigError>(hidden_size / num_attention_heads.max(1)))?;
+        let vocab_size = header
+            .tensor("token_embd.weight")
+            .and_then(|t| t.shape.first().copied())
+            .or_else(|| header.array_len("tokenizer.ggml.tokens"))
+            .ok_or(ConfigError::Missing("token_embd.weight"))?;
+        let defaults = ArchDefaults::of(architecture);
+        // llama.cpp: the 27B models scale by hidden / heads, the others by head_dim.
+        let is_27b = matches!(
+            (architecture, num_hidden_layers),
+            (Architecture::Gemma2, 46) | (Architecture::Gemma3, 62)
+        );
+        let query_pre_attn_scalar = if is_27b {
+            (hidden_size / num_attention_heads.max(1)) as f64
+        } else {
+            head_dim as f64
+        };
+        let rope_theta = header
+            .get_float(&key("rope.freq_base"))
+            .unwrap_or(defaults.rope_theta);
+        let rope_scaling_factor = match header.get_str(&key("rope.scaling.type")) {
+            None | Some("none") => 1.0,
+            Some("linear") => header.get_float(&key("rope.scaling.factor")).unwrap_or(1.0),
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "rope.scaling.type",
+                    other,
+                    "none or linear",
+                ))
+            }
+        };
+        let token = |k: &str, default: u32| {
+            header
+                .get_int(&format!("tokenizer.ggml.{k}"))
+                .map_or(default, |v| v as u32)
+        };
+        let cfg = ModelConfig {
+            architecture,
+            vocab_size,
+            hidden_size,
+            intermediate_size: int("feed_forward_length")?,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads: int("attention.head_count_kv").unwrap_or(num_attention_heads),
+            head_dim,
+            rms_norm_eps: header
+                .get_float(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-6),
+            rope_theta,
+            max_position_embeddings: int("context_length").unwrap_or(8192),
+            activation: Activation::GeluTanh,
+            bos_token_id: token("bos_token_id", 2),
+            eos_token_id: token("eos_token_id", 1),
+            pad_token_id: token("padding_token_id", 0),
+            query_pre_attn_scalar,
+            attn_logit_softcapping: header.get_float(&key("attn_logit_softcapping")),
+            final_logit_softcapping: header.get_float(&key("final_logit_softcapping")),
+            sliding_window: match architecture {
+                Architecture::Gemma => None,
+                _ => Some(int("attention.sliding_window").unwrap_or(4096)),
+            },
+            layer_kinds: defaults.layer_kinds(num_hidden_layers, defaults.sliding_pattern),
+            rope_local_theta: match architecture {
+                Architecture::Gemma3 => 10_000.0,
+                _ => rope_theta,
+            },
+            rope_scaling_factor,
+        };
+        cfg.validate()?;
+        Ok(cfg)
     }
 }

@@ -24,6 +24,10 @@ pub enum ConfigError {
         value: String,
         allowed: String,
     },
+    #[error("{path} is not a model: {reason}; --model takes a HuggingFace folder (config.json + safetensors), a .gguf file, or a folder holding one .gguf")]
+    NotAModel { path: String, reason: String },
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     #[error("{path}: {inner}")]
     InFile {
         path: String,
@@ -45,7 +49,10 @@ impl ConfigError {
         let path = path.display().to_string();
         match self {
             ConfigError::Json { message, .. } => ConfigError::Json { path, message },
-            e @ (ConfigError::Read { .. } | ConfigError::InFile { .. }) => e,
+            e @ (ConfigError::Read { .. }
+            | ConfigError::InFile { .. }
+            | ConfigError::NotAModel { .. }
+            | ConfigError::Gguf(_)) => e,
             inner => ConfigError::InFile {
                 path,
                 inner: Box::new(inner),

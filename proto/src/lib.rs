@@ -4,16 +4,20 @@
 pub mod candidates;
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod kv_blocks;
+pub mod model_files;
 pub mod plan;
 pub mod process;
 pub mod step;
 pub mod wire;
 
 pub use candidates::SeqLogits;
-pub use config::{Activation, Architecture, ModelConfig};
+pub use config::{Activation, Architecture, LayerKind, ModelConfig};
 pub use error::{ConfigError, KvError, PlanError, WireError};
+pub use gguf::{GgmlType, GgufError, GgufHeader, GgufTensor};
 pub use kv_blocks::{KvAllocation, KvBlockManager, DEFAULT_BLOCK_SIZE};
+pub use model_files::{ModelFiles, ModelFormat};
 pub use plan::{PlanRequest, ShardPlan, ShardSpec};
 pub use step::{SeqStep, StepBatch};
 

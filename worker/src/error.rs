@@ -34,7 +34,10 @@ pub enum LoadError {
         shape: Vec<usize>,
         slice: String,
     },
-    #[error("{path}: tensor {tensor} is stored as {found}; supported: F32, BF16, F16")]
+    #[error(
+        "{path}: tensor {tensor} is stored as {found}; supported: F32, BF16, F16 (safetensors), \
+         and in GGUF also Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K with whole blocks per row"
+    )]
     Dtype {
         path: String,
         tensor: String,

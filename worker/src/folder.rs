@@ -1,33 +1,29 @@
-//! A HuggingFace model folder: config.json plus safetensors weights.
+//! A model on disk: a HuggingFace folder (config.json plus safetensors) or a GGUF file, with its
+//! config validated and its weights mapped.
 
 use std::path::{Path, PathBuf};
 
-use gemma_proto::ModelConfig;
+use gemma_proto::{ModelConfig, ModelFiles};
 
 use crate::error::LoadError;
 use crate::weights::WeightFiles;
 
 pub struct ModelFolder {
+    /// What `--model` named (a folder or a .gguf file).
     pub dir: PathBuf,
+    pub files: ModelFiles,
     pub config: ModelConfig,
     pub weights: WeightFiles,
 }
 
 impl ModelFolder {
-    pub fn open(dir: &Path) -> Result<Self, LoadError> {
-        if !dir.is_dir() {
-            return Err(LoadError::Io {
-                path: dir.display().to_string(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "model folder does not exist or is not a directory",
-                ),
-            });
-        }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let weights = WeightFiles::open(dir)?;
+    pub fn open(path: &Path) -> Result<Self, LoadError> {
+        let files = ModelFiles::locate(path)?;
+        let config = files.config()?;
+        let weights = WeightFiles::open(&files, config.architecture)?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            dir: path.to_path_buf(),
+            files,
             config,
             weights,
         })

@@ -19,6 +19,7 @@ use crate::data_plane::{DataPlane, PlaneCollective};
 use crate::folder::ModelFolder;
 use crate::kv_cache::KvCache;
 use crate::model::{Shard, ShardOptions, StageOutput};
+use crate::weights::QuantizedWeights;
 use crate::wire::{dtype_from_wire, with_elements};
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -112,6 +113,11 @@ fn parse_assignment(req: pb::AssignRequest) -> Result<Assignment, Status> {
             device: Device::Cpu,
             kv_blocks: 0,
             block_size: req.block_size as usize,
+            quantized: if req.dequantize {
+                QuantizedWeights::Dequantize
+            } else {
+                QuantizedWeights::Keep
+            },
         },
         kv_budget: req.kv_budget_bytes,
         timeout: Duration::from_millis(req.collective_timeout_ms.max(1)),
@@ -272,11 +278,8 @@ fn load(
                 a.model.display()
             )
         })?;
-    let elem = folder
-        .weights
-        .stored_elem_size(crate::model::embedding::EMBED_TOKENS)
-        .unwrap_or(4);
-    let total = (spec.num_parameters(&folder.config) * elem) as u64;
+    let total =
+        (spec.num_parameters(&folder.config) as f64 * folder.weights.bytes_per_parameter()) as u64;
     lock(status).bytes_total = total;
     *lock(progress) = folder.weights.progress();
     let mut opts = a.opts.clone();

@@ -24,11 +24,11 @@ fn main() -> Result<()> {
     // Everything that can be refused is refused before a worker starts.
     let prepared = Prepared::new(&settings)?;
     let tokenizer = Arc::new(TextTokenizer::from_dir(
-        &prepared.model_dir,
+        &prepared.tokenizer_dir,
         prepared.config.bos_token_id,
         prepared.config.eos_token_id,
     )?);
-    let chat = ChatTemplate::from_dir(&prepared.model_dir)?;
+    let chat = ChatTemplate::from_dir(&prepared.tokenizer_dir)?;
     // Spawned from the main thread, which lives as long as the process: the workers' parent-death
     // signal is tied to the spawning thread.
     let local = prepared.spawn_local_workers(&settings)?;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use gemma_proto::pb::worker_client::WorkerClient;
 use gemma_proto::{
-    candidates, pb, ModelConfig, PlanRequest, SeqLogits, ShardPlan, ShardSpec, StepBatch,
+    candidates, pb, ModelConfig, ModelFiles, PlanRequest, SeqLogits, ShardPlan, ShardSpec,
+    StepBatch,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,7 +22,10 @@ pub use spawn::LocalWorkers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("model folder {0} does not exist or is not a directory")]
+    #[error(
+        "model {0} does not exist; --model takes a HuggingFace folder, a .gguf file or a folder \
+         holding one"
+    )]
     NoModel(String),
     #[error(transparent)]
     Config(#[from] gemma_proto::ConfigError),
@@ -60,7 +64,10 @@ pub enum ClusterError {
 
 /// What is known before any worker is contacted; computing it refuses bad settings early.
 pub struct Prepared {
-    pub model_dir: PathBuf,
+    /// The model (folder or .gguf file), canonical: what every worker is told to load.
+    pub model_path: PathBuf,
+    /// Where tokenizer.json and tokenizer_config.json are.
+    pub tokenizer_dir: PathBuf,
     pub config: ModelConfig,
     pub plan: ShardPlan,
     pub request: PlanRequest,
@@ -68,11 +75,10 @@ pub struct Prepared {
 
 impl Prepared {
     pub fn new(settings: &Settings) -> Result<Self, ClusterError> {
-        let model_dir = std::fs::canonicalize(&settings.model)
-            .ok()
-            .filter(|p| p.is_dir())
-            .ok_or_else(|| ClusterError::NoModel(settings.model.display().to_string()))?;
-        let config = ModelConfig::from_file(&model_dir.join("config.json"))?;
+        let model_path = std::fs::canonicalize(&settings.model)
+            .map_err(|_| ClusterError::NoModel(settings.model.display().to_string()))?;
+        let files = ModelFiles::locate(&model_path)?;
+        let config = files.config()?;
         let mut request = PlanRequest::new(settings.tp, settings.pp);
         request.layers_per_stage = settings.layers_per_stage.clone();
         let plan = ShardPlan::new(&config, &request)?;
@@ -86,7 +92,8 @@ impl Prepared {
         }
         dtype_of(&settings.dtype)?;
         Ok(Self {
-            model_dir,
+            model_path,
+            tokenizer_dir: files.tokenizer_dir,
             config,
             plan,
             request,
@@ -181,7 +188,7 @@ impl Cluster {
             .zip(&addrs)
             .map(|(((client, _), spec), addr)| {
                 let req = pb::AssignRequest {
-                    model_path: prepared.model_dir.display().to_string(),
+                    model_path: prepared.model_path.display().to_string(),
                     tp: prepared.plan.tp as u32,
                     pp: prepared.plan.pp as u32,
                     layers_per_stage: prepared
@@ -198,6 +205,7 @@ impl Cluster {
                     block_size: settings.block_size as u32,
                     collective_timeout_ms: settings.collective_timeout_ms,
                     cluster_id,
+                    dequantize: settings.dequantize,
                 };
                 assign(client, req, spec.clone(), addr.clone(), deadline)
             });

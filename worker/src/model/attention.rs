@@ -2,11 +2,13 @@
 //! cache; the o_proj output is a partial sum.
 
 use candle_core::{DType, Device, Result, Tensor};
-use gemma_proto::{ModelConfig, ShardSpec};
+use gemma_proto::{LayerKind, ModelConfig, ShardSpec};
 
 use super::context::{DecodeBatch, StepContext};
 use super::linear::Linear;
+use super::norm::RmsNorm;
 use super::rope::Rope;
+use super::ShardOptions;
 use crate::error::LoadError;
 use crate::kv_cache::LayerKv;
 use crate::weights::{Slice, WeightFiles};
@@ -17,20 +19,26 @@ pub struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Gemma 3's RMSNorm over each query and key head, before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     q_heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// 1/sqrt(query_pre_attn_scalar).
     scale: f64,
+    /// Gemma 2: scores become tanh(s / cap) * cap.
+    softcap: Option<f64>,
+    kind: LayerKind,
 }
 
 impl Attention {
     pub fn load(
         files: &WeightFiles,
         prefix: &str,
+        kind: LayerKind,
         cfg: &ModelConfig,
         spec: &ShardSpec,
-        dtype: DType,
-        device: &Device,
+        opts: &ShardOptions,
     ) -> std::result::Result<Self, LoadError> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let q_rows = spec.q_heads.start * hd..spec.q_heads.end * hd;
@@ -38,24 +46,33 @@ impl Attention {
         let q_out = cfg.num_attention_heads * hd;
         let kv_out = cfg.num_key_value_heads * hd;
         let load = |name: &str, shape: [usize; 2], slice: Slice| {
-            Linear::load(
+            Linear::load(files, &format!("{prefix}.{name}.weight"), shape, slice, opts)
+        };
+        let head_norm = |name: &str| {
+            RmsNorm::load(
                 files,
                 &format!("{prefix}.{name}.weight"),
-                shape,
-                slice,
-                dtype,
-                device,
+                hd,
+                cfg.rms_norm_eps,
+                &opts.device,
             )
+        };
+        let qk_norm = match cfg.architecture.has_qk_norm() {
+            true => Some((head_norm("q_norm")?, head_norm("k_norm")?)),
+            false => None,
         };
         Ok(Self {
             q: load("q_proj", [q_out, h], Slice::Rows(q_rows.clone()))?,
             k: load("k_proj", [kv_out, h], Slice::Rows(kv_rows.clone()))?,
             v: load("v_proj", [kv_out, h], Slice::Rows(kv_rows))?,
             o: load("o_proj", [h, q_out], Slice::Cols(q_rows))?,
+            qk_norm,
             q_heads: spec.q_heads.len(),
             kv_heads: spec.kv_heads.len(),
             head_dim: hd,
-            scale: 1.0 / (hd as f64).sqrt(),
+            scale: cfg.attention_scale(),
+            softcap: cfg.attn_logit_softcapping,
+            kind,
         })
     }
 
@@ -74,8 +91,13 @@ impl Attention {
             .v
             .forward(x)?
             .reshape((t, self.kv_heads, self.head_dim))?;
-        let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?;
-        let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?;
+        let (q, k) = match &self.qk_norm {
+            Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            None => (q, k),
+        };
+        let rope = ctx.rope_for(self.kind);
+        let q = Rope::apply(&q, &rope.cos, &rope.sin)?;
+        let k = Rope::apply(&k, &rope.cos, &rope.sin)?;
         let v = v.contiguous()?;
         // Every new K/V first: sequences own disjoint blocks, so no read below sees a stale one.
         for seq in &ctx.seqs {
@@ -88,7 +110,7 @@ impl Attention {
         for seq in ctx.seqs.iter().filter(|s| !s.batched) {
             let (keys, values) = kv.read(&seq.slots.context)?;
             let q_s = q.narrow(0, seq.offset, seq.len)?;
-            outs.push(self.attend(&q_s, &keys, &values, seq.mask.as_ref())?);
+            outs.push(self.attend(&q_s, &keys, &values, seq.mask_for(self.kind))?);
         }
         let attn = Tensor::cat(&outs, 0)?;
         let attn = match &ctx.restore {
@@ -113,8 +135,7 @@ impl Attention {
                 .reshape((n, self.q_heads, len, self.head_dim))
         };
         let (k, v) = (per_seq(k)?, per_seq(v)?);
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
-        let scores = scores.broadcast_add(&d.mask)?;
+        let scores = self.scores(&q, &k)?.broadcast_add(d.mask_for(self.kind))?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
         probs
             .matmul(&v)? // [n, hq, 1, hd]
@@ -127,7 +148,7 @@ impl Attention {
         let q = q.transpose(0, 1)?.contiguous()?; // [hq, n, hd]
         let k = self.repeat_kv(k.transpose(0, 1)?)?; // [hq, ctx, hd]
         let v = self.repeat_kv(v.transpose(0, 1)?)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
+        let scores = self.scores(&q, &k)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
@@ -137,6 +158,15 @@ impl Attention {
             .matmul(&v)? // [hq, n, hd]
             .transpose(0, 1)?
             .reshape((n, self.q_heads * self.head_dim))
+    }
+
+    /// Scaled (and, for Gemma 2, soft-capped) q @ k^T in f32, before the mask.
+    fn scores(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
+        match self.softcap {
+            Some(cap) => (scores / cap)?.tanh()? * cap,
+            None => Ok(scores),
+        }
     }
 
     /// [hkv, ctx, hd] -> [hq, ctx, hd], each KV head repeated for the query heads that read it
@@ -154,13 +184,17 @@ impl Attention {
 }
 
 /// Additive causal mask for `n` new tokens starting at position `start`: [n, start + n] f32,
-/// 0 where key position <= query position, -inf after.
-pub fn causal_mask(n: usize, start: usize, device: &Device) -> Result<Tensor> {
+/// 0 where key position <= query position (and, with a sliding `window`, fewer than `window`
+/// positions behind it, as HF's sliding layers: the query and the window - 1 keys before it),
+/// -inf elsewhere.
+pub fn causal_mask(n: usize, start: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
     let ctx = start + n;
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| {
+            let q = start + i;
             (0..ctx).map(move |j| {
-                if j <= start + i {
+                let visible = j <= q && window.is_none_or(|w| q - j < w);
+                if visible {
                     0.0
                 } else {
                     f32::NEG_INFINITY

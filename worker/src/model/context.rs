@@ -2,7 +2,7 @@
 //! place in the flattened batch, its cache slots and its causal mask. Built once per step.
 
 use candle_core::{Device, Tensor};
-use gemma_proto::StepBatch;
+use gemma_proto::{LayerKind, StepBatch};
 
 use super::attention::causal_mask;
 use super::rope::Rope;
@@ -17,6 +17,9 @@ pub struct SeqView {
     pub slots: SeqSlots,
     /// None for a single new token (it may see everything before it).
     pub mask: Option<Tensor>,
+    /// The sliding layers' mask, where it differs from `mask` (the context is longer than the
+    /// window).
+    pub sliding_mask: Option<Tensor>,
     /// Attended together with the other decoding sequences (see [`DecodeBatch`]).
     pub batched: bool,
 }
@@ -33,13 +36,42 @@ pub struct DecodeBatch {
     pub max_len: usize,
     /// [n, 1, 1, max_len] f32: 0 on real positions, -inf on padding.
     pub mask: Tensor,
+    /// The sliding layers' mask (also -inf beyond the window), where it differs from `mask`.
+    pub sliding_mask: Option<Tensor>,
     pub count: usize,
+}
+
+impl DecodeBatch {
+    pub fn mask_for(&self, kind: LayerKind) -> &Tensor {
+        match (kind, &self.sliding_mask) {
+            (LayerKind::Sliding, Some(m)) => m,
+            _ => &self.mask,
+        }
+    }
+}
+
+impl SeqView {
+    pub fn mask_for(&self, kind: LayerKind) -> Option<&Tensor> {
+        match (kind, &self.sliding_mask) {
+            (LayerKind::Sliding, Some(m)) => Some(m),
+            _ => self.mask.as_ref(),
+        }
+    }
+}
+
+/// The rotary tables of one step's positions for one RoPE base.
+#[derive(Debug)]
+pub struct RopeRows {
+    pub cos: Tensor,
+    pub sin: Tensor,
 }
 
 #[derive(Debug)]
 pub struct StepContext {
-    pub cos: Tensor,
-    pub sin: Tensor,
+    /// Full-attention layers' RoPE rows.
+    pub global: RopeRows,
+    /// Sliding layers' RoPE rows, where their base differs (Gemma 3).
+    pub local: Option<RopeRows>,
     pub seqs: Vec<SeqView>,
     /// Row of each sequence's last token, u32 [seqs]: where logits are taken.
     pub last_rows: Tensor,
@@ -50,9 +82,11 @@ pub struct StepContext {
 }
 
 impl StepContext {
+    /// `window`: the sliding layers' window, if the model has any.
     pub fn new(
         batch: &StepBatch,
-        rope: &Rope,
+        ropes: (&Rope, Option<&Rope>),
+        window: Option<usize>,
         kv: &KvCache,
         device: &Device,
     ) -> Result<Self, StepError> {
@@ -66,24 +100,37 @@ impl StepContext {
             last_rows.push((offset + len - 1) as u32);
             let mask = match len {
                 1 => None,
-                _ => Some(causal_mask(len, seq.start_pos, device)?),
+                _ => Some(causal_mask(len, seq.start_pos, None, device)?),
+            };
+            let sliding_mask = match window {
+                Some(w) if seq.end_pos() > w => {
+                    Some(causal_mask(len, seq.start_pos, Some(w), device)?)
+                }
+                _ => None,
             };
             seqs.push(SeqView {
                 offset,
                 len,
                 slots: kv.slots_for(seq, offset, device)?,
                 mask,
+                sliding_mask,
                 batched: false,
             });
         }
         let n = positions.len();
-        let (cos, sin) = rope.tables_for(&Tensor::from_vec(positions, n, device)?)?;
+        let positions = Tensor::from_vec(positions, n, device)?;
+        let rows = |rope: &Rope| -> Result<RopeRows, StepError> {
+            let (cos, sin) = rope.tables_for(&positions)?;
+            Ok(RopeRows { cos, sin })
+        };
+        let global = rows(ropes.0)?;
+        let local = ropes.1.map(rows).transpose()?;
         let s = last_rows.len();
-        let decode = decode_batch(batch, &mut seqs, kv, device)?;
+        let decode = decode_batch(batch, &mut seqs, window, kv, device)?;
         let restore = restore_order(&seqs, n, device)?;
         Ok(Self {
-            cos,
-            sin,
+            global,
+            local,
             seqs,
             last_rows: Tensor::from_vec(last_rows, s, device)?,
             decode,
@@ -92,10 +139,21 @@ impl StepContext {
     }
 }
 
+impl StepContext {
+    /// The RoPE rows a layer of `kind` rotates with.
+    pub fn rope_for(&self, kind: LayerKind) -> &RopeRows {
+        match (kind, &self.local) {
+            (LayerKind::Sliding, Some(local)) => local,
+            _ => &self.global,
+        }
+    }
+}
+
 /// Groups the single-token sequences (two or more) for batched attention.
 fn decode_batch(
     batch: &StepBatch,
     seqs: &mut [SeqView],
+    window: Option<usize>,
     kv: &KvCache,
     device: &Device,
 ) -> Result<Option<DecodeBatch>, StepError> {
@@ -112,6 +170,9 @@ fn decode_batch(
     let mut rows = Vec::with_capacity(count);
     let mut slots = Vec::with_capacity(count * max_len);
     let mut mask = Vec::with_capacity(count * max_len);
+    // Sliding layers also hide what lies `window` or more positions behind the new token.
+    let window = window.filter(|&w| max_len > w);
+    let mut sliding = Vec::with_capacity(if window.is_some() { count * max_len } else { 0 });
     for &i in &decoding {
         let seq = &batch.seqs[i];
         let len = seq.end_pos();
@@ -119,13 +180,27 @@ fn decode_batch(
         rows.push(seqs[i].offset as u32);
         slots.extend((0..max_len).map(|p| slot(if p < len { p } else { 0 })));
         mask.extend((0..max_len).map(|p| if p < len { 0.0 } else { f32::NEG_INFINITY }));
+        if let Some(w) = window {
+            sliding.extend((0..max_len).map(|p| {
+                if p < len && len - 1 - p < w {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
+        }
         seqs[i].batched = true;
     }
+    let sliding_mask = match window {
+        Some(_) => Some(Tensor::from_vec(sliding, (count, 1, 1, max_len), device)?),
+        None => None,
+    };
     Ok(Some(DecodeBatch {
         rows: Tensor::from_vec(rows, count, device)?,
         slots: Tensor::from_vec(slots, count * max_len, device)?,
         max_len,
         mask: Tensor::from_vec(mask, (count, 1, 1, max_len), device)?,
+        sliding_mask,
         count,
     }))
 }

@@ -3,19 +3,32 @@
 //! normalizer applies to the embedded activations only.
 
 use std::ops::Range;
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
 
+use super::ShardOptions;
 use crate::error::LoadError;
-use crate::weights::{Slice, WeightFiles};
+use crate::weights::{Matrix, Slice, WeightFiles};
 
 pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 
 #[derive(Debug, Clone)]
-pub struct VocabParallelEmbedding {
+enum Table {
     /// [v1 - v0, hidden] in the compute dtype.
-    weight: Tensor,
+    Dense(Tensor),
+    /// The rows in their GGUF blocks: looked up by copying a token's row of blocks, multiplied
+    /// by the quantized kernels for the logits.
+    Quantized { rows: Arc<QTensor>, matmul: QMatMul },
+}
+
+#[derive(Debug, Clone)]
+pub struct VocabParallelEmbedding {
+    table: Table,
     rows: Range<usize>,
+    hidden: usize,
+    dtype: DType,
 }
 
 impl VocabParallelEmbedding {
@@ -24,48 +37,90 @@ impl VocabParallelEmbedding {
         vocab: usize,
         hidden: usize,
         rows: Range<usize>,
-        dtype: DType,
-        device: &Device,
+        opts: &ShardOptions,
     ) -> std::result::Result<Self, LoadError> {
-        let weight = files.load(
+        let table = match files.load_matrix(
             EMBED_TOKENS,
             &[vocab, hidden],
             Slice::Rows(rows.clone()),
-            dtype,
-            device,
-        )?;
-        Ok(Self { weight, rows })
+            opts.dtype,
+            &opts.device,
+            opts.quantized,
+        )? {
+            Matrix::Dense(w) => Table::Dense(w),
+            Matrix::Quantized(q) => Table::Quantized {
+                matmul: QMatMul::from_arc(q.clone()).map_err(|source| LoadError::Candle {
+                    tensor: EMBED_TOKENS.to_string(),
+                    source,
+                })?,
+                rows: q,
+            },
+        };
+        Ok(Self {
+            table,
+            rows,
+            hidden,
+            dtype: opts.dtype,
+        })
     }
 
     /// This rank's partial embedding of `tokens`: its rows for tokens in [v0, v1), exact zeros
     /// elsewhere, so the stage's all-reduce reassembles the full embedding bit-exactly.
     pub fn embed_partial(&self, tokens: &[u32]) -> Result<Tensor> {
-        let device = self.weight.device();
         let (v0, v1) = (self.rows.start as u32, self.rows.end as u32);
-        let local: Vec<u32> = tokens
-            .iter()
-            .map(|&t| if (v0..v1).contains(&t) { t - v0 } else { 0 })
-            .collect();
-        let keep: Vec<f32> = tokens
-            .iter()
-            .map(|t| f32::from(u8::from((v0..v1).contains(t))))
-            .collect();
-        let n = tokens.len();
-        let rows = self
-            .weight
-            .index_select(&Tensor::from_vec(local, n, device)?, 0)?;
-        let keep = Tensor::from_vec(keep, (n, 1), device)?.to_dtype(self.weight.dtype())?;
-        rows.broadcast_mul(&keep)
+        let local = |t: u32| (v0..v1).contains(&t).then(|| (t - v0) as usize);
+        match &self.table {
+            Table::Dense(weight) => {
+                let device = weight.device();
+                let n = tokens.len();
+                let ids: Vec<u32> = tokens.iter().map(|&t| local(t).unwrap_or(0) as u32).collect();
+                let keep: Vec<f32> = tokens
+                    .iter()
+                    .map(|&t| f32::from(u8::from(local(t).is_some())))
+                    .collect();
+                let rows = weight.index_select(&Tensor::from_vec(ids, n, device)?, 0)?;
+                let keep = Tensor::from_vec(keep, (n, 1), device)?.to_dtype(weight.dtype())?;
+                rows.broadcast_mul(&keep)
+            }
+            Table::Quantized { rows, .. } => {
+                // Copy each token's row of blocks (all-zero blocks decode to zeros in every
+                // format), then dequantize the [tokens, hidden] result in one call.
+                let data = rows.data()?;
+                let row_bytes = data.len() / self.rows.len().max(1);
+                let mut buf = vec![0u64; (tokens.len() * row_bytes).div_ceil(8)];
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buf);
+                for (i, &t) in tokens.iter().enumerate() {
+                    if let Some(r) = local(t) {
+                        bytes[i * row_bytes..(i + 1) * row_bytes]
+                            .copy_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+                    }
+                }
+                let device = rows.device();
+                let picked = qtensor_from_ggml(
+                    rows.dtype(),
+                    &bytes[..tokens.len() * row_bytes],
+                    vec![tokens.len(), self.hidden],
+                    &device,
+                )?;
+                picked.dequantize(&device)?.to_dtype(self.dtype)
+            }
+        }
     }
 
     /// Logits of this rank's vocabulary slice, vocabulary-major, in f32:
     /// hidden [seqs, hidden] -> [v1 - v0, seqs].
     ///
-    /// Computed as weight @ hidden^T so the vocabulary is gemm's long side and each weight
+    /// Dense: computed as weight @ hidden^T so the vocabulary is gemm's long side and each weight
     /// element is packed once (hidden @ weight^T re-packed the hidden rows for every slice of the
     /// vocabulary: a quarter of a 64-sequence step went to packing), and left vocabulary-major
     /// because the candidate selection reads it in that order anyway.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.weight.matmul(&hidden.t()?)?.to_dtype(DType::F32)
+        match &self.table {
+            Table::Dense(weight) => weight.matmul(&hidden.t()?)?.to_dtype(DType::F32),
+            Table::Quantized { matmul, .. } => {
+                let x = hidden.to_dtype(DType::F32)?.contiguous()?;
+                matmul.forward(&x)?.t()?.contiguous()
+            }
+        }
     }
 }

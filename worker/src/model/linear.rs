@@ -1,16 +1,20 @@
 //! Projections without bias, stored [out, in] as in HF files; y = x @ w^T.
 //!
 //! Column-parallel (q, k, v, gate, up) holds rows of w; row-parallel (o, down) holds columns and
-//! yields a partial sum that the stage all-reduces.
+//! yields a partial sum that the stage all-reduces. A GGUF weight may stay in its quantized blocks
+//! and be multiplied by candle's quantized kernels (which take f32 activations).
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Module, Result, Tensor};
 
+use super::ShardOptions;
 use crate::error::LoadError;
-use crate::weights::{Slice, WeightFiles};
+use crate::weights::{Matrix, Slice, WeightFiles};
 
 #[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
+pub enum Linear {
+    Dense(Tensor),
+    Quantized(QMatMul),
 }
 
 impl Linear {
@@ -20,16 +24,28 @@ impl Linear {
         name: &str,
         shape: [usize; 2],
         slice: Slice,
-        dtype: DType,
-        device: &Device,
+        opts: &ShardOptions,
     ) -> std::result::Result<Self, LoadError> {
-        Ok(Self {
-            weight: files.load(name, &shape, slice, dtype, device)?,
-        })
+        match files.load_matrix(name, &shape, slice, opts.dtype, &opts.device, opts.quantized)? {
+            Matrix::Dense(w) => Ok(Self::Dense(w)),
+            Matrix::Quantized(q) => QMatMul::from_arc(q)
+                .map(Self::Quantized)
+                .map_err(|source| LoadError::Candle {
+                    tensor: name.to_string(),
+                    source,
+                }),
+        }
     }
 
-    /// x: [tokens, in] -> [tokens, out].
+    /// x: [tokens, in] -> [tokens, out] in x's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)
+        match self {
+            Self::Dense(w) => x.matmul(&w.t()?),
+            Self::Quantized(q) => {
+                let dtype = x.dtype();
+                let y = q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
+                y.to_dtype(dtype)
+            }
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! GeGLU MLP over this rank's intermediate columns; the output is a partial sum.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 use gemma_proto::{Activation, ModelConfig, ShardSpec};
 
 use super::linear::Linear;
+use super::ShardOptions;
 use crate::error::LoadError;
 use crate::weights::{Slice, WeightFiles};
 
@@ -21,8 +22,7 @@ impl Mlp {
         prefix: &str,
         cfg: &ModelConfig,
         spec: &ShardSpec,
-        dtype: DType,
-        device: &Device,
+        opts: &ShardOptions,
     ) -> std::result::Result<Self, LoadError> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let cols = spec.mlp_cols.clone();
@@ -32,8 +32,7 @@ impl Mlp {
                 &format!("{prefix}.{name}.weight"),
                 [i, h],
                 Slice::Rows(cols.clone()),
-                dtype,
-                device,
+                opts,
             )
         };
         Ok(Self {
@@ -44,8 +43,7 @@ impl Mlp {
                 &format!("{prefix}.down_proj.weight"),
                 [h, i],
                 Slice::Cols(cols.clone()),
-                dtype,
-                device,
+                opts,
             )?,
             activation: cfg.activation,
         })

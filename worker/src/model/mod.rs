@@ -14,12 +14,12 @@ pub mod rope;
 use std::collections::HashSet;
 
 use candle_core::{DType, Device, Tensor};
-use gemma_proto::{ModelConfig, ShardSpec, StepBatch};
+use gemma_proto::{LayerKind, ModelConfig, ShardSpec, StepBatch};
 
 use crate::collective::Collective;
 use crate::error::{LoadError, StepError};
 use crate::kv_cache::KvCache;
-use crate::weights::WeightFiles;
+use crate::weights::{QuantizedWeights, WeightFiles};
 use context::StepContext;
 use embedding::VocabParallelEmbedding;
 use layer::DecoderLayer;
@@ -35,6 +35,8 @@ pub struct ShardOptions {
     /// KV blocks in this shard's pool (the same number on every shard of a cluster).
     pub kv_blocks: usize,
     pub block_size: usize,
+    /// Whether quantized (GGUF) weights stay in their blocks.
+    pub quantized: QuantizedWeights,
 }
 
 impl Default for ShardOptions {
@@ -44,6 +46,7 @@ impl Default for ShardOptions {
             device: Device::Cpu,
             kv_blocks: 256,
             block_size: gemma_proto::DEFAULT_BLOCK_SIZE,
+            quantized: QuantizedWeights::Keep,
         }
     }
 }
@@ -68,7 +71,10 @@ pub struct Shard {
     embedding: Option<VocabParallelEmbedding>,
     layers: Vec<DecoderLayer>,
     final_norm: Option<RmsNorm>,
+    /// The full-attention layers' RoPE.
     rope: Rope,
+    /// The sliding layers' RoPE, where its base differs (Gemma 3).
+    local_rope: Option<Rope>,
     kv: KvCache,
     group: Box<dyn Collective>,
     weight_bytes: u64,
@@ -91,15 +97,14 @@ impl Shard {
                 cfg.vocab_size,
                 cfg.hidden_size,
                 spec.vocab_rows.clone(),
-                dtype,
-                device,
+                opts,
             )?)
         } else {
             None
         };
         let mut layers = Vec::with_capacity(spec.layers.len());
         for i in spec.layers.clone() {
-            layers.push(DecoderLayer::load(files, i, cfg, spec, dtype, device)?);
+            layers.push(DecoderLayer::load(files, i, cfg, spec, opts)?);
             tracing::debug!(
                 stage = spec.stage,
                 rank = spec.rank,
@@ -119,17 +124,34 @@ impl Shard {
         } else {
             None
         };
+        let rope_err = |source| LoadError::Candle {
+            tensor: "rope tables".to_string(),
+            source,
+        };
         let rope = Rope::new(
             cfg.head_dim,
             cfg.rope_theta,
+            cfg.rope_scaling_factor,
             cfg.max_position_embeddings,
             dtype,
             device,
         )
-        .map_err(|source| LoadError::Candle {
-            tensor: "rope tables".to_string(),
-            source,
-        })?;
+        .map_err(rope_err)?;
+        let local_differs = cfg.rope_local_theta != cfg.rope_theta || cfg.rope_scaling_factor != 1.0;
+        let local_rope = match local_differs && cfg.layer_kinds.contains(&LayerKind::Sliding) {
+            true => Some(
+                Rope::new(
+                    cfg.head_dim,
+                    cfg.rope_local_theta,
+                    1.0,
+                    cfg.max_position_embeddings,
+                    dtype,
+                    device,
+                )
+                .map_err(rope_err)?,
+            ),
+            false => None,
+        };
         let kv = KvCache::new(
             layers.len(),
             opts.kv_blocks,
@@ -149,6 +171,7 @@ impl Shard {
             layers,
             final_norm,
             rope,
+            local_rope,
             kv,
             group,
             weight_bytes: files.bytes_read() - before,
@@ -192,7 +215,17 @@ impl Shard {
         )
         .entered();
         self.validate(batch, input)?;
-        let ctx = StepContext::new(batch, &self.rope, &self.kv, &self.device)?;
+        let window = self
+            .cfg
+            .sliding_window
+            .filter(|_| self.cfg.layer_kinds.contains(&LayerKind::Sliding));
+        let ctx = StepContext::new(
+            batch,
+            (&self.rope, self.local_rope.as_ref()),
+            window,
+            &self.kv,
+            &self.device,
+        )?;
         let result = self.forward(batch, input, &ctx);
         if let Err(e) = &result {
             // Peers may be waiting in a collective this rank will never reach.
@@ -222,7 +255,12 @@ impl Shard {
         match (&self.final_norm, &self.embedding) {
             (Some(norm), Some(emb)) => {
                 let last = x.index_select(&ctx.last_rows, 0)?;
-                Ok(StageOutput::Logits(emb.logits(&norm.forward(&last)?)?))
+                let logits = emb.logits(&norm.forward(&last)?)?;
+                let logits = match self.cfg.final_logit_softcapping {
+                    Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+                    None => logits,
+                };
+                Ok(StageOutput::Logits(logits))
             }
             _ => Ok(StageOutput::Hidden(x)),
         }

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::error::LoadError;
-use crate::weights::{Slice, WeightFiles};
+use crate::weights::WeightFiles;
 
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -21,17 +21,13 @@ impl RmsNorm {
         eps: f64,
         device: &Device,
     ) -> std::result::Result<Self, LoadError> {
-        let w = files.load(name, &[dim], Slice::Whole, DType::F32, device)?;
-        let scale = (w + 1.0).map_err(|source| LoadError::Candle {
-            tensor: name.to_string(),
-            source,
-        })?;
         Ok(Self {
-            scale,
+            scale: files.load_norm_scale(name, dim, device)?,
             eps: eps as f32,
         })
     }
 
+    /// Normalizes over the last dimension (hidden states, or each head for QK-norm).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?.contiguous()?;

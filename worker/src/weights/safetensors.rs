@@ -1,4 +1,5 @@
-//! Weights of a HuggingFace model folder, memory-mapped; a shard copies out only its own slices.
+//! Weights of a HuggingFace model folder (safetensors), memory-mapped; a shard copies out only its
+//! own slices.
 //!
 //! Only the pages of the requested slice are touched, and they are dropped from the process's
 //! resident set right after conversion, so a worker's peak memory is its shard, not the model.
@@ -12,24 +13,15 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, TensorInfo};
 use safetensors::SafeTensors;
 
+use super::{Slice, RELEASE_EVERY};
 use crate::error::LoadError;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
-
-/// Which part of a stored tensor a shard takes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Slice {
-    Whole,
-    /// Rows of a 2-D `[out, in]` matrix (column-parallel weights, vocabulary rows).
-    Rows(Range<usize>),
-    /// Columns of a 2-D `[out, in]` matrix (row-parallel weights).
-    Cols(Range<usize>),
-}
 
 struct MappedFile {
     path: PathBuf,
@@ -40,7 +32,7 @@ struct MappedFile {
 }
 
 /// All safetensors files of a model folder, mapped, with a tensor -> file map.
-pub struct WeightFiles {
+pub struct SafetensorsFiles {
     files: Vec<MappedFile>,
     location: HashMap<String, usize>,
     /// For messages: where a tensor was looked for.
@@ -49,7 +41,7 @@ pub struct WeightFiles {
     bytes_read: Arc<AtomicU64>,
 }
 
-impl WeightFiles {
+impl SafetensorsFiles {
     /// Opens `model.safetensors`, or every file named by `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
         let single = dir.join(SINGLE_FILE);
@@ -156,7 +148,7 @@ impl WeightFiles {
             tensor: name.to_string(),
             found: format!("{:?}", info.dtype),
         })?;
-        if !slice_fits(&slice, shape) {
+        if !slice.fits(shape) {
             return Err(LoadError::Slice {
                 path,
                 tensor: name.to_string(),
@@ -201,16 +193,7 @@ impl MappedFile {
     /// Drops the pages of `[offset, offset+len)` from this process's resident set; they are
     /// read again from the file if ever touched.
     fn release(&self, offset: usize, len: usize) {
-        if len == 0 {
-            return;
-        }
-        // SAFETY: the mapping is a read-only private map of a file we never write through, so
-        // MADV_DONTNEED cannot discard data: a later access re-reads the same bytes from the file.
-        // The range lies inside the map (validated by safetensors' header check).
-        let _ = unsafe {
-            self.mmap
-                .unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len)
-        };
+        super::release_pages(&self.mmap, offset, len);
     }
 }
 
@@ -267,15 +250,6 @@ fn declared_size(bytes: &[u8]) -> Option<usize> {
         .max()
         .unwrap_or(0);
     Some(8 + n + end as usize)
-}
-
-fn slice_fits(slice: &Slice, shape: &[usize]) -> bool {
-    match (slice, shape) {
-        (Slice::Whole, _) => true,
-        (Slice::Rows(r), &[rows, _]) => r.start <= r.end && r.end <= rows,
-        (Slice::Cols(c), &[_, cols]) => c.start <= c.end && c.end <= cols,
-        _ => false,
-    }
 }
 
 fn stored_elem_size(dtype: StDtype) -> Option<usize> {
@@ -337,9 +311,6 @@ fn decode(
     };
     stored.to_dtype(to)
 }
-
-/// Bytes decoded between two releases of mapped pages: bounds a load's transient RSS.
-const RELEASE_EVERY: usize = 8 << 20;
 
 fn decode_le<T, const N: usize>(
     file: &MappedFile,
