@@ -3,7 +3,8 @@
 //!
 //! `gemma-bench` runs everything; the other subcommands are the child processes it starts.
 //! Environment: BENCH_SKIP_SERVING=1 leaves out the serving rows (the longest part);
-//! BENCH_EXTRA=1 adds decode diagnostics on stderr.
+//! BENCH_EXTRA=1 adds decode diagnostics on stderr; BENCH_ONLY_REAL=1 runs only the real-model
+//! rows (gemma-3-270m beside llama.cpp, see `real_model`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -19,6 +20,8 @@ use gemma_proto::{KvBlockManager, PlanRequest, SeqStep, ShardSpec, StepBatch};
 use gemma_worker::collective::Collective;
 use gemma_worker::data_plane::{DataPlane, PlaneCollective};
 use gemma_worker::{LocalCluster, ModelFolder, ShardOptions};
+
+mod real_model;
 
 const HIDDEN: usize = 3072;
 
@@ -41,6 +44,16 @@ struct Row {
 }
 
 fn run_all() -> Result<()> {
+    let mut rows = Vec::new();
+    if std::env::var_os("BENCH_ONLY_REAL").is_none() {
+        rows.extend(synthetic_rows()?);
+    }
+    rows.extend(real_model::rows()?);
+    print_table(rows);
+    Ok(())
+}
+
+fn synthetic_rows() -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let floor_small = ping_pong(64)?;
     let floor_row = ping_pong(HIDDEN * 4)?;
@@ -75,6 +88,10 @@ fn run_all() -> Result<()> {
     if std::env::var_os("BENCH_SKIP_SERVING").is_none() {
         rows.extend(serving()?);
     }
+    Ok(rows)
+}
+
+fn print_table(rows: Vec<Row>) {
     println!();
     println!(
         "| {:<46} | {:>12} | {:<30} | {:>12} | {:>6} |",
@@ -104,7 +121,6 @@ fn run_all() -> Result<()> {
             ratio
         );
     }
-    Ok(())
 }
 
 fn median(v: &mut [f64]) -> f64 {
