@@ -20,7 +20,12 @@ enum Table {
     Dense(Tensor),
     /// The rows in their GGUF blocks: looked up by copying a token's row of blocks, multiplied
     /// by the quantized kernels for the logits.
-    Quantized { rows: Arc<QTensor>, matmul: QMatMul },
+    /// `pad`: zero columns after the hidden ones in each row of blocks.
+    Quantized {
+        rows: Arc<QTensor>,
+        matmul: QMatMul,
+        pad: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -49,11 +54,14 @@ impl VocabParallelEmbedding {
         )? {
             Matrix::Dense(w) => Table::Dense(w),
             Matrix::Quantized(q) => Table::Quantized {
-                matmul: QMatMul::from_arc(q.clone()).map_err(|source| LoadError::Candle {
-                    tensor: EMBED_TOKENS.to_string(),
-                    source,
+                matmul: QMatMul::from_arc(q.blocks.clone()).map_err(|source| {
+                    LoadError::Candle {
+                        tensor: EMBED_TOKENS.to_string(),
+                        source,
+                    }
                 })?,
-                rows: q,
+                rows: q.blocks,
+                pad: q.pad,
             },
         };
         Ok(Self {
@@ -82,7 +90,7 @@ impl VocabParallelEmbedding {
                 let keep = Tensor::from_vec(keep, (n, 1), device)?.to_dtype(weight.dtype())?;
                 rows.broadcast_mul(&keep)
             }
-            Table::Quantized { rows, .. } => {
+            Table::Quantized { rows, pad, .. } => {
                 // Copy each token's row of blocks (all-zero blocks decode to zeros in every
                 // format), then dequantize the [tokens, hidden] result in one call.
                 let data = rows.data()?;
@@ -99,10 +107,15 @@ impl VocabParallelEmbedding {
                 let picked = qtensor_from_ggml(
                     rows.dtype(),
                     &bytes[..tokens.len() * row_bytes],
-                    vec![tokens.len(), self.hidden],
+                    vec![tokens.len(), self.hidden + pad],
                     &device,
                 )?;
-                picked.dequantize(&device)?.to_dtype(self.dtype)
+                let x = picked.dequantize(&device)?;
+                let x = match pad {
+                    0 => x,
+                    _ => x.narrow(1, 0, self.hidden)?.contiguous()?,
+                };
+                x.to_dtype(self.dtype)
             }
         }
     }
@@ -117,8 +130,8 @@ impl VocabParallelEmbedding {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.table {
             Table::Dense(weight) => weight.matmul(&hidden.t()?)?.to_dtype(DType::F32),
-            Table::Quantized { matmul, .. } => {
-                let x = hidden.to_dtype(DType::F32)?.contiguous()?;
+            Table::Quantized { matmul, pad, .. } => {
+                let x = super::linear::padded_f32(hidden, *pad)?;
                 matmul.forward(&x)?.t()?.contiguous()
             }
         }

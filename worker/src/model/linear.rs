@@ -14,7 +14,8 @@ use crate::weights::{Matrix, Slice, WeightFiles};
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense(Tensor),
-    Quantized(QMatMul),
+    /// `pad`: zero columns the blocks carry after the real inputs (see `GgufFile::load_quantized`).
+    Quantized { matmul: QMatMul, pad: usize },
 }
 
 impl Linear {
@@ -28,12 +29,13 @@ impl Linear {
     ) -> std::result::Result<Self, LoadError> {
         match files.load_matrix(name, &shape, slice, opts.dtype, &opts.device, opts.quantized)? {
             Matrix::Dense(w) => Ok(Self::Dense(w)),
-            Matrix::Quantized(q) => QMatMul::from_arc(q)
-                .map(Self::Quantized)
-                .map_err(|source| LoadError::Candle {
+            Matrix::Quantized(q) => Ok(Self::Quantized {
+                matmul: QMatMul::from_arc(q.blocks).map_err(|source| LoadError::Candle {
                     tensor: name.to_string(),
                     source,
-                }),
+                })?,
+                pad: q.pad,
+            }),
         }
     }
 
@@ -41,11 +43,19 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(w) => x.matmul(&w.t()?),
-            Self::Quantized(q) => {
+            Self::Quantized { matmul, pad } => {
                 let dtype = x.dtype();
-                let y = q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
-                y.to_dtype(dtype)
+                matmul.forward(&padded_f32(x, *pad)?)?.to_dtype(dtype)
             }
         }
+    }
+}
+
+/// `x` in f32, contiguous, with `pad` zero columns appended (what quantized kernels take).
+pub fn padded_f32(x: &Tensor, pad: usize) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    match pad {
+        0 => x.contiguous(),
+        _ => x.pad_with_zeros(candle_core::D::Minus1, 0, pad),
     }
 }

@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{DType, Device, Tensor};
 use gemma_proto::{Architecture, GgmlType, GgufHeader, GgufTensor};
 use memmap2::Mmap;
 
-use super::{release_pages, Slice, RELEASE_EVERY};
+use super::{release_pages, QuantizedMatrix, Slice, RELEASE_EVERY};
 use crate::error::LoadError;
 
 pub struct GgufFile {
@@ -111,13 +111,16 @@ impl GgufFile {
     ///
     /// Q5_0 blocks are rewritten as Q8_0 blocks holding exactly the same values (the same scale,
     /// the 5-bit codes minus 16 as int8): candle multiplies Q8_0 with SIMD and Q5_0 without.
+    /// Where the CPU has VNNI, Q8_0 rows are padded with zero blocks to a multiple of 256
+    /// columns: candle's repacked VNNI kernels (8x faster for a 512-row prefill, 3x for one row)
+    /// only take such rows, and zero blocks add exactly nothing to a dot product.
     pub fn load_quantized(
         &self,
         name: &str,
         shape: &[usize],
         slice: &Slice,
         device: &Device,
-    ) -> Result<Option<QTensor>, LoadError> {
+    ) -> Result<Option<QuantizedMatrix>, LoadError> {
         let (t, ty) = self.find(name, shape, slice)?;
         if ty.is_float() {
             return Ok(None);
@@ -136,17 +139,22 @@ impl GgufFile {
             bytes = q5_0_to_q8_0(bytemuck::cast_slice(&bytes));
             ty = GgmlType::Q8_0;
         }
-        qtensor_from_ggml(
-            candle_type(ty),
-            bytemuck::cast_slice(&bytes),
-            slice.shape_of(shape),
-            device,
-        )
-        .map(Some)
-        .map_err(|source| LoadError::Candle {
-            tensor: name.to_string(),
-            source,
-        })
+        let mut dims = slice.shape_of(shape);
+        let mut pad = 0;
+        if ty == GgmlType::Q8_0 && has_vnni() && !dims[1].is_multiple_of(256) {
+            pad = dims[1].next_multiple_of(256) - dims[1];
+            bytes = pad_rows(bytemuck::cast_slice(&bytes), ty.row_bytes(dims[1]), ty.row_bytes(pad));
+            dims[1] += pad;
+        }
+        let blocks = qtensor_from_ggml(candle_type(ty), bytemuck::cast_slice(&bytes), dims, device)
+            .map_err(|source| LoadError::Candle {
+                tensor: name.to_string(),
+                source,
+            })?;
+        Ok(Some(QuantizedMatrix {
+            blocks: Arc::new(blocks),
+            pad,
+        }))
     }
 
     /// The tensor behind HF name `name`, checked against the expected shape and slice.
@@ -292,6 +300,30 @@ fn candle_type(ty: GgmlType) -> GgmlDType {
         GgmlType::Q6K => GgmlDType::Q6K,
         GgmlType::Q8K => GgmlDType::Q8K,
     }
+}
+
+/// Whether candle's x86 repacked kernels take Q8_0 here (they need VNNI for it).
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni")
+            || std::arch::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Appends `pad` zero bytes to every row of `row` bytes.
+fn pad_rows(src: &[u8], row: usize, pad: usize) -> Vec<u64> {
+    let rows = src.len() / row.max(1);
+    let mut out = vec![0u64; (rows * (row + pad)).div_ceil(8)];
+    let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+    for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row + pad)) {
+        d[..row].copy_from_slice(s);
+    }
+    out
 }
 
 const Q5_0_BLOCK: usize = 22;

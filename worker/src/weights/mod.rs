@@ -54,7 +54,16 @@ pub enum Matrix {
     /// Decoded to the compute dtype.
     Dense(Tensor),
     /// Kept in its GGUF blocks; multiplied by candle's quantized kernels.
-    Quantized(Arc<QTensor>),
+    Quantized(QuantizedMatrix),
+}
+
+/// A quantized `[out, in]` matrix whose rows may carry zero blocks after `in`.
+#[derive(Debug, Clone)]
+pub struct QuantizedMatrix {
+    /// `[out, in + pad]`.
+    pub blocks: Arc<QTensor>,
+    /// Zero columns appended to each row (inputs must be padded with as many zeros).
+    pub pad: usize,
 }
 
 /// How a shard keeps quantized (GGUF) weights.
@@ -157,7 +166,7 @@ impl WeightFiles {
         match self {
             Self::Gguf(f) if quantized == QuantizedWeights::Keep => {
                 if let Some(q) = f.load_quantized(name, shape, &slice, device)? {
-                    return Ok(Matrix::Quantized(Arc::new(q)));
+                    return Ok(Matrix::Quantized(q));
                 }
                 Ok(Matrix::Dense(f.load(name, shape, slice, dtype, device)?))
             }
