@@ -123,40 +123,57 @@ impl Attention {
     /// All decoding sequences at once: q [n, hq, hd] against their padded contexts.
     fn attend_decodes(&self, q: &Tensor, d: &DecodeBatch, kv: &LayerKv) -> Result<Tensor> {
         let (n, len) = (d.count, d.max_len);
-        let q = q.index_select(&d.rows, 0)?.unsqueeze(2)?; // [n, hq, 1, hd]
+        let group = self.q_heads / self.kv_heads;
+        // Query heads grouped under the KV head they read: no copy of K or V per query head.
+        let q = q
+            .index_select(&d.rows, 0)?
+            .reshape((n, self.kv_heads, group, self.head_dim))?;
         let (k, v) = kv.read(&d.slots)?; // [n * len, hkv, hd]
         let per_seq = |t: Tensor| -> Result<Tensor> {
-            let t = t
-                .reshape((n, len, self.kv_heads, self.head_dim))?
-                .transpose(1, 2)?; // [n, hkv, len, hd]
-            let group = self.q_heads / self.kv_heads;
-            t.unsqueeze(2)?
-                .broadcast_as((n, self.kv_heads, group, len, self.head_dim))?
-                .reshape((n, self.q_heads, len, self.head_dim))
+            t.reshape((n, len, self.kv_heads, self.head_dim))?
+                .transpose(1, 2)? // [n, hkv, len, hd]
+                .contiguous()
         };
         let (k, v) = (per_seq(k)?, per_seq(v)?);
-        let scores = self.scores(&q, &k)?.broadcast_add(d.mask_for(self.kind))?;
+        let scores = self
+            .scores(&q, &k)? // [n, hkv, group, len]
+            .broadcast_add(d.mask_for(self.kind))?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
         probs
-            .matmul(&v)? // [n, hq, 1, hd]
+            .matmul(&v)? // [n, hkv, group, hd]
             .reshape((n, self.q_heads * self.head_dim))
     }
 
     /// One sequence: q [n, hq, hd], keys/values [ctx, hkv, hd] -> [n, hq * hd].
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let n = q.dim(0)?;
-        let q = q.transpose(0, 1)?.contiguous()?; // [hq, n, hd]
-        let k = self.repeat_kv(k.transpose(0, 1)?)?; // [hq, ctx, hd]
-        let v = self.repeat_kv(v.transpose(0, 1)?)?;
-        let scores = self.scores(&q, &k)?;
+        let group = self.q_heads / self.kv_heads;
+        // [n, hkv, group, hd] -> [hkv, group * n, hd]: each KV head's query heads become rows
+        // of one matmul against that head's keys, so K and V are never repeated.
+        let q = q
+            .reshape((n, self.kv_heads, group, self.head_dim))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((self.kv_heads, group * n, self.head_dim))?;
+        let k = k.transpose(0, 1)?.contiguous()?; // [hkv, ctx, hd]
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let scores = self.scores(&q, &k)?; // [hkv, group * n, ctx]
         let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
+            Some(m) => {
+                let ctx = m.dim(1)?;
+                scores
+                    .reshape((self.kv_heads, group, n, ctx))?
+                    .broadcast_add(m)?
+                    .reshape((self.kv_heads, group * n, ctx))?
+            }
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
         probs
-            .matmul(&v)? // [hq, n, hd]
-            .transpose(0, 1)?
+            .matmul(&v)? // [hkv, group * n, hd]
+            .reshape((self.kv_heads, group, n, self.head_dim))?
+            .permute((2, 0, 1, 3))? // [n, hkv, group, hd]
+            .contiguous()?
             .reshape((n, self.q_heads * self.head_dim))
     }
 
@@ -167,19 +184,6 @@ impl Attention {
             Some(cap) => (scores / cap)?.tanh()? * cap,
             None => Ok(scores),
         }
-    }
-
-    /// [hkv, ctx, hd] -> [hq, ctx, hd], each KV head repeated for the query heads that read it
-    /// (consecutive query heads share a KV head, as in HF's repeat_kv).
-    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
-        let group = self.q_heads / self.kv_heads;
-        if group == 1 {
-            return x.contiguous();
-        }
-        let (hkv, ctx, hd) = x.dims3()?;
-        x.unsqueeze(1)?
-            .broadcast_as((hkv, group, ctx, hd))?
-            .reshape((hkv * group, ctx, hd))
     }
 }
 
