@@ -4,14 +4,17 @@
 //! The weights come from a SplitMix64 stream (the sampler's) so that a seed means the same model
 //! for every version of every dependency.
 
+pub mod gguf_writer;
 pub mod http;
 pub mod process;
+pub mod reference;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use gemma_coordinator::sampler::SeededRng;
+use gemma_proto::Architecture;
 use safetensors::tensor::{Dtype, TensorView};
 
 /// How the weights are stored on disk.
@@ -36,6 +39,15 @@ pub struct TinyGemma {
     pub storage: Storage,
     /// 1: model.safetensors; more: model-0000i-of-0000n.safetensors plus the index.
     pub files: usize,
+    pub architecture: Architecture,
+    /// Gemma 2/3: keys a sliding layer sees, and every how many layers one is global.
+    pub sliding_window: usize,
+    pub sliding_pattern: usize,
+    pub query_pre_attn_scalar: f64,
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma 3: linear RoPE scaling of the global layers.
+    pub rope_scaling_factor: Option<f64>,
 }
 
 impl TinyGemma {
@@ -52,6 +64,13 @@ impl TinyGemma {
             seed: 7,
             storage: Storage::F32,
             files: 1,
+            architecture: Architecture::Gemma,
+            sliding_window: 0,
+            sliding_pattern: 0,
+            query_pre_attn_scalar: 32.0,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            rope_scaling_factor: None,
         }
     }
 
@@ -68,6 +87,64 @@ impl TinyGemma {
             seed: 2,
             storage: Storage::F32,
             files: 1,
+            architecture: Architecture::Gemma,
+            sliding_window: 0,
+            sliding_pattern: 0,
+            query_pre_attn_scalar: 16.0,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            rope_scaling_factor: None,
+        }
+    }
+
+    /// Shaped like Gemma 2 (grouped-query attention, 2 query heads per KV head): sandwich norms,
+    /// soft-capped attention scores and logits (caps low enough to bend them), a
+    /// query_pre_attn_scalar that is not head_dim, and a 6-token window on every other layer, so
+    /// the test prompts (5, 11, 23 tokens, chunks of 8) cross it while prefilling and decoding.
+    pub fn gemma2_like() -> Self {
+        Self {
+            vocab_size: 256_000,
+            hidden_size: 64,
+            intermediate_size: 192,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            seed: 21,
+            storage: Storage::F32,
+            files: 1,
+            architecture: Architecture::Gemma2,
+            sliding_window: 6,
+            sliding_pattern: 2,
+            query_pre_attn_scalar: 24.0,
+            attn_logit_softcapping: Some(4.0),
+            final_logit_softcapping: Some(30.0),
+            rope_scaling_factor: None,
+        }
+    }
+
+    /// Shaped like gemma-3-270m (multi-query, head_dim * heads != hidden): QK-norm, sandwich
+    /// norms, two sliding layers per global one with a 5-token window and their own RoPE base,
+    /// linear RoPE scaling on the global layers.
+    pub fn gemma3_like() -> Self {
+        Self {
+            vocab_size: 262_144,
+            hidden_size: 64,
+            intermediate_size: 256,
+            num_hidden_layers: 6,
+            num_attention_heads: 4,
+            num_key_value_heads: 1,
+            head_dim: 32,
+            seed: 3,
+            storage: Storage::F32,
+            files: 1,
+            architecture: Architecture::Gemma3,
+            sliding_window: 5,
+            sliding_pattern: 3,
+            query_pre_attn_scalar: 32.0,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            rope_scaling_factor: Some(2.0),
         }
     }
 
@@ -81,8 +158,91 @@ impl TinyGemma {
         self
     }
 
-    /// The config.json a HuggingFace Gemma 1.1 checkpoint of this shape would carry.
+    /// The config.json a HuggingFace checkpoint of this shape would carry.
     pub fn config_json(&self) -> serde_json::Value {
+        match self.architecture {
+            Architecture::Gemma => self.gemma1_config(),
+            Architecture::Gemma2 => self.gemma2_config(),
+            Architecture::Gemma3 => self.gemma3_config(),
+        }
+    }
+
+    fn gemma2_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["Gemma2ForCausalLM"],
+            "attention_bias": false,
+            "attn_logit_softcapping": self.attn_logit_softcapping,
+            "bos_token_id": 2,
+            "cache_implementation": "hybrid",
+            "eos_token_id": 1,
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "head_dim": self.head_dim,
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": 8192,
+            "model_type": "gemma2",
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_key_value_heads": self.num_key_value_heads,
+            "pad_token_id": 0,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "sliding_window": self.sliding_window,
+            "torch_dtype": "float32",
+            "vocab_size": self.vocab_size
+        })
+    }
+
+    /// Written with `layer_types` (what current transformers saves) rather than the older
+    /// `sliding_window_pattern`.
+    fn gemma3_config(&self) -> serde_json::Value {
+        let layer_types: Vec<&str> = self.layer_is_sliding()
+            .into_iter()
+            .map(|s| if s { "sliding_attention" } else { "full_attention" })
+            .collect();
+        let rope_scaling = self
+            .rope_scaling_factor
+            .map(|f| serde_json::json!({"rope_type": "linear", "factor": f}));
+        serde_json::json!({
+            "architectures": ["Gemma3ForCausalLM"],
+            "attention_bias": false,
+            "attn_logit_softcapping": self.attn_logit_softcapping,
+            "bos_token_id": 2,
+            "eos_token_id": [1, 106],
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "head_dim": self.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "layer_types": layer_types,
+            "max_position_embeddings": 32768,
+            "model_type": "gemma3_text",
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_key_value_heads": self.num_key_value_heads,
+            "pad_token_id": 0,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "rms_norm_eps": 1e-6,
+            "rope_local_base_freq": 10000.0,
+            "rope_scaling": rope_scaling,
+            "rope_theta": 1000000.0,
+            "sliding_window": self.sliding_window,
+            "torch_dtype": "float32",
+            "vocab_size": self.vocab_size
+        })
+    }
+
+    /// Which layers slide: all but every `sliding_pattern`-th (HF's rule).
+    pub fn layer_is_sliding(&self) -> Vec<bool> {
+        (0..self.num_hidden_layers)
+            .map(|i| self.sliding_pattern > 0 && (i + 1) % self.sliding_pattern != 0)
+            .collect()
+    }
+
+    fn gemma1_config(&self) -> serde_json::Value {
         serde_json::json!({
             "architectures": ["GemmaForCausalLM"],
             "attention_bias": false,
@@ -137,6 +297,10 @@ impl TinyGemma {
             add(format!("{p}.input_layernorm.weight"), vec![h], 0.2);
             add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], lin(h));
             add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], lin(h));
+            if self.architecture == Architecture::Gemma3 {
+                add(format!("{p}.self_attn.q_norm.weight"), vec![hd], 0.3);
+                add(format!("{p}.self_attn.k_norm.weight"), vec![hd], 0.3);
+            }
             add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], lin(h));
             add(
                 format!("{p}.self_attn.o_proj.weight"),
@@ -144,6 +308,10 @@ impl TinyGemma {
                 out_proj(q),
             );
             add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.2);
+            if self.architecture != Architecture::Gemma {
+                add(format!("{p}.pre_feedforward_layernorm.weight"), vec![h], 0.2);
+                add(format!("{p}.post_feedforward_layernorm.weight"), vec![h], 0.2);
+            }
             add(format!("{p}.mlp.gate_proj.weight"), vec![i, h], lin(h));
             add(format!("{p}.mlp.up_proj.weight"), vec![i, h], lin(h));
             add(format!("{p}.mlp.down_proj.weight"), vec![h, i], out_proj(i));
@@ -192,9 +360,36 @@ impl TinyGemma {
         Ok(())
     }
 
+    /// The plain reference model of these weights as the file stores them.
+    pub fn reference(&self) -> reference::NaiveGemma {
+        let cfg = gemma_proto::ModelConfig::from_json(&self.config_json().to_string())
+            .expect("the tiny model's own config is valid");
+        let tensors = self
+            .tensors()
+            .into_iter()
+            .map(|(n, s, v)| (n, s, stored_values(&v, self.storage)))
+            .collect();
+        reference::NaiveGemma::new(cfg, tensors)
+    }
+
     /// Bytes of all weights in f32.
     pub fn f32_bytes(&self) -> usize {
         self.tensors().iter().map(|(_, _, v)| v.len() * 4).sum()
+    }
+}
+
+/// `values` as `storage` would hold them, back in f32 (what a reader of the file sees).
+pub fn stored_values(values: &[f32], storage: Storage) -> Vec<f32> {
+    match storage {
+        Storage::F32 => values.to_vec(),
+        Storage::Bf16 => values
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect(),
+        Storage::F16 => values
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect(),
     }
 }
 
