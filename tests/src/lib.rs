@@ -448,13 +448,31 @@ pub fn tokenizer_dir() -> std::path::PathBuf {
     if let Some(dir) = std::env::var_os("GEMMA_TOKENIZER_DIR") {
         return dir.into();
     }
-    let cache = std::env::var_os("GEMMA_CACHE")
+    cache_dir().join("tokenizer-gemma")
+}
+
+/// The real gemma-3-270m that scripts/fetch-model.sh fetched: $GEMMA_REAL_MODEL, else the
+/// script's cache. Tests that need it fail (never skip) when it is missing.
+pub fn real_model_dir() -> std::path::PathBuf {
+    let dir = match std::env::var_os("GEMMA_REAL_MODEL") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => cache_dir().join("models/gemma-3-270m"),
+    };
+    assert!(
+        dir.exists(),
+        "{} is missing: run scripts/fetch-model.sh (or set GEMMA_REAL_MODEL)",
+        dir.display()
+    );
+    dir
+}
+
+fn cache_dir() -> std::path::PathBuf {
+    std::env::var_os("GEMMA_CACHE")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
             std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
                 .join(".cache/gemma-cluster")
-        });
-    cache.join("tokenizer-gemma")
+        })
 }
 
 /// Copies the real Gemma tokenizer (tokenizer.json, tokenizer_config.json) into a model folder.
