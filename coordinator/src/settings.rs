@@ -161,8 +161,7 @@ impl Settings {
                 true => self.model.file_stem(),
                 false => self.model.file_name(),
             };
-            name
-                .map(|n| n.to_string_lossy().into_owned())
+            name.map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "gemma".to_string())
         })
     }

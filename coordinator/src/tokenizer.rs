@@ -8,7 +8,8 @@ use tokenizers::Tokenizer;
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error(
-        "{path}: {reason}; the model folder needs the HuggingFace tokenizer.json of the model"
+        "{path}: {reason}; the model's HuggingFace tokenizer.json must be in the model folder \
+         (beside the .gguf for a GGUF model: its built-in vocabulary is not used)"
     )]
     Load { path: String, reason: String },
     #[error("tokenizing: {0}")]

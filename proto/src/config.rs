@@ -178,7 +178,8 @@ impl ModelConfig {
             Some(types) => layer_kinds_from_names(&types, num_hidden_layers)?,
             None => defaults.layer_kinds(
                 num_hidden_layers,
-                raw.sliding_window_pattern.unwrap_or(defaults.sliding_pattern),
+                raw.sliding_window_pattern
+                    .unwrap_or(defaults.sliding_pattern),
             ),
         };
         let rope_theta = raw.rope_theta.unwrap_or(defaults.rope_theta);
@@ -266,8 +267,7 @@ impl ModelConfig {
                 &format!("one per layer ({})", self.num_hidden_layers),
             ));
         }
-        if self.layer_kinds.contains(&LayerKind::Sliding) && self.sliding_window.unwrap_or(0) == 0
-        {
+        if self.layer_kinds.contains(&LayerKind::Sliding) && self.sliding_window.unwrap_or(0) == 0 {
             return Err(ConfigError::invalid(
                 "sliding_window",
                 "0 or none",
@@ -283,7 +283,11 @@ impl ModelConfig {
             ("final_logit_softcapping", self.final_logit_softcapping),
         ] {
             if let Some(v) = value.filter(|v| !positive(*v)) {
-                return Err(ConfigError::invalid(name, &v.to_string(), "a positive number"));
+                return Err(ConfigError::invalid(
+                    name,
+                    &v.to_string(),
+                    "a positive number",
+                ));
             }
         }
         if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
@@ -321,8 +325,7 @@ impl ModelConfig {
         } else {
             0
         };
-        let per_layer =
-            h * q * 2 + h * kv * 2 + 3 * h * self.intermediate_size + norms + qk_norms;
+        let per_layer = h * q * 2 + h * kv * 2 + 3 * h * self.intermediate_size + norms + qk_norms;
         self.vocab_size * h + self.num_hidden_layers * per_layer + h
     }
 }
@@ -467,7 +470,11 @@ impl ModelConfig {
         let int = |k: &'static str| -> Result<usize, ConfigError> {
             match header.get_int(&key(k)) {
                 Some(v) if v >= 0 => Ok(v as usize),
-                Some(v) => Err(ConfigError::invalid(k, &v.to_string(), "a positive integer")),
+                Some(v) => Err(ConfigError::invalid(
+                    k,
+                    &v.to_string(),
+                    "a positive integer",
+                )),
                 None => Err(ConfigError::Missing(k)),
             }
         };

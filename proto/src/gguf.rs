@@ -97,7 +97,10 @@ pub enum MetaValue {
     Bool(bool),
     String(String),
     /// Element count and the numeric elements (strings are skipped: the vocabulary is 262k).
-    Array { len: usize, numbers: Vec<f64> },
+    Array {
+        len: usize,
+        numbers: Vec<f64>,
+    },
 }
 
 /// One tensor's directory entry.
@@ -172,10 +175,12 @@ impl GgufHeader {
             path: path.display().to_string(),
             reason,
         })?;
-        header.check_bounds(size).map_err(|reason| GgufError::Format {
-            path: path.display().to_string(),
-            reason,
-        })?;
+        header
+            .check_bounds(size)
+            .map_err(|reason| GgufError::Format {
+                path: path.display().to_string(),
+                reason,
+            })?;
         Ok(header)
     }
 
@@ -202,7 +207,9 @@ impl GgufHeader {
             let name = r.string()?;
             let n_dims = r.u32()?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(format!("tensor {name} has {n_dims} dimensions (1 to 4 allowed)"));
+                return Err(format!(
+                    "tensor {name} has {n_dims} dimensions (1 to 4 allowed)"
+                ));
             }
             let mut shape = (0..n_dims)
                 .map(|_| r.u64().map(|d| d as usize))
@@ -321,7 +328,8 @@ impl<R: Read> Reader<R> {
             .read_exact(&mut buf)
             .map_err(|e| format!("header ends early at byte {}: {e}", self.pos))?;
         self.pos += len;
-        String::from_utf8(buf).map_err(|_| format!("a string that is not UTF-8 at byte {}", self.pos))
+        String::from_utf8(buf)
+            .map_err(|_| format!("a string that is not UTF-8 at byte {}", self.pos))
     }
 
     fn value(&mut self, ty: u32) -> Result<MetaValue, String> {

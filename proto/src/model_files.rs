@@ -33,7 +33,10 @@ impl ModelFiles {
             reason,
         };
         if path.is_file() {
-            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            {
                 let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
                 return Ok(Self {
                     format: ModelFormat::Gguf,
@@ -91,7 +94,9 @@ fn gguf_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         })
         .collect();
     found.sort();

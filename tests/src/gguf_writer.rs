@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use gemma_proto::Architecture;
 
-use crate::TinyGemma;
+use crate::{NamedTensors, TinyGemma};
 
 enum Meta {
     U32(u32),
@@ -35,7 +35,7 @@ impl TinyGemma {
         &self,
         path: &Path,
         quant: impl Fn(&str) -> GgmlDType,
-    ) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    ) -> Result<NamedTensors> {
         let arch = match self.architecture {
             Architecture::Gemma => "gemma",
             Architecture::Gemma2 => "gemma2",
@@ -68,15 +68,30 @@ impl TinyGemma {
         }
         let key = |k: &str| format!("{arch}.{k}");
         let mut meta = vec![
-            ("general.architecture".to_string(), Meta::Str(arch.to_string())),
+            (
+                "general.architecture".to_string(),
+                Meta::Str(arch.to_string()),
+            ),
             (key("context_length"), Meta::U32(8192)),
             (key("embedding_length"), Meta::U32(self.hidden_size as u32)),
             (key("block_count"), Meta::U32(self.num_hidden_layers as u32)),
-            (key("feed_forward_length"), Meta::U32(self.intermediate_size as u32)),
-            (key("attention.head_count"), Meta::U32(self.num_attention_heads as u32)),
-            (key("attention.head_count_kv"), Meta::U32(self.num_key_value_heads as u32)),
+            (
+                key("feed_forward_length"),
+                Meta::U32(self.intermediate_size as u32),
+            ),
+            (
+                key("attention.head_count"),
+                Meta::U32(self.num_attention_heads as u32),
+            ),
+            (
+                key("attention.head_count_kv"),
+                Meta::U32(self.num_key_value_heads as u32),
+            ),
             (key("attention.key_length"), Meta::U32(self.head_dim as u32)),
-            (key("attention.value_length"), Meta::U32(self.head_dim as u32)),
+            (
+                key("attention.value_length"),
+                Meta::U32(self.head_dim as u32),
+            ),
             (key("attention.layer_norm_rms_epsilon"), Meta::F32(1e-6)),
             (
                 key("rope.freq_base"),
@@ -89,7 +104,10 @@ impl TinyGemma {
             ("tokenizer.ggml.eos_token_id".to_string(), Meta::U32(1)),
         ];
         if self.architecture != Architecture::Gemma {
-            meta.push((key("attention.sliding_window"), Meta::U32(self.sliding_window as u32)));
+            meta.push((
+                key("attention.sliding_window"),
+                Meta::U32(self.sliding_window as u32),
+            ));
         }
         if let Some(f) = self.rope_scaling_factor {
             meta.push((key("rope.scaling.type"), Meta::Str("linear".to_string())));
@@ -116,7 +134,10 @@ fn encode(values: &[f32], shape: &[usize], ty: GgmlDType) -> Result<(Vec<u8>, Ve
     }
     let t = Tensor::from_vec(values.to_vec(), shape, &Device::Cpu)?;
     let q = QTensor::quantize(&t, ty)?;
-    let decoded = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let decoded = q
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     Ok((q.data()?.to_vec(), decoded))
 }
 
@@ -186,7 +207,8 @@ fn write_file(path: &Path, meta: &[(String, Meta)], tensors: &[Encoded]) -> Resu
         out.extend(&t.bytes);
         out.resize(out.len().next_multiple_of(ALIGNMENT), 0);
     }
-    let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(&out)?;
     Ok(())
 }

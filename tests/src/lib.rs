@@ -17,6 +17,9 @@ use gemma_coordinator::sampler::SeededRng;
 use gemma_proto::Architecture;
 use safetensors::tensor::{Dtype, TensorView};
 
+/// A model's tensors: HF name, shape, f32 values.
+pub type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
 /// How the weights are stored on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {
@@ -199,9 +202,16 @@ impl TinyGemma {
     /// Written with `layer_types` (what current transformers saves) rather than the older
     /// `sliding_window_pattern`.
     fn gemma3_config(&self) -> serde_json::Value {
-        let layer_types: Vec<&str> = self.layer_is_sliding()
+        let layer_types: Vec<&str> = self
+            .layer_is_sliding()
             .into_iter()
-            .map(|s| if s { "sliding_attention" } else { "full_attention" })
+            .map(|s| {
+                if s {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
             .collect();
         let rope_scaling = self
             .rope_scaling_factor
@@ -270,7 +280,7 @@ impl TinyGemma {
     }
 
     /// Every tensor of the model: name, shape, f32 values (before storage rounding).
-    pub fn tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    pub fn tensors(&self) -> NamedTensors {
         let mut rng = SplitMix64::new(self.seed);
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let q = self.num_attention_heads * hd;
@@ -309,8 +319,16 @@ impl TinyGemma {
             );
             add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.2);
             if self.architecture != Architecture::Gemma {
-                add(format!("{p}.pre_feedforward_layernorm.weight"), vec![h], 0.2);
-                add(format!("{p}.post_feedforward_layernorm.weight"), vec![h], 0.2);
+                add(
+                    format!("{p}.pre_feedforward_layernorm.weight"),
+                    vec![h],
+                    0.2,
+                );
+                add(
+                    format!("{p}.post_feedforward_layernorm.weight"),
+                    vec![h],
+                    0.2,
+                );
             }
             add(format!("{p}.mlp.gate_proj.weight"), vec![i, h], lin(h));
             add(format!("{p}.mlp.up_proj.weight"), vec![i, h], lin(h));
@@ -454,16 +472,21 @@ pub fn tokenizer_dir() -> std::path::PathBuf {
 /// The real gemma-3-270m that scripts/fetch-model.sh fetched: $GEMMA_REAL_MODEL, else the
 /// script's cache. Tests that need it fail (never skip) when it is missing.
 pub fn real_model_dir() -> std::path::PathBuf {
-    let dir = match std::env::var_os("GEMMA_REAL_MODEL") {
-        Some(dir) => std::path::PathBuf::from(dir),
-        None => cache_dir().join("models/gemma-3-270m"),
-    };
+    let dir = real_model_path();
     assert!(
         dir.exists(),
         "{} is missing: run scripts/fetch-model.sh (or set GEMMA_REAL_MODEL)",
         dir.display()
     );
     dir
+}
+
+/// Where the real gemma-3-270m is expected ($GEMMA_REAL_MODEL, else the fetch script's cache).
+pub fn real_model_path() -> std::path::PathBuf {
+    match std::env::var_os("GEMMA_REAL_MODEL") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => cache_dir().join("models/gemma-3-270m"),
+    }
 }
 
 fn cache_dir() -> std::path::PathBuf {

@@ -33,7 +33,7 @@ pub struct Greedy {
 
 impl NaiveGemma {
     /// `tensors`: (HF name, shape, values) with HF semantics (norm weights are w, not 1 + w).
-    pub fn new(cfg: ModelConfig, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Self {
+    pub fn new(cfg: ModelConfig, tensors: crate::NamedTensors) -> Self {
         let w = tensors.into_iter().map(|(n, _, v)| (n, v)).collect();
         Self { cfg, w }
     }
@@ -100,7 +100,11 @@ impl Session<'_> {
             let mut a = self.attention(l, pos, &n);
             let sandwich = cfg.architecture.has_sandwich_norms();
             if sandwich {
-                a = rms_norm(&a, m.get(&format!("{p}.post_attention_layernorm.weight")), cfg);
+                a = rms_norm(
+                    &a,
+                    m.get(&format!("{p}.post_attention_layernorm.weight")),
+                    cfg,
+                );
             }
             add(&mut x, &a);
             let pre = if sandwich {
@@ -111,7 +115,11 @@ impl Session<'_> {
             let n = rms_norm(&x, m.get(&format!("{p}.{pre}.weight")), cfg);
             let mut f = self.mlp(l, &n);
             if sandwich {
-                f = rms_norm(&f, m.get(&format!("{p}.post_feedforward_layernorm.weight")), cfg);
+                f = rms_norm(
+                    &f,
+                    m.get(&format!("{p}.post_feedforward_layernorm.weight")),
+                    cfg,
+                );
             }
             add(&mut x, &f);
         }
@@ -148,16 +156,20 @@ impl Session<'_> {
                 m.get(&format!("{p}.q_norm.weight")),
                 m.get(&format!("{p}.k_norm.weight")),
             );
-            q.chunks_mut(hd).for_each(|h| h.copy_from_slice(&rms_norm(h, qn, cfg)));
-            k.chunks_mut(hd).for_each(|h| h.copy_from_slice(&rms_norm(h, kn, cfg)));
+            q.chunks_mut(hd)
+                .for_each(|h| h.copy_from_slice(&rms_norm(h, qn, cfg)));
+            k.chunks_mut(hd)
+                .for_each(|h| h.copy_from_slice(&rms_norm(h, kn, cfg)));
         }
         let kind = cfg.layer_kinds[l];
         let (theta, scaling) = match kind {
             LayerKind::Sliding => (cfg.rope_local_theta, 1.0),
             LayerKind::Full => (cfg.rope_theta, cfg.rope_scaling_factor),
         };
-        q.chunks_mut(hd).for_each(|h| rotate(h, pos, theta, scaling));
-        k.chunks_mut(hd).for_each(|h| rotate(h, pos, theta, scaling));
+        q.chunks_mut(hd)
+            .for_each(|h| rotate(h, pos, theta, scaling));
+        k.chunks_mut(hd)
+            .for_each(|h| rotate(h, pos, theta, scaling));
         self.keys[l].push(k);
         self.values[l].push(v);
         let first = match (kind, cfg.sliding_window) {
@@ -203,7 +215,11 @@ impl Session<'_> {
             .zip(&up)
             .map(|(g, u)| gelu_tanh(*g) * u)
             .collect();
-        matvec(m.get(&format!("{p}.down_proj.weight")), &act, cfg.hidden_size)
+        matvec(
+            m.get(&format!("{p}.down_proj.weight")),
+            &act,
+            cfg.hidden_size,
+        )
     }
 }
 
@@ -236,7 +252,12 @@ fn gelu_tanh(x: f32) -> f32 {
 /// w [rows, x.len()] @ x.
 fn matvec(w: &[f32], x: &[f32], rows: usize) -> Vec<f32> {
     let cols = x.len();
-    assert_eq!(w.len(), rows * cols, "weight of {} values is not {rows}x{cols}", w.len());
+    assert_eq!(
+        w.len(),
+        rows * cols,
+        "weight of {} values is not {rows}x{cols}",
+        w.len()
+    );
     w.chunks_exact(cols).map(|row| dot(row, x)).collect()
 }
 

@@ -44,7 +44,11 @@ fn tp2_cluster_knows_capitals() {
     let c = cluster();
     let paris = complete(&c, "Question: What is the capital of France?\nAnswer:", 4);
     assert!(paris.starts_with(" Paris"), "{paris:?}");
-    let berlin = complete(&c, "The capital of France is Paris. The capital of Germany is", 4);
+    let berlin = complete(
+        &c,
+        "The capital of France is Paris. The capital of Germany is",
+        4,
+    );
     assert!(berlin.starts_with(" Berlin"), "{berlin:?}");
     // The Gemma 3 chat template (a system message is its own prefix there) renders and serves.
     let r = post_json(

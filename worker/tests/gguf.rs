@@ -109,7 +109,10 @@ fn run(path: &Path, req: PlanRequest, quantized: QuantizedWeights) -> GreedyOutp
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn range(v: &[f32]) -> f32 {
@@ -138,7 +141,10 @@ fn config_comes_from_the_metadata() {
     assert_eq!(got.architecture, want.architecture);
     assert_eq!(got.vocab_size, VOCAB, "vocabulary from token_embd's rows");
     assert_eq!(got.head_dim, 128);
-    assert_eq!(got.layer_kinds, want.layer_kinds, "five sliding layers, then a global one");
+    assert_eq!(
+        got.layer_kinds, want.layer_kinds,
+        "five sliding layers, then a global one"
+    );
     assert_eq!(got.sliding_window, want.sliding_window);
     assert_eq!(got.rope_local_theta, 10_000.0);
     assert_eq!(got.rope_theta, 1_000_000.0);
@@ -154,8 +160,14 @@ fn dequantized_gguf_matches_the_plain_reference() {
         .iter()
         .map(|p| f.reference.greedy(p, NEW_TOKENS))
         .collect();
-    let margin = want.iter().map(|g| g.min_margin).fold(f32::INFINITY, f32::min);
-    assert!(margin > 1e-3, "the prompts need clear greedy choices (margin {margin})");
+    let margin = want
+        .iter()
+        .map(|g| g.min_margin)
+        .fold(f32::INFINITY, f32::min);
+    assert!(
+        margin > 1e-3,
+        "the prompts need clear greedy choices (margin {margin})"
+    );
     for req in [PlanRequest::new(1, 1), PlanRequest::new(2, 2)] {
         let got = run(&f.path, req.clone(), QuantizedWeights::Dequantize);
         for (i, (g, w)) in got.prefill_logits.iter().zip(&want).enumerate() {
@@ -182,7 +194,12 @@ fn quantized_plans_agree() {
     assert_close("tp=1 quantized vs reference", &single, &want, 0.03);
     for req in [PlanRequest::new(2, 1), PlanRequest::new(2, 2)] {
         let got = run(&f.path, req.clone(), QuantizedWeights::Keep);
-        assert_close(&format!("{req:?} vs tp=1"), &got, &single.prefill_logits, 0.02);
+        assert_close(
+            &format!("{req:?} vs tp=1"),
+            &got,
+            &single.prefill_logits,
+            0.02,
+        );
     }
 }
 
@@ -214,9 +231,20 @@ fn q5_0_blocks_become_q8_0_blocks_of_the_same_values() {
         &Device::Cpu,
     )
     .expect("q8_0");
-    let a = q5.dequantize(&Device::Cpu).expect("a").flatten_all().expect("a");
-    let b = q8.dequantize(&Device::Cpu).expect("b").flatten_all().expect("b");
-    assert_eq!(a.to_vec1::<f32>().expect("a"), b.to_vec1::<f32>().expect("b"));
+    let a = q5
+        .dequantize(&Device::Cpu)
+        .expect("a")
+        .flatten_all()
+        .expect("a");
+    let b = q8
+        .dequantize(&Device::Cpu)
+        .expect("b")
+        .flatten_all()
+        .expect("b");
+    assert_eq!(
+        a.to_vec1::<f32>().expect("a"),
+        b.to_vec1::<f32>().expect("b")
+    );
 }
 
 fn bytemuck_bytes(words: &[u64]) -> &[u8] {
@@ -231,12 +259,18 @@ fn broken_gguf_files_are_refused_with_the_reason() {
     let bytes = std::fs::read(&f.path).expect("read");
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).expect("write");
-    let err = ModelFolder::open(&truncated).err().expect("refused").to_string();
+    let err = ModelFolder::open(&truncated)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("truncated"), "{err}");
 
     let not_gguf = dir.path().join("text.gguf");
     std::fs::write(&not_gguf, b"hello, this is not a model").expect("write");
-    let err = ModelFolder::open(&not_gguf).err().expect("refused").to_string();
+    let err = ModelFolder::open(&not_gguf)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("magic"), "{err}");
 
     let mut other = bytes.clone();
@@ -258,4 +292,3 @@ fn broken_gguf_files_are_refused_with_the_reason() {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
-

@@ -46,7 +46,13 @@ impl Attention {
         let q_out = cfg.num_attention_heads * hd;
         let kv_out = cfg.num_key_value_heads * hd;
         let load = |name: &str, shape: [usize; 2], slice: Slice| {
-            Linear::load(files, &format!("{prefix}.{name}.weight"), shape, slice, opts)
+            Linear::load(
+                files,
+                &format!("{prefix}.{name}.weight"),
+                shape,
+                slice,
+                opts,
+            )
         };
         let head_norm = |name: &str| {
             RmsNorm::load(
@@ -191,7 +197,12 @@ impl Attention {
 /// 0 where key position <= query position (and, with a sliding `window`, fewer than `window`
 /// positions behind it, as HF's sliding layers: the query and the window - 1 keys before it),
 /// -inf elsewhere.
-pub fn causal_mask(n: usize, start: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+pub fn causal_mask(
+    n: usize,
+    start: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let ctx = start + n;
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| {

@@ -81,7 +81,10 @@ impl VocabParallelEmbedding {
             Table::Dense(weight) => {
                 let device = weight.device();
                 let n = tokens.len();
-                let ids: Vec<u32> = tokens.iter().map(|&t| local(t).unwrap_or(0) as u32).collect();
+                let ids: Vec<u32> = tokens
+                    .iter()
+                    .map(|&t| local(t).unwrap_or(0) as u32)
+                    .collect();
                 let keep: Vec<f32> = tokens
                     .iter()
                     .map(|&t| f32::from(u8::from(local(t).is_some())))

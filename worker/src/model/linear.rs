@@ -15,7 +15,10 @@ use crate::weights::{Matrix, Slice, WeightFiles};
 pub enum Linear {
     Dense(Tensor),
     /// `pad`: zero columns the blocks carry after the real inputs (see `GgufFile::load_quantized`).
-    Quantized { matmul: QMatMul, pad: usize },
+    Quantized {
+        matmul: QMatMul,
+        pad: usize,
+    },
 }
 
 impl Linear {
@@ -27,7 +30,14 @@ impl Linear {
         slice: Slice,
         opts: &ShardOptions,
     ) -> std::result::Result<Self, LoadError> {
-        match files.load_matrix(name, &shape, slice, opts.dtype, &opts.device, opts.quantized)? {
+        match files.load_matrix(
+            name,
+            &shape,
+            slice,
+            opts.dtype,
+            &opts.device,
+            opts.quantized,
+        )? {
             Matrix::Dense(w) => Ok(Self::Dense(w)),
             Matrix::Quantized(q) => Ok(Self::Quantized {
                 matmul: QMatMul::from_arc(q.blocks).map_err(|source| LoadError::Candle {

@@ -137,7 +137,8 @@ impl Shard {
             device,
         )
         .map_err(rope_err)?;
-        let local_differs = cfg.rope_local_theta != cfg.rope_theta || cfg.rope_scaling_factor != 1.0;
+        let local_differs =
+            cfg.rope_local_theta != cfg.rope_theta || cfg.rope_scaling_factor != 1.0;
         let local_rope = match local_differs && cfg.layer_kinds.contains(&LayerKind::Sliding) {
             true => Some(
                 Rope::new(

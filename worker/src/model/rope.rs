@@ -24,7 +24,13 @@ impl Rope {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
-            .map(|f| if scaling == 1.0 { f } else { f / scaling as f32 })
+            .map(|f| {
+                if scaling == 1.0 {
+                    f
+                } else {
+                    f / scaling as f32
+                }
+            })
             .collect();
         let mut angles = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {

@@ -100,10 +100,15 @@ impl GgufFile {
         };
         let bytes = self.gather(&pieces);
         let out_shape = slice.shape_of(shape);
-        qtensor_from_ggml(candle_type(ty), bytemuck::cast_slice(&bytes), out_shape, device)
-            .and_then(|q| q.dequantize(device))
-            .and_then(|t| t.to_dtype(dtype))
-            .map_err(candle_err)
+        qtensor_from_ggml(
+            candle_type(ty),
+            bytemuck::cast_slice(&bytes),
+            out_shape,
+            device,
+        )
+        .and_then(|q| q.dequantize(device))
+        .and_then(|t| t.to_dtype(dtype))
+        .map_err(candle_err)
     }
 
     /// `slice` of tensor `name` in its quantized blocks, or None where it is better decoded:
@@ -143,7 +148,11 @@ impl GgufFile {
         let mut pad = 0;
         if ty == GgmlType::Q8_0 && has_vnni() && !dims[1].is_multiple_of(256) {
             pad = dims[1].next_multiple_of(256) - dims[1];
-            bytes = pad_rows(bytemuck::cast_slice(&bytes), ty.row_bytes(dims[1]), ty.row_bytes(pad));
+            bytes = pad_rows(
+                bytemuck::cast_slice(&bytes),
+                ty.row_bytes(dims[1]),
+                ty.row_bytes(pad),
+            );
             dims[1] += pad;
         }
         let blocks = qtensor_from_ggml(candle_type(ty), bytemuck::cast_slice(&bytes), dims, device)
@@ -184,7 +193,11 @@ impl GgufFile {
         }
         let ty = t
             .ggml_type
-            .filter(|ty| t.shape.last().is_some_and(|c| c.is_multiple_of(ty.block_size())))
+            .filter(|ty| {
+                t.shape
+                    .last()
+                    .is_some_and(|c| c.is_multiple_of(ty.block_size()))
+            })
             .ok_or_else(|| LoadError::Dtype {
                 path: path.clone(),
                 tensor: gguf.clone(),
@@ -208,8 +221,10 @@ impl GgufFile {
         let rows = t.elements() / cols.max(1);
         let row_bytes = ty.row_bytes(cols);
         Some(match slice {
-            Slice::Whole => vec![base..base + rows * row_bytes],
-            Slice::Rows(r) => vec![base + r.start * row_bytes..base + r.end * row_bytes],
+            Slice::Whole => std::iter::once(base..base + rows * row_bytes).collect(),
+            Slice::Rows(r) => {
+                std::iter::once(base + r.start * row_bytes..base + r.end * row_bytes).collect()
+            }
             Slice::Cols(c) => {
                 let bs = ty.block_size();
                 if !c.start.is_multiple_of(bs) || !c.end.is_multiple_of(bs) {

@@ -49,21 +49,22 @@ pub fn rows() -> Result<Vec<Row>> {
     };
     Ok(vec![
         row("gemma-3-270m decode, 1 process", single.decode, ref_decode),
-        row("gemma-3-270m prefill 512, 1 process", single.prefill, ref_prefill),
+        row(
+            "gemma-3-270m prefill 512, 1 process",
+            single.prefill,
+            ref_prefill,
+        ),
         row("gemma-3-270m decode, tp=2 cluster", tp2.decode, ref_decode),
-        row("gemma-3-270m prefill 512, tp=2 cluster", tp2.prefill, ref_prefill),
+        row(
+            "gemma-3-270m prefill 512, tp=2 cluster",
+            tp2.prefill,
+            ref_prefill,
+        ),
     ])
 }
 
 fn model_path() -> Option<PathBuf> {
-    let path = match std::env::var_os("GEMMA_REAL_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("GEMMA_CACHE").map_or_else(
-            || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gemma-cluster"),
-            PathBuf::from,
-        ))
-        .join("models/gemma-3-270m"),
-    };
+    let path = gemma_cluster_tests::real_model_path();
     path.exists().then_some(path)
 }
 
@@ -74,7 +75,13 @@ fn llama_cpp(model: &Path) -> Result<(f64, f64)> {
         .join(".cache/gemma-cluster/bench-venv/bin/python");
     let python = std::env::var_os("BENCH_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| if venv.is_file() { venv } else { PathBuf::from("python3") });
+        .unwrap_or_else(|| {
+            if venv.is_file() {
+                venv
+            } else {
+                PathBuf::from("python3")
+            }
+        });
     let gguf = gguf_in(model)?;
     let out = Command::new(&python)
         .arg(&script)
