@@ -406,7 +406,7 @@ fn coordinator_refuses_what_cannot_work_and_leaves_no_worker_behind() {
 
     let (log, _) = failing_coordinator(&["--model", "/nonexistent/gemma-7b"]);
     assert!(
-        log.contains("model folder /nonexistent/gemma-7b does not exist"),
+        log.contains("model /nonexistent/gemma-7b does not exist"),
         "{log}"
     );
 
