@@ -47,7 +47,7 @@ impl ModelFiles {
             return Err(not_a_model("a file that is not a .gguf".to_string()));
         }
         if !path.is_dir() {
-            return Err(not_a_model("no such file or folder".to_string()));
+            return Err(not_a_model("it does not exist".to_string()));
         }
         if path.join("config.json").is_file() {
             return Ok(Self {

@@ -85,18 +85,10 @@ impl Attention {
     /// x: [tokens, hidden] of the whole batch -> this rank's partial of the attention output.
     pub fn forward_partial(&self, x: &Tensor, ctx: &StepContext, kv: &LayerKv) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let q = self
-            .q
-            .forward(x)?
-            .reshape((t, self.q_heads, self.head_dim))?;
-        let k = self
-            .k
-            .forward(x)?
-            .reshape((t, self.kv_heads, self.head_dim))?;
-        let v = self
-            .v
-            .forward(x)?
-            .reshape((t, self.kv_heads, self.head_dim))?;
+        let [q, k, v] = Linear::forward_shared(x, [&self.q, &self.k, &self.v])?;
+        let q = q.reshape((t, self.q_heads, self.head_dim))?;
+        let k = k.reshape((t, self.kv_heads, self.head_dim))?;
+        let v = v.reshape((t, self.kv_heads, self.head_dim))?;
         let (q, k) = match &self.qk_norm {
             Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             None => (q, k),
@@ -118,7 +110,10 @@ impl Attention {
             let q_s = q.narrow(0, seq.offset, seq.len)?;
             outs.push(self.attend(&q_s, &keys, &values, seq.mask_for(self.kind))?);
         }
-        let attn = Tensor::cat(&outs, 0)?;
+        let attn = match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(&outs, 0)?,
+        };
         let attn = match &ctx.restore {
             Some(order) => attn.index_select(order, 0)?,
             None => attn,

@@ -49,6 +49,32 @@ impl Linear {
         }
     }
 
+    /// Projections of one input, sharing the input's conversion (f32, zero-padded to the
+    /// blocks' width) where their kernels take the same: q, k and v; gate and up. Decoding a
+    /// small model is bounded by the number of ops per layer as much as by bandwidth.
+    pub fn forward_shared<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Result<[Tensor; N]> {
+        let mut prepared: Vec<(usize, Tensor)> = Vec::new();
+        let mut out = Vec::with_capacity(N);
+        for layer in layers {
+            match layer {
+                Self::Dense(_) => out.push(layer.forward(x)?),
+                Self::Quantized { matmul, pad } => {
+                    let xp = match prepared.iter().find(|(p, _)| p == pad) {
+                        Some((_, xp)) => xp.clone(),
+                        None => {
+                            let xp = padded_f32(x, *pad)?;
+                            prepared.push((*pad, xp.clone()));
+                            xp
+                        }
+                    };
+                    out.push(matmul.forward(&xp)?.to_dtype(x.dtype())?);
+                }
+            }
+        }
+        out.try_into()
+            .map_err(|_| candle_core::Error::Msg("projection count".to_string()))
+    }
+
     /// x: [tokens, in] -> [tokens, out] in x's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {

@@ -51,11 +51,11 @@ impl Mlp {
 
     /// x: [tokens, hidden] -> this rank's partial of the MLP output.
     pub fn forward_partial(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward(x)?;
+        let [gate, up] = Linear::forward_shared(x, [&self.gate, &self.up])?;
         let gate = match self.activation {
             Activation::GeluTanh => gate.gelu()?,
             Activation::GeluErf => gate.gelu_erf()?,
         };
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        self.down.forward(&(gate * up)?)
     }
 }
