@@ -328,21 +328,27 @@ fn decode_speeds() -> Result<(f64, f64)> {
     Ok((single, tp2))
 }
 
+/// A cluster of `tp` local worker processes on `model`, driven from this thread.
+fn start_cluster(model: &std::path::Path, tp: usize) -> Result<(tokio::runtime::Runtime, Cluster)> {
+    let settings = Settings::load(&Args {
+        model: Some(model.to_path_buf()),
+        tp: Some(tp),
+        worker_bin: Some(sibling("gemma-worker")?),
+        kv_budget_mib: Some(64),
+        ..Args::default()
+    })?;
+    let prepared = Prepared::new(&settings)?;
+    let local = prepared.spawn_local_workers(&settings)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let cluster = rt.block_on(Cluster::connect(prepared, &settings, local))?;
+    Ok((rt, cluster))
+}
+
 fn cluster_decode(dir: &std::path::Path, tp: usize) -> Result<f64> {
     {
-        let settings = Settings::load(&Args {
-            model: Some(dir.to_path_buf()),
-            tp: Some(tp),
-            worker_bin: Some(sibling("gemma-worker")?),
-            kv_budget_mib: Some(64),
-            ..Args::default()
-        })?;
-        let prepared = Prepared::new(&settings)?;
-        let local = prepared.spawn_local_workers(&settings)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let mut cluster = rt.block_on(Cluster::connect(prepared, &settings, local))?;
+        let (rt, mut cluster) = start_cluster(dir, tp)?;
         let kv = KvBlockManager::new(cluster.kv_blocks.min(64), 16);
         time_decode(&kv, |b| {
             let out = rt.block_on(cluster.step(&b))?;

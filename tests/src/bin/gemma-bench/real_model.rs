@@ -11,8 +11,6 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use gemma_coordinator::cluster::{Cluster, Prepared};
-use gemma_coordinator::settings::{Args, Settings};
 use gemma_proto::{KvBlockManager, PlanRequest, SeqLogits, SeqStep, StepBatch};
 use gemma_worker::{LocalCluster, ModelFolder, ShardOptions};
 
@@ -178,19 +176,7 @@ fn single_process(model: &Path) -> Result<Speeds> {
 }
 
 fn cluster(model: &Path, tp: usize) -> Result<Speeds> {
-    let settings = Settings::load(&Args {
-        model: Some(model.to_path_buf()),
-        tp: Some(tp),
-        worker_bin: Some(super::sibling("gemma-worker")?),
-        kv_budget_mib: Some(64),
-        ..Args::default()
-    })?;
-    let prepared = Prepared::new(&settings)?;
-    let local = prepared.spawn_local_workers(&settings)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let mut cluster = rt.block_on(Cluster::connect(prepared, &settings, local))?;
+    let (rt, mut cluster) = super::start_cluster(model, tp)?;
     let kv = KvBlockManager::new(cluster.kv_blocks.min(64), 16);
     measure(&kv, |b| {
         let out = rt.block_on(cluster.step(&b))?;
