@@ -226,7 +226,7 @@ fn q5_0_blocks_become_q8_0_blocks_of_the_same_values() {
     let q8_bytes = q5_0_to_q8_0(&q5.data().expect("bytes"));
     let q8 = candle_core::quantized::ggml_file::qtensor_from_ggml(
         GgmlDType::Q8_0,
-        bytemuck_bytes(&q8_bytes),
+        bytemuck::cast_slice(&q8_bytes),
         vec![64, 32],
         &Device::Cpu,
     )
@@ -245,11 +245,6 @@ fn q5_0_blocks_become_q8_0_blocks_of_the_same_values() {
         a.to_vec1::<f32>().expect("a"),
         b.to_vec1::<f32>().expect("b")
     );
-}
-
-fn bytemuck_bytes(words: &[u64]) -> &[u8] {
-    // SAFETY: u64 has no padding; any byte view of it is valid.
-    unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), words.len() * 8) }
 }
 
 #[test]

@@ -5,9 +5,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QTensor};
+use candle_core::{DType, Result, Tensor};
 
+use super::linear::Linear;
 use super::ShardOptions;
 use crate::error::LoadError;
 use crate::weights::{Matrix, Slice, WeightFiles};
@@ -18,13 +19,12 @@ pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 enum Table {
     /// [v1 - v0, hidden] in the compute dtype.
     Dense(Tensor),
-    /// The rows in their GGUF blocks: looked up by copying a token's row of blocks, multiplied
-    /// by the quantized kernels for the logits.
-    /// `pad`: zero columns after the hidden ones in each row of blocks.
+    /// The rows in their GGUF blocks: looked up by copying a token's row of blocks; `logits`
+    /// multiplies by the same blocks. `pad`: zero columns after the hidden ones in each row.
     Quantized {
         rows: Arc<QTensor>,
-        matmul: QMatMul,
         pad: usize,
+        logits: Linear,
     },
 }
 
@@ -54,14 +54,9 @@ impl VocabParallelEmbedding {
         )? {
             Matrix::Dense(w) => Table::Dense(w),
             Matrix::Quantized(q) => Table::Quantized {
-                matmul: QMatMul::from_arc(q.blocks.clone()).map_err(|source| {
-                    LoadError::Candle {
-                        tensor: EMBED_TOKENS.to_string(),
-                        source,
-                    }
-                })?,
-                rows: q.blocks,
+                rows: q.blocks.clone(),
                 pad: q.pad,
+                logits: Linear::from_matrix(EMBED_TOKENS, Matrix::Quantized(q))?,
             },
         };
         Ok(Self {
@@ -133,10 +128,10 @@ impl VocabParallelEmbedding {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.table {
             Table::Dense(weight) => weight.matmul(&hidden.t()?)?.to_dtype(DType::F32),
-            Table::Quantized { matmul, pad, .. } => {
-                let x = super::linear::padded_f32(hidden, *pad)?;
-                matmul.forward(&x)?.t()?.contiguous()
-            }
+            Table::Quantized { logits, .. } => logits
+                .forward(&hidden.to_dtype(DType::F32)?)?
+                .t()?
+                .contiguous(),
         }
     }
 }

@@ -30,14 +30,20 @@ impl Linear {
         slice: Slice,
         opts: &ShardOptions,
     ) -> std::result::Result<Self, LoadError> {
-        match files.load_matrix(
+        let matrix = files.load_matrix(
             name,
             &shape,
             slice,
             opts.dtype,
             &opts.device,
             opts.quantized,
-        )? {
+        )?;
+        Self::from_matrix(name, matrix)
+    }
+
+    /// The projection by `matrix` (tensor `name`, for messages).
+    pub fn from_matrix(name: &str, matrix: Matrix) -> std::result::Result<Self, LoadError> {
+        match matrix {
             Matrix::Dense(w) => Ok(Self::Dense(w)),
             Matrix::Quantized(q) => Ok(Self::Quantized {
                 matmul: QMatMul::from_arc(q.blocks).map_err(|source| LoadError::Candle {
@@ -88,7 +94,7 @@ impl Linear {
 }
 
 /// `x` in f32, contiguous, with `pad` zero columns appended (what quantized kernels take).
-pub fn padded_f32(x: &Tensor, pad: usize) -> Result<Tensor> {
+fn padded_f32(x: &Tensor, pad: usize) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
     match pad {
         0 => x.contiguous(),

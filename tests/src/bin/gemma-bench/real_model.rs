@@ -80,7 +80,7 @@ fn llama_cpp(model: &Path) -> Result<(f64, f64)> {
                 PathBuf::from("python3")
             }
         });
-    let gguf = gguf_in(model)?;
+    let gguf = gemma_proto::ModelFiles::locate(model)?.weights;
     let out = Command::new(&python)
         .arg(&script)
         .args(["--model", &gguf.display().to_string()])
@@ -98,16 +98,6 @@ fn llama_cpp(model: &Path) -> Result<(f64, f64)> {
     }
     let num = |k: &str| json.get(k).and_then(|v| v.as_f64()).context(k.to_string());
     Ok((num("decode_tok_s")?, num("prefill_tok_s")?))
-}
-
-fn gguf_in(model: &Path) -> Result<PathBuf> {
-    if model.is_file() {
-        return Ok(model.to_path_buf());
-    }
-    std::fs::read_dir(model)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
-        .with_context(|| format!("no .gguf in {}", model.display()))
 }
 
 struct Speeds {
