@@ -106,9 +106,10 @@ impl Attention {
             outs.push(self.attend_decodes(&q, d, kv)?);
         }
         for seq in ctx.seqs.iter().filter(|s| !s.batched) {
-            let (keys, values) = kv.read(&seq.slots.context)?;
+            let keys_of = seq.keys_for(self.kind);
+            let (keys, values) = kv.read(&keys_of.slots)?;
             let q_s = q.narrow(0, seq.offset, seq.len)?;
-            outs.push(self.attend(&q_s, &keys, &values, seq.mask_for(self.kind))?);
+            outs.push(self.attend(&q_s, &keys, &values, keys_of.mask.as_ref())?);
         }
         let attn = match outs.len() {
             1 => outs.remove(0),
@@ -123,13 +124,14 @@ impl Attention {
 
     /// All decoding sequences at once: q [n, hq, hd] against their padded contexts.
     fn attend_decodes(&self, q: &Tensor, d: &DecodeBatch, kv: &LayerKv) -> Result<Tensor> {
-        let (n, len) = (d.count, d.max_len);
+        let keys_of = d.keys_for(self.kind);
+        let (n, len) = (d.count, keys_of.len);
         let group = self.q_heads / self.kv_heads;
         // Query heads grouped under the KV head they read: no copy of K or V per query head.
         let q = q
             .index_select(&d.rows, 0)?
             .reshape((n, self.kv_heads, group, self.head_dim))?;
-        let (k, v) = kv.read(&d.slots)?; // [n * len, hkv, hd]
+        let (k, v) = kv.read(&keys_of.slots)?; // [n * len, hkv, hd]
         let per_seq = |t: Tensor| -> Result<Tensor> {
             t.reshape((n, len, self.kv_heads, self.head_dim))?
                 .transpose(1, 2)? // [n, hkv, len, hd]
@@ -138,7 +140,9 @@ impl Attention {
         let (k, v) = (per_seq(k)?, per_seq(v)?);
         let scores = self
             .scores(&q, &k)? // [n, hkv, group, len]
-            .broadcast_add(d.mask_for(self.kind))?;
+            .broadcast_add(keys_of.mask.as_ref().ok_or_else(|| {
+                candle_core::Error::Msg("a decode batch always has a mask".to_string())
+            })?)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
         probs
             .matmul(&v)? // [n, hkv, group, hd]
@@ -188,13 +192,14 @@ impl Attention {
     }
 }
 
-/// Additive causal mask for `n` new tokens starting at position `start`: [n, start + n] f32,
-/// 0 where key position <= query position (and, with a sliding `window`, fewer than `window`
-/// positions behind it, as HF's sliding layers: the query and the window - 1 keys before it),
-/// -inf elsewhere.
+/// Additive causal mask for `n` new tokens starting at position `start` over the keys at
+/// positions [first, start + n): [n, start + n - first] f32, 0 where key position <= query
+/// position (and, with a sliding `window`, fewer than `window` positions behind it, as HF's
+/// sliding layers: the query and the window - 1 keys before it), -inf elsewhere.
 pub fn causal_mask(
     n: usize,
     start: usize,
+    first: usize,
     window: Option<usize>,
     device: &Device,
 ) -> Result<Tensor> {
@@ -202,7 +207,7 @@ pub fn causal_mask(
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| {
             let q = start + i;
-            (0..ctx).map(move |j| {
+            (first..ctx).map(move |j| {
                 let visible = j <= q && window.is_none_or(|w| q - j < w);
                 if visible {
                     0.0
@@ -212,5 +217,5 @@ pub fn causal_mask(
             })
         })
         .collect();
-    Tensor::from_vec(mask, (n, ctx), device)
+    Tensor::from_vec(mask, (n, ctx - first), device)
 }

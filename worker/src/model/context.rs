@@ -9,17 +9,29 @@ use super::rope::Rope;
 use crate::error::StepError;
 use crate::kv_cache::{KvCache, SeqSlots};
 
+/// The keys one layer kind attends to: cache slots, and the additive mask over them.
+#[derive(Debug)]
+pub struct Keys {
+    /// Slots to read, u32 [sequences * len].
+    pub slots: Tensor,
+    /// Keys per sequence.
+    pub len: usize,
+    /// f32, 0 where a query may look, -inf elsewhere; None when every key is visible.
+    pub mask: Option<Tensor>,
+}
+
 #[derive(Debug)]
 pub struct SeqView {
     /// First row of this sequence in the step's [tokens, hidden] activations.
     pub offset: usize,
     pub len: usize,
     pub slots: SeqSlots,
-    /// None for a single new token (it may see everything before it).
-    pub mask: Option<Tensor>,
-    /// The sliding layers' mask, where it differs from `mask` (the context is longer than the
-    /// window).
-    pub sliding_mask: Option<Tensor>,
+    /// Full-attention layers: positions [0, end), causally masked.
+    pub full: Keys,
+    /// Sliding layers, where the context is longer than the window: only the positions a query
+    /// of this step can see (the window before the first new token, onwards), so long contexts
+    /// cost sliding layers no more than the window.
+    pub sliding: Option<Keys>,
     /// Attended together with the other decoding sequences (see [`DecodeBatch`]).
     pub batched: bool,
 }
@@ -31,30 +43,28 @@ pub struct SeqView {
 pub struct DecodeBatch {
     /// Their rows in the step's activations, u32 [n].
     pub rows: Tensor,
-    /// Context slots, each sequence's padded to `max_len` with its first slot, u32 [n * max_len].
-    pub slots: Tensor,
-    pub max_len: usize,
-    /// [n, 1, 1, max_len] f32: 0 on real positions, -inf on padding.
-    pub mask: Tensor,
-    /// The sliding layers' mask (also -inf beyond the window), where it differs from `mask`.
-    pub sliding_mask: Option<Tensor>,
+    /// Each sequence's context padded to the longest with its first slot; mask
+    /// [n, 1, 1, len], -inf on padding.
+    pub full: Keys,
+    /// Sliding layers: each sequence's last `window` positions, padded likewise.
+    pub sliding: Option<Keys>,
     pub count: usize,
 }
 
 impl DecodeBatch {
-    pub fn mask_for(&self, kind: LayerKind) -> &Tensor {
-        match (kind, &self.sliding_mask) {
-            (LayerKind::Sliding, Some(m)) => m,
-            _ => &self.mask,
+    pub fn keys_for(&self, kind: LayerKind) -> &Keys {
+        match (kind, &self.sliding) {
+            (LayerKind::Sliding, Some(k)) => k,
+            _ => &self.full,
         }
     }
 }
 
 impl SeqView {
-    pub fn mask_for(&self, kind: LayerKind) -> Option<&Tensor> {
-        match (kind, &self.sliding_mask) {
-            (LayerKind::Sliding, Some(m)) => Some(m),
-            _ => self.mask.as_ref(),
+    pub fn keys_for(&self, kind: LayerKind) -> &Keys {
+        match (kind, &self.sliding) {
+            (LayerKind::Sliding, Some(k)) => k,
+            _ => &self.full,
         }
     }
 }
@@ -98,22 +108,37 @@ impl StepContext {
             let len = seq.tokens.len();
             positions.extend((seq.start_pos..seq.end_pos()).map(|p| p as u32));
             last_rows.push((offset + len - 1) as u32);
-            let mask = match len {
-                1 => None,
-                _ => Some(causal_mask(len, seq.start_pos, None, device)?),
+            let slots = kv.slots_for(seq, offset, device)?;
+            let end = seq.end_pos();
+            let full = Keys {
+                slots: slots.context.clone(),
+                len: end,
+                mask: match len {
+                    1 => None,
+                    _ => Some(causal_mask(len, seq.start_pos, 0, None, device)?),
+                },
             };
-            let sliding_mask = match window {
-                Some(w) if seq.end_pos() > w => {
-                    Some(causal_mask(len, seq.start_pos, Some(w), device)?)
+            let sliding = match window {
+                Some(w) if end > w => {
+                    // The first new token sees back to start + 1 - w; later ones see less.
+                    let first = (seq.start_pos + 1).saturating_sub(w);
+                    Some(Keys {
+                        slots: slots.context.narrow(0, first, end - first)?,
+                        len: end - first,
+                        mask: match len {
+                            1 => None,
+                            _ => Some(causal_mask(len, seq.start_pos, first, Some(w), device)?),
+                        },
+                    })
                 }
                 _ => None,
             };
             seqs.push(SeqView {
                 offset,
                 len,
-                slots: kv.slots_for(seq, offset, device)?,
-                mask,
-                sliding_mask,
+                slots,
+                full,
+                sliding,
                 batched: false,
             });
         }
@@ -167,42 +192,61 @@ fn decode_batch(
         .max()
         .unwrap_or(1);
     let count = decoding.len();
-    let mut rows = Vec::with_capacity(count);
-    let mut slots = Vec::with_capacity(count * max_len);
-    let mut mask = Vec::with_capacity(count * max_len);
-    // Sliding layers also hide what lies `window` or more positions behind the new token.
-    let window = window.filter(|&w| max_len > w);
-    let mut sliding = Vec::with_capacity(if window.is_some() { count * max_len } else { 0 });
+    let rows: Vec<u32> = decoding.iter().map(|&i| seqs[i].offset as u32).collect();
+    let seq = |i: usize| &batch.seqs[i];
+    // Full layers: positions [0, end) of each; sliding layers: its last `window` positions.
+    let full = padded_keys(
+        decoding.iter().map(|&i| (seq(i), 0)),
+        count,
+        max_len,
+        kv,
+        device,
+    )?;
+    let sliding = match window {
+        Some(w) if max_len > w => Some(padded_keys(
+            decoding
+                .iter()
+                .map(|&i| (seq(i), seq(i).end_pos().saturating_sub(w))),
+            count,
+            w,
+            kv,
+            device,
+        )?),
+        _ => None,
+    };
     for &i in &decoding {
-        let seq = &batch.seqs[i];
-        let len = seq.end_pos();
-        let slot = |pos: usize| kv.slot(&seq.block_table, pos);
-        rows.push(seqs[i].offset as u32);
-        slots.extend((0..max_len).map(|p| slot(if p < len { p } else { 0 })));
-        mask.extend((0..max_len).map(|p| if p < len { 0.0 } else { f32::NEG_INFINITY }));
-        if let Some(w) = window {
-            sliding.extend((0..max_len).map(|p| {
-                if p < len && len - 1 - p < w {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            }));
-        }
         seqs[i].batched = true;
     }
-    let sliding_mask = match window {
-        Some(_) => Some(Tensor::from_vec(sliding, (count, 1, 1, max_len), device)?),
-        None => None,
-    };
     Ok(Some(DecodeBatch {
         rows: Tensor::from_vec(rows, count, device)?,
-        slots: Tensor::from_vec(slots, count * max_len, device)?,
-        max_len,
-        mask: Tensor::from_vec(mask, (count, 1, 1, max_len), device)?,
-        sliding_mask,
+        full,
+        sliding,
         count,
     }))
+}
+
+/// Keys of decoding sequences, each from its `first` position to its end, padded to `width`
+/// with that first slot and masked there.
+fn padded_keys<'a>(
+    seqs: impl Iterator<Item = (&'a gemma_proto::SeqStep, usize)>,
+    count: usize,
+    width: usize,
+    kv: &KvCache,
+    device: &Device,
+) -> Result<Keys, StepError> {
+    let mut slots = Vec::with_capacity(count * width);
+    let mut mask = Vec::with_capacity(count * width);
+    for (seq, first) in seqs {
+        let n = seq.end_pos() - first;
+        let slot = |p: usize| kv.slot(&seq.block_table, first + if p < n { p } else { 0 });
+        slots.extend((0..width).map(slot));
+        mask.extend((0..width).map(|p| if p < n { 0.0 } else { f32::NEG_INFINITY }));
+    }
+    Ok(Keys {
+        slots: Tensor::from_vec(slots, count * width, device)?,
+        len: width,
+        mask: Some(Tensor::from_vec(mask, (count, 1, 1, width), device)?),
+    })
 }
 
 /// The permutation from [batched decodes.., other sequences' rows..] back to token order.
