@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 pub use gemma_proto::candidates::argmax;
 use gemma_proto::candidates::{candidate_order, log_sum_exp, top_candidates};
-use gemma_proto::SeqLogits;
+use gemma_proto::{SeqLogits, SplitMix64};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -46,29 +46,6 @@ impl SamplingParams {
     }
 }
 
-/// SplitMix64: a tiny generator whose stream is fixed by its seed forever.
-#[derive(Debug, Clone)]
-pub struct SeededRng(u64);
-
-impl SeededRng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Largest candidate list the last stage is asked for; beyond it the full slice is cheaper.
 pub const MAX_CANDIDATES: usize = 1024;
 
@@ -87,7 +64,7 @@ pub struct Sampler {
     /// Whether log-probabilities are reported at all.
     logprobs: bool,
     top_logprobs: usize,
-    rng: SeededRng,
+    rng: SplitMix64,
     /// Output token counts (frequency / presence penalties).
     output_counts: HashMap<u32, u32>,
     /// Every token of prompt and output (repetition penalty).
@@ -112,7 +89,7 @@ impl Sampler {
     pub fn with_logprobs(params: SamplingParams, prompt: &[u32], top_logprobs: usize) -> Self {
         Self {
             logprobs: true,
-            rng: SeededRng::new(params.seed),
+            rng: SplitMix64::new(params.seed),
             seen: prompt.iter().copied().collect(),
             output_counts: HashMap::new(),
             top_logprobs,
@@ -354,7 +331,7 @@ mod tests {
     #[test]
     fn candidates_sample_exactly_like_full_logits() {
         use gemma_proto::candidates::{combine_log_sum_exp, merge_candidates};
-        let mut rng = SeededRng::new(99);
+        let mut rng = SplitMix64::new(99);
         for (k, temperature, top_p, min_p) in [
             (1, 0.0, 1.0, 0.0),
             (40, 0.8, 0.9, 0.0),

@@ -9,6 +9,7 @@ pub mod kv_blocks;
 pub mod model_files;
 pub mod plan;
 pub mod process;
+pub mod rng;
 pub mod step;
 pub mod wire;
 
@@ -19,6 +20,7 @@ pub use gguf::{GgmlType, GgufError, GgufHeader, GgufTensor};
 pub use kv_blocks::{KvAllocation, KvBlockManager, DEFAULT_BLOCK_SIZE};
 pub use model_files::{ModelFiles, ModelFormat};
 pub use plan::{PlanRequest, ShardPlan, ShardSpec};
+pub use rng::SplitMix64;
 pub use step::{SeqStep, StepBatch};
 
 /// Generated wire types and gRPC services (proto/gemma.proto).

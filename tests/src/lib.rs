@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use gemma_coordinator::sampler::SeededRng;
+pub use gemma_proto::SplitMix64;
 use gemma_proto::Architecture;
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -439,25 +439,6 @@ pub fn write_safetensors(
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path)
         .with_context(|| format!("writing {}", path.display()))
-}
-
-/// The weights' random stream: the sampler's SplitMix64, so a seed means the same model for
-/// every version of every dependency.
-pub struct SplitMix64(SeededRng);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        Self(SeededRng::new(seed))
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0.next_u64()
-    }
-
-    /// Uniform in [-1, 1).
-    pub fn symmetric(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
 }
 
 /// Where scripts/fetch-tokenizer.sh keeps the real Gemma tokenizer: $GEMMA_TOKENIZER_DIR, else
