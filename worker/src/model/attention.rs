@@ -1,7 +1,7 @@
 //! Self-attention over this rank's query heads and their KV heads, reading and writing the paged
 //! cache; the o_proj output is a partial sum.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use gemma_proto::{LayerKind, ModelConfig, ShardSpec};
 
 use super::context::{DecodeBatch, StepContext};
@@ -190,32 +190,4 @@ impl Attention {
             None => Ok(scores),
         }
     }
-}
-
-/// Additive causal mask for `n` new tokens starting at position `start` over the keys at
-/// positions [first, start + n): [n, start + n - first] f32, 0 where key position <= query
-/// position (and, with a sliding `window`, fewer than `window` positions behind it, as HF's
-/// sliding layers: the query and the window - 1 keys before it), -inf elsewhere.
-pub fn causal_mask(
-    n: usize,
-    start: usize,
-    first: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Tensor> {
-    let ctx = start + n;
-    let mask: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            let q = start + i;
-            (first..ctx).map(move |j| {
-                let visible = j <= q && window.is_none_or(|w| q - j < w);
-                if visible {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (n, ctx - first), device)
 }

@@ -4,7 +4,6 @@
 use candle_core::{Device, Tensor};
 use gemma_proto::{LayerKind, StepBatch};
 
-use super::attention::causal_mask;
 use super::rope::Rope;
 use crate::error::StepError;
 use crate::kv_cache::{KvCache, SeqSlots};
@@ -276,4 +275,32 @@ fn restore_order(
         restore[row] = at as u32;
     }
     Ok(Some(Tensor::from_vec(restore, tokens, device)?))
+}
+
+/// Additive causal mask for `n` new tokens starting at position `start` over the keys at
+/// positions [first, start + n): [n, start + n - first] f32, 0 where key position <= query
+/// position (and, with a sliding `window`, fewer than `window` positions behind it, as HF's
+/// sliding layers: the query and the window - 1 keys before it), -inf elsewhere.
+fn causal_mask(
+    n: usize,
+    start: usize,
+    first: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let ctx = start + n;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let q = start + i;
+            (first..ctx).map(move |j| {
+                let visible = j <= q && window.is_none_or(|w| q - j < w);
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (n, ctx - first), device)
 }

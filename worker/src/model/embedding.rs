@@ -11,9 +11,7 @@ use candle_core::{DType, Result, Tensor};
 use super::linear::Linear;
 use super::ShardOptions;
 use crate::error::LoadError;
-use crate::weights::{Matrix, Slice, WeightFiles};
-
-pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+use crate::weights::{Matrix, Slice, WeightFiles, EMBED_TOKENS};
 
 #[derive(Debug, Clone)]
 enum Table {

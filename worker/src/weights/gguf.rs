@@ -6,7 +6,6 @@
 //! freely; columns slice only at multiples of the block size (32 or 256 elements).
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use gemma_proto::{Architecture, GgmlType, GgufHeader, GgufTensor};
 use memmap2::Mmap;
 
-use super::{release_pages, QuantizedMatrix, Slice, RELEASE_EVERY};
+use super::mapped::{map_file, ReleaseBehind};
+use super::{candle_error, NormWeights, QuantizedMatrix, Slice, TensorSource, EMBED_TOKENS};
 use crate::error::LoadError;
 
 pub struct GgufFile {
@@ -31,15 +31,9 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path, arch: Architecture) -> Result<Self, LoadError> {
+        // Reading the header checks every tensor's range against the file's size.
         let header = GgufHeader::read_file(path).map_err(gemma_proto::ConfigError::from)?;
-        let io = |source| LoadError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let file = File::open(path).map_err(io)?;
-        // SAFETY: model files are read-only inputs (the same contract as the safetensors loader);
-        // every tensor's range was checked against the file size when the header was read.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let mmap = map_file(path)?;
         let by_name = header
             .tensors
             .iter()
@@ -54,116 +48,6 @@ impl GgufFile {
             arch,
             bytes_read: Arc::default(),
         })
-    }
-
-    pub fn bytes_read(&self) -> u64 {
-        self.bytes_read.load(Ordering::Relaxed)
-    }
-
-    pub fn progress(&self) -> Arc<AtomicU64> {
-        self.bytes_read.clone()
-    }
-
-    /// The file's average stored bytes per parameter.
-    pub fn bytes_per_parameter(&self) -> f64 {
-        let (bytes, elems) = self.header.tensors.iter().fold((0, 0), |(b, e), t| {
-            (b + t.byte_len().unwrap_or(0), e + t.elements())
-        });
-        bytes as f64 / elems.max(1) as f64
-    }
-
-    /// Dequantizes (or decodes) `slice` of tensor `name` to `dtype`.
-    pub fn load(
-        &self,
-        name: &str,
-        shape: &[usize],
-        slice: Slice,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor, LoadError> {
-        let (t, ty) = self.find(name, shape, &slice)?;
-        let candle_err = |source| LoadError::Candle {
-            tensor: name.to_string(),
-            source,
-        };
-        let Some(pieces) = self.pieces(t, ty, &slice) else {
-            // Columns that split blocks: dequantize whole rows, then keep the columns.
-            let whole = self.load(name, shape, Slice::Whole, DType::F32, device)?;
-            let Slice::Cols(c) = slice else {
-                unreachable!("only column slices can split blocks")
-            };
-            return whole
-                .narrow(1, c.start, c.len())
-                .and_then(|t| t.contiguous())
-                .and_then(|t| t.to_dtype(dtype))
-                .map_err(candle_err);
-        };
-        let bytes = self.gather(&pieces);
-        let out_shape = slice.shape_of(shape);
-        qtensor_from_ggml(
-            candle_type(ty),
-            bytemuck::cast_slice(&bytes),
-            out_shape,
-            device,
-        )
-        .and_then(|q| q.dequantize(device))
-        .and_then(|t| t.to_dtype(dtype))
-        .map_err(candle_err)
-    }
-
-    /// `slice` of tensor `name` in its quantized blocks, or None where it is better decoded:
-    /// a float tensor, or columns that do not fall on block boundaries.
-    ///
-    /// Q5_0 blocks are rewritten as Q8_0 blocks holding exactly the same values (the same scale,
-    /// the 5-bit codes minus 16 as int8): candle multiplies Q8_0 with SIMD and Q5_0 without.
-    /// Where the CPU has VNNI, Q8_0 rows are padded with zero blocks to a multiple of 256
-    /// columns: candle's repacked VNNI kernels (8x faster for a 512-row prefill, 3x for one row)
-    /// only take such rows, and zero blocks add exactly nothing to a dot product.
-    pub fn load_quantized(
-        &self,
-        name: &str,
-        shape: &[usize],
-        slice: &Slice,
-        device: &Device,
-    ) -> Result<Option<QuantizedMatrix>, LoadError> {
-        let (t, ty) = self.find(name, shape, slice)?;
-        if ty.is_float() {
-            return Ok(None);
-        }
-        let Some(pieces) = self.pieces(t, ty, slice) else {
-            tracing::warn!(
-                tensor = %t.name,
-                ?slice,
-                "columns split quantized blocks; this slice is dequantized at load"
-            );
-            return Ok(None);
-        };
-        let mut bytes = self.gather(&pieces);
-        let mut ty = ty;
-        if ty == GgmlType::Q5_0 {
-            bytes = q5_0_to_q8_0(bytemuck::cast_slice(&bytes));
-            ty = GgmlType::Q8_0;
-        }
-        let mut dims = slice.shape_of(shape);
-        let mut pad = 0;
-        if ty == GgmlType::Q8_0 && has_vnni() && !dims[1].is_multiple_of(256) {
-            pad = dims[1].next_multiple_of(256) - dims[1];
-            bytes = pad_rows(
-                bytemuck::cast_slice(&bytes),
-                ty.row_bytes(dims[1]),
-                ty.row_bytes(pad),
-            );
-            dims[1] += pad;
-        }
-        let blocks = qtensor_from_ggml(candle_type(ty), bytemuck::cast_slice(&bytes), dims, device)
-            .map_err(|source| LoadError::Candle {
-                tensor: name.to_string(),
-                source,
-            })?;
-        Ok(Some(QuantizedMatrix {
-            blocks: Arc::new(blocks),
-            pad,
-        }))
     }
 
     /// The tensor behind HF name `name`, checked against the expected shape and slice.
@@ -248,23 +132,120 @@ impl GgufFile {
         let mut out = vec![0u64; total.div_ceil(8)];
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
         let mut at = 0;
-        let mut since_release: Option<Range<usize>> = None;
+        let mut release = ReleaseBehind::new(&self.mmap);
         for r in pieces {
             bytes[at..at + r.len()].copy_from_slice(&self.mmap[r.clone()]);
             at += r.len();
-            let span = since_release.map_or(r.clone(), |s| s.start..r.end);
-            if span.len() >= RELEASE_EVERY {
-                release_pages(&self.mmap, span.start, span.len());
-                since_release = None;
-            } else {
-                since_release = Some(span);
-            }
-        }
-        if let Some(span) = since_release {
-            release_pages(&self.mmap, span.start, span.len());
+            release.read(r.clone());
         }
         self.bytes_read.fetch_add(total as u64, Ordering::Relaxed);
         out
+    }
+}
+
+impl TensorSource for GgufFile {
+    /// Dequantizes (or decodes) `slice` of tensor `name` to `dtype`.
+    fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        slice: Slice,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, LoadError> {
+        let (t, ty) = self.find(name, shape, &slice)?;
+        let Some(pieces) = self.pieces(t, ty, &slice) else {
+            // Columns that split blocks: dequantize whole rows, then keep the columns.
+            let whole = self.load(name, shape, Slice::Whole, DType::F32, device)?;
+            let Slice::Cols(c) = slice else {
+                unreachable!("only column slices can split blocks")
+            };
+            return whole
+                .narrow(1, c.start, c.len())
+                .and_then(|t| t.contiguous())
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(candle_error(name));
+        };
+        let bytes = self.gather(&pieces);
+        let out_shape = slice.shape_of(shape);
+        qtensor_from_ggml(
+            candle_type(ty),
+            bytemuck::cast_slice(&bytes),
+            out_shape,
+            device,
+        )
+        .and_then(|q| q.dequantize(device))
+        .and_then(|t| t.to_dtype(dtype))
+        .map_err(candle_error(name))
+    }
+
+    /// `slice` of tensor `name` in its quantized blocks, or None where it is better decoded:
+    /// a float tensor, or columns that do not fall on block boundaries.
+    ///
+    /// Q5_0 blocks are rewritten as Q8_0 blocks holding exactly the same values (the same scale,
+    /// the 5-bit codes minus 16 as int8): candle multiplies Q8_0 with SIMD and Q5_0 without.
+    /// Where the CPU has VNNI, Q8_0 rows are padded with zero blocks to a multiple of 256
+    /// columns: candle's repacked VNNI kernels (8x faster for a 512-row prefill, 3x for one row)
+    /// only take such rows, and zero blocks add exactly nothing to a dot product.
+    fn load_quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        slice: &Slice,
+        device: &Device,
+    ) -> Result<Option<QuantizedMatrix>, LoadError> {
+        let (t, ty) = self.find(name, shape, slice)?;
+        if ty.is_float() {
+            return Ok(None);
+        }
+        let Some(pieces) = self.pieces(t, ty, slice) else {
+            tracing::warn!(
+                tensor = %t.name,
+                ?slice,
+                "columns split quantized blocks; this slice is dequantized at load"
+            );
+            return Ok(None);
+        };
+        let mut bytes = self.gather(&pieces);
+        let mut ty = ty;
+        if ty == GgmlType::Q5_0 {
+            bytes = q5_0_to_q8_0(bytemuck::cast_slice(&bytes));
+            ty = GgmlType::Q8_0;
+        }
+        let mut dims = slice.shape_of(shape);
+        let mut pad = 0;
+        if ty == GgmlType::Q8_0 && has_vnni() && !dims[1].is_multiple_of(256) {
+            pad = dims[1].next_multiple_of(256) - dims[1];
+            bytes = pad_rows(
+                bytemuck::cast_slice(&bytes),
+                ty.row_bytes(dims[1]),
+                ty.row_bytes(pad),
+            );
+            dims[1] += pad;
+        }
+        let blocks = qtensor_from_ggml(candle_type(ty), bytemuck::cast_slice(&bytes), dims, device)
+            .map_err(candle_error(name))?;
+        Ok(Some(QuantizedMatrix {
+            blocks: Arc::new(blocks),
+            pad,
+        }))
+    }
+
+    /// llama.cpp's converter adds Gemma's 1 to the norms it writes.
+    fn norm_weights(&self) -> NormWeights {
+        NormWeights::Multiplier
+    }
+
+    fn bytes_read(&self) -> &Arc<AtomicU64> {
+        &self.bytes_read
+    }
+
+    /// The file's average stored bytes per parameter.
+    fn bytes_per_parameter(&self) -> f64 {
+        let (bytes, elems) = self.header.tensors.iter().fold((0, 0), |(b, e), t| {
+            (b + t.byte_len().unwrap_or(0), e + t.elements())
+        });
+        bytes as f64 / elems.max(1) as f64
     }
 }
 
@@ -273,7 +254,7 @@ impl GgufFile {
 /// `pre_feedforward_layernorm` is `ffn_norm`.
 pub fn gguf_name(hf: &str, arch: Architecture) -> Option<String> {
     match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".to_string()),
+        EMBED_TOKENS => return Some("token_embd.weight".to_string()),
         "model.norm.weight" => return Some("output_norm.weight".to_string()),
         _ => {}
     }

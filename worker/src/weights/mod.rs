@@ -3,20 +3,23 @@
 //! format decides how those bytes are found, decoded and (for GGUF) kept quantized.
 
 pub mod gguf;
+mod mapped;
 pub mod safetensors;
 
 use std::ops::Range;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use gemma_proto::{Architecture, ModelFiles, ModelFormat};
-use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::error::LoadError;
 pub use gguf::GgufFile;
 pub use safetensors::SafetensorsFiles;
+
+/// The HuggingFace name of the token embedding (tied to the lm_head in every Gemma).
+pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 
 /// Which part of a stored tensor a shard takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,45 +79,87 @@ pub enum QuantizedWeights {
     Dequantize,
 }
 
-/// The weights of one model, memory-mapped.
-pub enum WeightFiles {
-    Safetensors(SafetensorsFiles),
-    Gguf(GgufFile),
+/// Names the tensor a candle error came from.
+fn candle_error(tensor: &str) -> impl FnOnce(candle_core::Error) -> LoadError + '_ {
+    move |source| LoadError::Candle {
+        tensor: tensor.to_string(),
+        source,
+    }
+}
+
+/// How a format stores a Gemma RMSNorm's weight; the layer multiplies by (1 + w) either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormWeights {
+    /// w, as HuggingFace files do.
+    Offset,
+    /// 1 + w, as llama.cpp's converter writes it.
+    Multiplier,
+}
+
+/// One weight file format: finds a tensor by its HuggingFace name and reads the slice a shard
+/// owns. Adding a format means implementing this trait (and naming it in [`WeightFiles::open`]).
+pub trait TensorSource: Send + Sync {
+    /// Reads `slice` of tensor `name`, checking the stored tensor has `shape`, decoded to
+    /// `dtype` on `device`.
+    fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        slice: Slice,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, LoadError>;
+
+    /// `slice` of tensor `name` in its quantized blocks, or None where it is better decoded
+    /// (the format has no blocks, the tensor is stored as floats, or the slice cuts blocks).
+    fn load_quantized(
+        &self,
+        _name: &str,
+        _shape: &[usize],
+        _slice: &Slice,
+        _device: &Device,
+    ) -> Result<Option<QuantizedMatrix>, LoadError> {
+        Ok(None)
+    }
+
+    /// What this format stores for a Gemma RMSNorm's weight.
+    fn norm_weights(&self) -> NormWeights;
+
+    /// Bytes copied out of the files so far, shared for progress reports from another thread.
+    fn bytes_read(&self) -> &Arc<AtomicU64>;
+
+    /// Stored bytes per parameter, for progress estimates.
+    fn bytes_per_parameter(&self) -> f64;
+}
+
+/// The weights of one model, memory-mapped, in whichever format they came.
+pub struct WeightFiles {
+    source: Box<dyn TensorSource>,
 }
 
 impl WeightFiles {
     pub fn open(files: &ModelFiles, arch: Architecture) -> Result<Self, LoadError> {
-        match files.format {
-            ModelFormat::HfFolder => Ok(Self::Safetensors(SafetensorsFiles::open(&files.weights)?)),
-            ModelFormat::Gguf => Ok(Self::Gguf(GgufFile::open(&files.weights, arch)?)),
-        }
+        let source: Box<dyn TensorSource> = match files.format {
+            ModelFormat::HfFolder => Box::new(SafetensorsFiles::open(&files.weights)?),
+            ModelFormat::Gguf => Box::new(GgufFile::open(&files.weights, arch)?),
+        };
+        Ok(Self { source })
     }
 
     /// Total bytes copied out of the files so far.
     pub fn bytes_read(&self) -> u64 {
-        match self {
-            Self::Safetensors(f) => f.bytes_read(),
-            Self::Gguf(f) => f.bytes_read(),
-        }
+        self.source.bytes_read().load(Ordering::Relaxed)
     }
 
     /// A live view of [`Self::bytes_read`] for progress reports from another thread.
     pub fn progress(&self) -> Arc<AtomicU64> {
-        match self {
-            Self::Safetensors(f) => f.progress(),
-            Self::Gguf(f) => f.progress(),
-        }
+        self.source.bytes_read().clone()
     }
 
     /// Stored bytes per parameter, for progress estimates (the embedding's for safetensors,
     /// the whole file's average for GGUF).
     pub fn bytes_per_parameter(&self) -> f64 {
-        match self {
-            Self::Safetensors(f) => f
-                .stored_elem_size(crate::model::embedding::EMBED_TOKENS)
-                .unwrap_or(4) as f64,
-            Self::Gguf(f) => f.bytes_per_parameter(),
-        }
+        self.source.bytes_per_parameter()
     }
 
     /// Reads `slice` of tensor `name` (its HuggingFace name), checking the stored tensor has
@@ -127,14 +172,10 @@ impl WeightFiles {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor, LoadError> {
-        match self {
-            Self::Safetensors(f) => f.load(name, shape, slice, dtype, device),
-            Self::Gguf(f) => f.load(name, shape, slice, dtype, device),
-        }
+        self.source.load(name, shape, slice, dtype, device)
     }
 
-    /// A Gemma RMSNorm's multiplier (1 + w) in f32. llama.cpp's converter stores norms with the
-    /// 1 already added, HF files store w.
+    /// A Gemma RMSNorm's multiplier (1 + w) in f32.
     pub fn load_norm_scale(
         &self,
         name: &str,
@@ -142,16 +183,13 @@ impl WeightFiles {
         device: &Device,
     ) -> Result<Tensor, LoadError> {
         let w = self.load(name, &[dim], Slice::Whole, DType::F32, device)?;
-        match self {
-            Self::Safetensors(_) => (w + 1.0).map_err(|source| LoadError::Candle {
-                tensor: name.to_string(),
-                source,
-            }),
-            Self::Gguf(_) => Ok(w),
+        match self.source.norm_weights() {
+            NormWeights::Offset => (w + 1.0).map_err(candle_error(name)),
+            NormWeights::Multiplier => Ok(w),
         }
     }
 
-    /// A weight matrix: quantized GGUF tensors stay in their blocks when `quantized` is
+    /// A weight matrix: quantized tensors stay in their blocks when `quantized` is
     /// [`QuantizedWeights::Keep`] and the slice falls on block boundaries; everything else is
     /// decoded to `dtype`.
     pub fn load_matrix(
@@ -163,29 +201,11 @@ impl WeightFiles {
         device: &Device,
         quantized: QuantizedWeights,
     ) -> Result<Matrix, LoadError> {
-        match self {
-            Self::Gguf(f) if quantized == QuantizedWeights::Keep => {
-                if let Some(q) = f.load_quantized(name, shape, &slice, device)? {
-                    return Ok(Matrix::Quantized(q));
-                }
-                Ok(Matrix::Dense(f.load(name, shape, slice, dtype, device)?))
+        if quantized == QuantizedWeights::Keep {
+            if let Some(q) = self.source.load_quantized(name, shape, &slice, device)? {
+                return Ok(Matrix::Quantized(q));
             }
-            _ => Ok(Matrix::Dense(self.load(name, shape, slice, dtype, device)?)),
         }
+        Ok(Matrix::Dense(self.load(name, shape, slice, dtype, device)?))
     }
-}
-
-/// Bytes decoded between two releases of mapped pages: bounds a load's transient RSS.
-pub(crate) const RELEASE_EVERY: usize = 8 << 20;
-
-/// Drops the pages of `[offset, offset+len)` of a read-only map from this process's resident
-/// set; they are read again from the file if ever touched.
-pub(crate) fn release_pages(mmap: &Mmap, offset: usize, len: usize) {
-    if len == 0 || offset.saturating_add(len) > mmap.len() {
-        return;
-    }
-    // SAFETY: the mapping is a read-only private map of a file we never write through, so
-    // MADV_DONTNEED cannot discard data: a later access re-reads the same bytes from the file.
-    // The range was checked to lie inside the map.
-    let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) };
 }

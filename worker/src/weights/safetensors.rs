@@ -5,7 +5,6 @@
 //! resident set right after conversion, so a worker's peak memory is its shard, not the model.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +16,8 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, TensorInfo};
 use safetensors::SafeTensors;
 
-use super::{Slice, RELEASE_EVERY};
+use super::mapped::{map_file, ReleaseBehind, RELEASE_EVERY};
+use super::{candle_error, NormWeights, Slice, TensorSource, EMBED_TOKENS};
 use crate::error::LoadError;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -49,7 +49,7 @@ impl SafetensorsFiles {
         if index.exists() {
             Self::open_indexed(dir, &index)
         } else if single.exists() {
-            let file = map_file(&single)?;
+            let file = map_safetensors(&single)?;
             let location = file.tensors.keys().map(|k| (k.clone(), 0)).collect();
             Ok(Self {
                 files: vec![file],
@@ -96,7 +96,7 @@ impl SafetensorsFiles {
         }
         let files = names
             .iter()
-            .map(|n| map_file(&dir.join(n)))
+            .map(|n| map_safetensors(&dir.join(n)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             files,
@@ -106,26 +106,32 @@ impl SafetensorsFiles {
         })
     }
 
-    /// Total bytes copied out of the files so far.
-    pub fn bytes_read(&self) -> u64 {
-        self.bytes_read.load(Ordering::Relaxed)
+    fn find(&self, name: &str) -> Result<(&MappedFile, &TensorInfo), LoadError> {
+        let missing = || LoadError::MissingTensor {
+            tensor: name.to_string(),
+            files: self.searched.clone(),
+        };
+        let file = self
+            .location
+            .get(name)
+            .and_then(|&i| self.files.get(i))
+            .ok_or_else(missing)?;
+        // The index may claim a tensor its file does not hold.
+        let info = file
+            .tensors
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor {
+                tensor: name.to_string(),
+                files: file.path.display().to_string(),
+            })?;
+        Ok((file, info))
     }
+}
 
-    /// A live view of [`Self::bytes_read`] for progress reports from another thread.
-    pub fn progress(&self) -> Arc<AtomicU64> {
-        self.bytes_read.clone()
-    }
-
-    /// Bytes per element of tensor `name` as stored (None if absent or of an unsupported dtype).
-    pub fn stored_elem_size(&self, name: &str) -> Option<usize> {
-        self.find(name)
-            .ok()
-            .and_then(|(_, info)| stored_elem_size(info.dtype))
-    }
-
+impl TensorSource for SafetensorsFiles {
     /// Reads `slice` of tensor `name`, checking the stored tensor has `shape`, and converts it to
     /// `dtype` on `device`.
-    pub fn load(
+    fn load(
         &self,
         name: &str,
         shape: &[usize],
@@ -161,52 +167,29 @@ impl SafetensorsFiles {
         let tensor = decode(file, &pieces, info.dtype, &out_shape, dtype, device);
         let read: usize = pieces.iter().map(|r| r.len()).sum();
         self.bytes_read.fetch_add(read as u64, Ordering::Relaxed);
-        tensor.map_err(|source| LoadError::Candle {
-            tensor: name.to_string(),
-            source,
-        })
+        tensor.map_err(candle_error(name))
     }
 
-    fn find(&self, name: &str) -> Result<(&MappedFile, &TensorInfo), LoadError> {
-        let missing = || LoadError::MissingTensor {
-            tensor: name.to_string(),
-            files: self.searched.clone(),
-        };
-        let file = self
-            .location
-            .get(name)
-            .and_then(|&i| self.files.get(i))
-            .ok_or_else(missing)?;
-        // The index may claim a tensor its file does not hold.
-        let info = file
-            .tensors
-            .get(name)
-            .ok_or_else(|| LoadError::MissingTensor {
-                tensor: name.to_string(),
-                files: file.path.display().to_string(),
-            })?;
-        Ok((file, info))
+    fn norm_weights(&self) -> NormWeights {
+        NormWeights::Offset
+    }
+
+    fn bytes_read(&self) -> &Arc<AtomicU64> {
+        &self.bytes_read
+    }
+
+    /// The embedding's stored element size: a HuggingFace checkpoint stores its weights in one
+    /// dtype.
+    fn bytes_per_parameter(&self) -> f64 {
+        self.find(EMBED_TOKENS)
+            .ok()
+            .and_then(|(_, info)| stored_elem_size(info.dtype))
+            .unwrap_or(4) as f64
     }
 }
 
-impl MappedFile {
-    /// Drops the pages of `[offset, offset+len)` from this process's resident set; they are
-    /// read again from the file if ever touched.
-    fn release(&self, offset: usize, len: usize) {
-        super::release_pages(&self.mmap, offset, len);
-    }
-}
-
-fn map_file(path: &Path) -> Result<MappedFile, LoadError> {
-    let io = |source| LoadError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let file = File::open(path).map_err(io)?;
-    // SAFETY: model files are treated as read-only inputs; a process truncating them while we
-    // run is outside what any model server can defend against (the same contract as candle's
-    // and safetensors' own mmap loaders).
-    let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+fn map_safetensors(path: &Path) -> Result<MappedFile, LoadError> {
+    let mmap = map_file(path)?;
     let (header_len, metadata) =
         SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Corrupt {
             path: path.display().to_string(),
@@ -319,26 +302,17 @@ fn decode_le<T, const N: usize>(
 ) -> Vec<T> {
     let total: usize = pieces.iter().map(|r| r.len() / N).sum();
     let mut out = Vec::with_capacity(total);
-    // Pages touched since the last release, as one span (pieces are in file order).
-    let mut touched: Option<Range<usize>> = None;
+    // Pieces are in file order.
+    let mut release = ReleaseBehind::new(&file.mmap);
     for r in pieces {
         let mut at = r.start;
         while at < r.end {
             let end = (at + RELEASE_EVERY).min(r.end);
             let (elems, _) = file.mmap[at..end].as_chunks::<N>();
             out.extend(elems.iter().map(|&b| from_le(b)));
-            let span = touched.map_or(at..end, |t| t.start..end);
-            if span.len() >= RELEASE_EVERY {
-                file.release(span.start, span.len());
-                touched = None;
-            } else {
-                touched = Some(span);
-            }
+            release.read(at..end);
             at = end;
         }
-    }
-    if let Some(span) = touched {
-        file.release(span.start, span.len());
     }
     out
 }
