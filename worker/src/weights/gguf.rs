@@ -17,7 +17,9 @@ use gemma_proto::{Architecture, GgmlType, GgufHeader, GgufTensor};
 use memmap2::Mmap;
 
 use super::mapped::{map_file, ReleaseBehind};
-use super::{candle_error, NormWeights, QuantizedMatrix, Slice, TensorSource, EMBED_TOKENS};
+use super::{
+    candle_error, check_stored, NormWeights, QuantizedMatrix, Slice, TensorSource, EMBED_TOKENS,
+};
 use crate::error::LoadError;
 
 pub struct GgufFile {
@@ -57,7 +59,6 @@ impl GgufFile {
         shape: &[usize],
         slice: &Slice,
     ) -> Result<(&GgufTensor, GgmlType), LoadError> {
-        let path = self.path.display().to_string();
         let gguf = gguf_name(name, self.arch).unwrap_or_else(|| name.to_string());
         let t = self
             .by_name
@@ -65,36 +66,18 @@ impl GgufFile {
             .and_then(|&i| self.header.tensors.get(i))
             .ok_or_else(|| LoadError::MissingTensor {
                 tensor: format!("{gguf} ({name})"),
-                files: path.clone(),
+                files: self.path.display().to_string(),
             })?;
-        if t.shape != shape {
-            return Err(LoadError::Shape {
-                path,
-                tensor: gguf,
-                expected: shape.to_vec(),
-                found: t.shape.clone(),
-            });
-        }
-        let ty = t
+        // Whole blocks per row, or the rows could not be sliced.
+        let stored_type = t
             .ggml_type
             .filter(|ty| {
                 t.shape
                     .last()
                     .is_some_and(|c| c.is_multiple_of(ty.block_size()))
             })
-            .ok_or_else(|| LoadError::Dtype {
-                path: path.clone(),
-                tensor: gguf.clone(),
-                found: format!("ggml type {}", t.type_id),
-            })?;
-        if !slice.fits(shape) {
-            return Err(LoadError::Slice {
-                path,
-                tensor: gguf,
-                shape: shape.to_vec(),
-                slice: format!("{slice:?}"),
-            });
-        }
+            .ok_or_else(|| format!("ggml type {}", t.type_id));
+        let ty = check_stored(&self.path, &gguf, &t.shape, stored_type, shape, slice)?;
         Ok((t, ty))
     }
 

@@ -7,6 +7,7 @@ mod mapped;
 pub mod safetensors;
 
 use std::ops::Range;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -77,6 +78,42 @@ pub enum QuantizedWeights {
     Keep,
     /// Dequantized to the compute dtype at load.
     Dequantize,
+}
+
+/// Checks a stored tensor (`stored_shape`; `stored_type`: how its format will read it, or the
+/// type's name where it cannot) against what a layer asked for, in one order for every format:
+/// the shape, then the type, then whether `slice` fits.
+fn check_stored<T>(
+    path: &Path,
+    tensor: &str,
+    stored_shape: &[usize],
+    stored_type: Result<T, String>,
+    shape: &[usize],
+    slice: &Slice,
+) -> Result<T, LoadError> {
+    let path = path.display().to_string();
+    if stored_shape != shape {
+        return Err(LoadError::Shape {
+            path,
+            tensor: tensor.to_string(),
+            expected: shape.to_vec(),
+            found: stored_shape.to_vec(),
+        });
+    }
+    let ty = stored_type.map_err(|found| LoadError::Dtype {
+        path: path.clone(),
+        tensor: tensor.to_string(),
+        found,
+    })?;
+    if !slice.fits(shape) {
+        return Err(LoadError::Slice {
+            path,
+            tensor: tensor.to_string(),
+            shape: shape.to_vec(),
+            slice: format!("{slice:?}"),
+        });
+    }
+    Ok(ty)
 }
 
 /// Names the tensor a candle error came from.
@@ -162,19 +199,6 @@ impl WeightFiles {
         self.source.bytes_per_parameter()
     }
 
-    /// Reads `slice` of tensor `name` (its HuggingFace name), checking the stored tensor has
-    /// `shape`, decoded to `dtype` on `device`.
-    pub fn load(
-        &self,
-        name: &str,
-        shape: &[usize],
-        slice: Slice,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor, LoadError> {
-        self.source.load(name, shape, slice, dtype, device)
-    }
-
     /// A Gemma RMSNorm's multiplier (1 + w) in f32.
     pub fn load_norm_scale(
         &self,
@@ -182,7 +206,9 @@ impl WeightFiles {
         dim: usize,
         device: &Device,
     ) -> Result<Tensor, LoadError> {
-        let w = self.load(name, &[dim], Slice::Whole, DType::F32, device)?;
+        let w = self
+            .source
+            .load(name, &[dim], Slice::Whole, DType::F32, device)?;
         match self.source.norm_weights() {
             NormWeights::Offset => (w + 1.0).map_err(candle_error(name)),
             NormWeights::Multiplier => Ok(w),
@@ -206,6 +232,54 @@ impl WeightFiles {
                 return Ok(Matrix::Quantized(q));
             }
         }
-        Ok(Matrix::Dense(self.load(name, shape, slice, dtype, device)?))
+        Ok(Matrix::Dense(
+            self.source.load(name, shape, slice, dtype, device)?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(
+        stored_shape: &[usize],
+        stored_type: Result<usize, String>,
+        slice: Slice,
+    ) -> Result<usize, String> {
+        check_stored(
+            Path::new("/m/model.safetensors"),
+            "w",
+            stored_shape,
+            stored_type,
+            &[8, 4],
+            &slice,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_tensor_as_asked_passes_with_its_stored_type() {
+        assert_eq!(check(&[8, 4], Ok(2), Slice::Rows(2..6)), Ok(2));
+        assert_eq!(check(&[8, 4], Ok(4), Slice::Cols(0..4)), Ok(4));
+    }
+
+    #[test]
+    fn the_shape_is_checked_before_the_type_and_the_type_before_the_slice() {
+        let both = check(&[4, 8], Err("I32".into()), Slice::Rows(0..9));
+        assert_eq!(
+            both,
+            Err("/m/model.safetensors: tensor w has shape [4, 8], expected [8, 4]".into())
+        );
+        let e = check(&[8, 4], Err("I32".into()), Slice::Rows(0..9)).unwrap_err();
+        assert!(
+            e.starts_with("/m/model.safetensors: tensor w is stored as I32; supported:"),
+            "{e}"
+        );
+        let e = check(&[8, 4], Ok(4), Slice::Rows(0..9)).unwrap_err();
+        assert_eq!(
+            e,
+            "/m/model.safetensors: tensor w of shape [8, 4] cannot be sliced as Rows(0..9)"
+        );
     }
 }

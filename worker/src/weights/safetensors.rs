@@ -17,7 +17,7 @@ use safetensors::tensor::{Dtype as StDtype, TensorInfo};
 use safetensors::SafeTensors;
 
 use super::mapped::{map_file, ReleaseBehind, RELEASE_EVERY};
-use super::{candle_error, NormWeights, Slice, TensorSource, EMBED_TOKENS};
+use super::{candle_error, check_stored, NormWeights, Slice, TensorSource, EMBED_TOKENS};
 use crate::error::LoadError;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -140,28 +140,8 @@ impl TensorSource for SafetensorsFiles {
         device: &Device,
     ) -> Result<Tensor, LoadError> {
         let (file, info) = self.find(name)?;
-        let path = file.path.display().to_string();
-        if info.shape != shape {
-            return Err(LoadError::Shape {
-                path,
-                tensor: name.to_string(),
-                expected: shape.to_vec(),
-                found: info.shape.clone(),
-            });
-        }
-        let elem = stored_elem_size(info.dtype).ok_or_else(|| LoadError::Dtype {
-            path: path.clone(),
-            tensor: name.to_string(),
-            found: format!("{:?}", info.dtype),
-        })?;
-        if !slice.fits(shape) {
-            return Err(LoadError::Slice {
-                path,
-                tensor: name.to_string(),
-                shape: shape.to_vec(),
-                slice: format!("{slice:?}"),
-            });
-        }
+        let stored_type = stored_elem_size(info.dtype).ok_or_else(|| format!("{:?}", info.dtype));
+        let elem = check_stored(&file.path, name, &info.shape, stored_type, shape, &slice)?;
         let base = file.data_start + info.data_offsets.0;
         let (pieces, out_shape) = slice_pieces(base, shape, &slice, elem);
         let tensor = decode(file, &pieces, info.dtype, &out_shape, dtype, device);
