@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use gemma_cluster_tests::http::post_json;
 use gemma_cluster_tests::process::{alive, binary, worker_pids, CoordinatorProcess, Spawned};
-use gemma_cluster_tests::{add_tokenizer, TinyGemma};
 use gemma_coordinator::chat::{ChatMessage, ChatTemplate};
 use gemma_coordinator::cluster::{Cluster, Prepared};
 use gemma_coordinator::sampler::{argmax, Sampler, SamplingParams};
 use gemma_coordinator::settings::{Args, Settings};
 use gemma_coordinator::tokenizer::TextTokenizer;
 use gemma_proto::{KvBlockManager, PlanRequest, SeqLogits, SeqStep, StepBatch};
-use gemma_worker::{LocalCluster, ModelFolder, ShardOptions};
+use gemma_testkit::{add_tokenizer, LocalCluster, TinyGemma};
+use gemma_worker::{ModelFolder, ShardOptions};
 use serde_json::json;
 
 const DECODE_STEPS: usize = 6;

@@ -4,10 +4,10 @@
 
 use gemma_cluster_tests::http::post_json;
 use gemma_cluster_tests::process::CoordinatorProcess;
-use gemma_cluster_tests::real_model_dir;
 use gemma_coordinator::tokenizer::TextTokenizer;
 use gemma_proto::{KvBlockManager, PlanRequest};
-use gemma_worker::{generate_greedy, GreedyOptions, LocalCluster, ModelFolder, ShardOptions};
+use gemma_testkit::{generate_greedy, real_model_dir, GreedyOptions, LocalCluster};
+use gemma_worker::{ModelFolder, ShardOptions};
 use serde_json::json;
 
 const NEW_TOKENS: usize = 8;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use gemma_cluster_tests::http::{open_stream, post_json, request, sse_data};
 use gemma_cluster_tests::process::CoordinatorProcess;
-use gemma_cluster_tests::{add_tokenizer, TinyGemma};
+use gemma_testkit::{add_tokenizer, TinyGemma};
 use serde_json::{json, Value};
 
 fn model_dir() -> &'static std::path::Path {

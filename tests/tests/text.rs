@@ -1,9 +1,9 @@
 //! Text handling with the real Gemma tokenizer: <bos> exactly once, incremental detokenization
 //! that never splits a character, the chat template with a folded system message.
 
-use gemma_cluster_tests::{add_tokenizer, tokenizer_dir};
 use gemma_coordinator::chat::{ChatMessage, ChatTemplate};
 use gemma_coordinator::tokenizer::{IncrementalDecoder, TextTokenizer};
+use gemma_testkit::{add_tokenizer, tokenizer_dir};
 
 fn tokenizer() -> TextTokenizer {
     TextTokenizer::from_dir(&tokenizer_dir(), 2, 1).expect("run scripts/fetch-tokenizer.sh")

@@ -85,17 +85,6 @@ pub enum CollectiveError {
     Connect(String),
 }
 
-/// Why a generation run stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("prompt {0} is empty; every prompt needs at least one token (<bos>)")]
-    EmptyPrompt(usize),
-    #[error(transparent)]
-    Kv(#[from] gemma_proto::KvError),
-    #[error(transparent)]
-    Step(#[from] StepError),
-}
-
 /// A tensor that cannot be put on or taken off the wire.
 #[derive(Debug, thiserror::Error, Clone)]
 #[error("wire tensor: {0}")]

@@ -7,14 +7,12 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use gemma_cluster_tests::reference::NaiveGemma;
-use gemma_cluster_tests::{SplitMix64, TinyGemma};
-use gemma_proto::{KvBlockManager, ModelConfig, PlanRequest};
+use gemma_proto::{KvBlockManager, ModelConfig, PlanRequest, SplitMix64};
+use gemma_testkit::reference::NaiveGemma;
+use gemma_testkit::{generate_greedy, GreedyOptions, GreedyOutput, LocalCluster, TinyGemma};
 use gemma_worker::weights::gguf::q5_0_to_q8_0;
 use gemma_worker::weights::QuantizedWeights;
-use gemma_worker::{
-    generate_greedy, GreedyOptions, GreedyOutput, LocalCluster, ModelFolder, ShardOptions,
-};
+use gemma_worker::{ModelFolder, ShardOptions};
 
 const NEW_TOKENS: usize = 16;
 const VOCAB: usize = 2048;

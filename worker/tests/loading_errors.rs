@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use gemma_cluster_tests::{write_safetensors, TinyGemma};
 use gemma_proto::PlanRequest;
-use gemma_worker::{LoadError, LocalCluster, ModelFolder, ShardOptions};
+use gemma_testkit::{write_safetensors, LocalCluster, TinyGemma};
+use gemma_worker::{LoadError, ModelFolder, ShardOptions};
 use safetensors::tensor::Dtype;
 
 fn small() -> TinyGemma {

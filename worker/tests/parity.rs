@@ -96,7 +96,8 @@ fn tp_plans_agree_bit_for_bit_with_themselves() {
 #[test]
 fn batch_order_does_not_change_logits() {
     use gemma_proto::{KvBlockManager, SeqStep, StepBatch};
-    use gemma_worker::{LocalCluster, ModelFolder};
+    use gemma_testkit::LocalCluster;
+    use gemma_worker::ModelFolder;
     let folder = ModelFolder::open(Model::Mqa.dir()).expect("folder");
     let prompts = prompts();
     let run = |order: &[usize]| {

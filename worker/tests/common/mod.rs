@@ -9,11 +9,12 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::gemma;
-use gemma_cluster_tests::{SplitMix64, Storage, TinyGemma};
-use gemma_proto::{KvBlockManager, ModelConfig, PlanRequest};
-use gemma_worker::{
-    generate_greedy, GreedyOptions, GreedyOutput, LocalCluster, ModelFolder, ShardOptions,
+use gemma_proto::candidates::argmax;
+use gemma_proto::{KvBlockManager, ModelConfig, PlanRequest, SplitMix64};
+use gemma_testkit::{
+    generate_greedy, GreedyOptions, GreedyOutput, LocalCluster, Storage, TinyGemma,
 };
+use gemma_worker::{ModelFolder, ShardOptions};
 
 pub const NEW_TOKENS: usize = 32;
 /// Logits of a plan vs the single-process reference (f32).
@@ -139,7 +140,7 @@ pub fn reference(model: Model) -> &'static Reference {
     cell.get_or_init(|| run_reference(source.dir()))
 }
 
-/// The plain reference (gemma_cluster_tests::reference) on each prompt alone, greedy.
+/// The plain reference (gemma_testkit::reference) on each prompt alone, greedy.
 pub fn naive_reference(model: Model) -> Reference {
     let naive = model.tiny().reference();
     let mut out = Reference {
@@ -195,7 +196,7 @@ fn run_reference(dir: &Path) -> Reference {
         let mut toks = Vec::new();
         for pos in prompt.len()..prompt.len() + NEW_TOKENS {
             out.min_margin = out.min_margin.min(top2_margin(&logits));
-            let t = gemma_worker::generate::argmax(&logits);
+            let t = argmax(&logits);
             toks.push(t);
             let input = Tensor::new(&[[t]], &dev).expect("id");
             logits = last_logits(&m.forward(&input, pos).expect("decode"));

@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
-use gemma_cluster_tests::TinyGemma;
 use gemma_coordinator::cluster::{Cluster, Prepared};
 use gemma_coordinator::settings::{Args, Settings};
+use gemma_proto::candidates::argmax;
 use gemma_proto::{KvBlockManager, PlanRequest, SeqStep, ShardSpec, StepBatch};
+use gemma_testkit::{LocalCluster, TinyGemma};
 use gemma_worker::collective::Collective;
 use gemma_worker::data_plane::{DataPlane, PlaneCollective};
-use gemma_worker::{LocalCluster, ModelFolder, ShardOptions};
+use gemma_worker::{ModelFolder, ShardOptions};
 
 mod real_model;
 
@@ -395,18 +396,18 @@ fn time_decode(
         }],
     };
     let logits = step(batch(prompt.clone(), 0))?;
-    let mut next = gemma_worker::generate::argmax(&logits[0]);
+    let mut next = argmax(&logits[0]);
     let mut pos = prompt.len();
     // Warm up, then measure.
     for _ in 0..4 {
         let l = step(batch(vec![next], pos))?;
-        next = gemma_worker::generate::argmax(&l[0]);
+        next = argmax(&l[0]);
         pos += 1;
     }
     let t = Instant::now();
     for _ in 0..64 {
         let l = step(batch(vec![next], pos))?;
-        next = gemma_worker::generate::argmax(&l[0]);
+        next = argmax(&l[0]);
         pos += 1;
     }
     Ok(t.elapsed().as_secs_f64() * 1000.0 / 64.0)
@@ -427,7 +428,7 @@ fn serving() -> Result<Vec<Row>> {
         ..TinyGemma::mha_like_7b()
     };
     model.write(dir.path())?;
-    gemma_cluster_tests::add_tokenizer(dir.path())?;
+    gemma_testkit::add_tokenizer(dir.path())?;
     eprintln!(
         "serving model: {} MiB of f32 weights",
         model.f32_bytes() >> 20

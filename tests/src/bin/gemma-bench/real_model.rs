@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use gemma_proto::{KvBlockManager, PlanRequest, SeqLogits, SeqStep, StepBatch};
-use gemma_worker::{LocalCluster, ModelFolder, ShardOptions};
+use gemma_testkit::LocalCluster;
+use gemma_worker::{ModelFolder, ShardOptions};
 
 use super::Row;
 
@@ -62,7 +63,7 @@ pub fn rows() -> Result<Vec<Row>> {
 }
 
 fn model_path() -> Option<PathBuf> {
-    let path = gemma_cluster_tests::real_model_path();
+    let path = gemma_testkit::real_model_path();
     path.exists().then_some(path)
 }
 
@@ -161,7 +162,7 @@ fn single_process(model: &Path) -> Result<Speeds> {
     let kv = KvBlockManager::new(64, 16);
     measure(&kv, |b| {
         let logits = cluster.step(&b)?.to_vec2::<f32>()?;
-        Ok(gemma_worker::generate::argmax(&logits[0]))
+        Ok(gemma_proto::candidates::argmax(&logits[0]))
     })
 }
 
@@ -174,7 +175,7 @@ fn cluster(model: &Path, tp: usize) -> Result<Speeds> {
             Some(SeqLogits::Top { candidates, .. }) if !candidates.is_empty() => {
                 Ok(candidates[0].1)
             }
-            Some(SeqLogits::Full(row)) => Ok(gemma_worker::generate::argmax(&row)),
+            Some(SeqLogits::Full(row)) => Ok(gemma_proto::candidates::argmax(&row)),
             _ => bail!("the cluster returned no candidates"),
         }
     })

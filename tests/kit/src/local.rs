@@ -4,13 +4,10 @@
 
 use candle_core::Tensor;
 use gemma_proto::{PlanRequest, ShardPlan, StepBatch};
-
-use crate::collective::{
+use gemma_worker::collective::{
     Collective, InProcessCollective, SoloCollective, DEFAULT_COLLECTIVE_TIMEOUT,
 };
-use crate::error::{LoadError, StepError};
-use crate::folder::ModelFolder;
-use crate::model::{Shard, ShardOptions, StageOutput};
+use gemma_worker::{LoadError, ModelFolder, Shard, ShardOptions, StageOutput, StepError};
 
 pub struct LocalCluster {
     plan: ShardPlan,

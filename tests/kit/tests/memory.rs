@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use gemma_cluster_tests::TinyGemma;
+use gemma_testkit::TinyGemma;
 
 /// Process, allocator, RoPE tables and one 8 MiB window of mapped pages (measured: 11-14 MiB).
 const FIXED_OVERHEAD_MIB: u64 = 32;

@@ -10,9 +10,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Parser;
 use gemma_proto::{KvBlockManager, PlanRequest, ShardPlan};
-use gemma_worker::{
-    generate_greedy, GreedyOptions, LocalCluster, ModelFolder, Shard, ShardOptions, SoloCollective,
-};
+use gemma_testkit::{generate_greedy, GreedyOptions, LocalCluster};
+use gemma_worker::{ModelFolder, Shard, ShardOptions, SoloCollective};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use gemma_cluster_tests::{Storage, TinyGemma};
+use gemma_testkit::{Storage, TinyGemma};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);

@@ -2,11 +2,22 @@
 //! decode, prompts prefilled in chunks, so steps mix prefill and decode of sequences of different
 //! lengths through the paged cache.
 
-pub use gemma_proto::candidates::argmax;
+use gemma_proto::candidates::argmax;
 use gemma_proto::{KvAllocation, KvBlockManager, SeqStep, StepBatch};
+use gemma_worker::StepError;
 
-use crate::error::RunError;
 use crate::local::LocalCluster;
+
+/// Why a generation run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("prompt {0} is empty; every prompt needs at least one token (<bos>)")]
+    EmptyPrompt(usize),
+    #[error(transparent)]
+    Kv(#[from] gemma_proto::KvError),
+    #[error(transparent)]
+    Step(#[from] StepError),
+}
 
 #[derive(Debug, Clone)]
 pub struct GreedyOptions {
@@ -99,7 +110,7 @@ pub fn generate_greedy(
         let logits = cluster
             .step(&batch)?
             .to_vec2::<f32>()
-            .map_err(crate::error::StepError::from)?;
+            .map_err(StepError::from)?;
         for ((&i, seq_step), row) in active.iter().zip(&batch.seqs).zip(logits) {
             let seq = &mut seqs[i];
             seq.cached = seq_step.end_pos();
