@@ -341,3 +341,66 @@ fn preemption_under_kv_pressure_keeps_greedy_text() {
     assert_eq!(m["gemma_cluster_kv_blocks_total"], 32.0);
     assert_eq!(m["gemma_cluster_kv_blocks_used"], 0.0);
 }
+
+/// Tokenizing runs off the async runtime. The coordinator gets two runtime worker threads
+/// (TOKIO_WORKER_THREADS), and two clients send a prompt of about 1 MB each (one BPE word:
+/// seconds of tokenizer work each, then refused as too long). Were prompts tokenized on the
+/// runtime, both worker threads would be busy until the refusals: the running stream and
+/// /health would stall, and the refusals would arrive first. Off the runtime, the stream keeps
+/// receiving tokens and /health answers while the big prompts are still being tokenized.
+#[test]
+fn long_prompts_do_not_stall_other_streams() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const BIG_PROMPTS: usize = 2;
+    /// Tokens (one engine step each) the stream must deliver while the big prompts are pending.
+    const EVENTS: usize = 64;
+    let c = start(&[], &[("TOKIO_WORKER_THREADS", "2")]);
+    let mut stream = open_stream(
+        &c.addr,
+        "/v1/completions",
+        &json!({"prompt": "A long story:", "max_tokens": 4000, "temperature": 0.7, "top_k": 40,
+                "seed": 5, "stream": true}),
+        1,
+        Duration::from_secs(120),
+    )
+    .expect("stream started");
+    let answered = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for i in 0..BIG_PROMPTS {
+            let (addr, answered) = (&c.addr, &answered);
+            s.spawn(move || {
+                let prompt = format!("{i}: {}", "lorem ipsum dolor sit amet ".repeat(40_000));
+                let r = request(
+                    addr,
+                    "POST",
+                    "/v1/completions",
+                    Some(&json!({"prompt": prompt, "max_tokens": 1})),
+                    Duration::from_secs(300),
+                )
+                .expect("big prompt answered");
+                answered.fetch_add(1, Ordering::SeqCst);
+                let v = r.json().expect("json");
+                assert_eq!(r.status, 400, "{v}");
+                assert_eq!(v["error"]["param"], "prompt", "{v}");
+            });
+        }
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while String::from_utf8_lossy(&seen).matches("data:").count() < EVENTS {
+            let n = stream.read(&mut buf).expect("stream readable");
+            assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let health =
+            request(&c.addr, "GET", "/health", None, Duration::from_secs(60)).expect("health");
+        assert_eq!(health.status, 200);
+        assert_eq!(
+            answered.load(Ordering::SeqCst),
+            0,
+            "the big prompts were answered before the stream's {EVENTS} tokens and /health: \
+             tokenizing stalled the runtime"
+        );
+    });
+}
