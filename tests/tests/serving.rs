@@ -341,3 +341,76 @@ fn preemption_under_kv_pressure_keeps_greedy_text() {
     assert_eq!(m["gemma_cluster_kv_blocks_total"], 32.0);
     assert_eq!(m["gemma_cluster_kv_blocks_used"], 0.0);
 }
+
+/// Tokenizing runs off the async runtime. The coordinator gets two runtime worker threads
+/// (TOKIO_WORKER_THREADS), and two clients send a prompt of 1.75 MB each (one BPE word, seconds
+/// of tokenizer work each, then refused as too long). Were prompts tokenized on the runtime, both
+/// worker threads would be busy until the refusals: the running stream and /health would stall,
+/// and the refusals would arrive first. Off the runtime, the stream keeps receiving tokens and
+/// /health answers while the big prompts are still being tokenized.
+#[test]
+fn long_prompts_do_not_stall_other_streams() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Barrier;
+
+    const BIG_PROMPTS: usize = 2;
+    /// Tokens (one engine step each) the stream must deliver while the big prompts are pending.
+    const EVENTS: usize = 8;
+    let c = start(&[], &[("TOKIO_WORKER_THREADS", "2")]);
+    let mut stream = open_stream(
+        &c.addr,
+        "/v1/completions",
+        &json!({"prompt": "A long story:", "max_tokens": 4000, "temperature": 0.7, "top_k": 40,
+                "seed": 5, "stream": true}),
+        1,
+        Duration::from_secs(300),
+    )
+    .expect("stream started");
+    let answered = AtomicUsize::new(0);
+    // The stream's tokens are counted from when every big prompt has been sent.
+    let sent = Barrier::new(BIG_PROMPTS + 1);
+    std::thread::scope(|s| {
+        for i in 0..BIG_PROMPTS {
+            let (addr, answered, sent) = (&c.addr, &answered, &sent);
+            s.spawn(move || {
+                let prompt = format!("{i}: {}", "lorem ipsum dolor sit amet ".repeat(65_000));
+                let body = json!({"prompt": prompt, "max_tokens": 1}).to_string();
+                let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+                conn.set_read_timeout(Some(Duration::from_secs(300)))
+                    .expect("timeout");
+                write!(
+                    conn,
+                    "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .expect("big prompt sent");
+                sent.wait();
+                let mut answer = String::new();
+                conn.read_to_string(&mut answer)
+                    .expect("big prompt answered");
+                answered.fetch_add(1, Ordering::SeqCst);
+                assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+                assert!(answer.contains(r#""param":"prompt""#), "{answer}");
+            });
+        }
+        sent.wait();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while String::from_utf8_lossy(&seen).matches("data:").count() < EVENTS {
+            let n = stream.read(&mut buf).expect("stream readable");
+            assert!(n > 0, "stream ended: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let health =
+            request(&c.addr, "GET", "/health", None, Duration::from_secs(300)).expect("health");
+        assert_eq!(health.status, 200);
+        assert_eq!(
+            answered.load(Ordering::SeqCst),
+            0,
+            "the big prompts were answered before the stream's {EVENTS} tokens and /health: \
+             tokenizing stalled the runtime"
+        );
+    });
+}

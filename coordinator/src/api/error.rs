@@ -1,0 +1,98 @@
+//! Every refusal the API answers, as an HTTP status and OpenAI's error body.
+
+use axum::extract::rejection::JsonRejection;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::response::ErrorBody;
+use super::validation::{ValidationError, ValidationErrors};
+use crate::engine::EngineError;
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    /// A failure of the server itself, not of the request.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody::new(self.message.clone(), self.kind, self.param)
+    }
+}
+
+/// A body that is not JSON or not the request's shape.
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("invalid JSON body: {}", e.body_text()),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+}
+
+/// Every broken rule in the message; the first one's field as `param` and its status.
+impl From<ValidationErrors> for ApiError {
+    fn from(errors: ValidationErrors) -> Self {
+        Self {
+            status: errors.first().status(),
+            message: errors.to_string(),
+            kind: "invalid_request_error",
+            param: Some(errors.first().param()),
+        }
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ValidationErrors::from(e).into()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let (status, kind) = match e {
+            EngineError::TooLong { .. } => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            EngineError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+        };
+        Self {
+            status,
+            message: e.to_string(),
+            kind,
+            param: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body())).into_response();
+        // A full queue is temporary: tell clients when to retry.
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,181 @@
+//! The OpenAI-compatible HTTP API: POST /v1/completions and /v1/chat/completions (streaming as
+//! server-sent events, or not), GET /v1/models, /health, /ready, /metrics.
+//!
+//! As in TGI's router, one module per concern: `request` (what clients send), `validation`
+//! (nothing reaches the engine unchecked), `prompt` (tokenizing off the async runtime),
+//! `response` (OpenAI's shapes), `sse` (streaming), `error` (refusals). This module holds the
+//! routes and the glue between them.
+
+mod error;
+mod prompt;
+pub mod request;
+pub mod response;
+mod sse;
+pub mod validation;
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::future::join_all;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamMap;
+use tracing::Instrument;
+
+pub use error::ApiError;
+use request::{ChatRequest, CompletionRequest};
+use response::{Answer, ChatCompletions, Completions, Endpoint, ModelList, Readiness, Usage};
+use validation::{ValidRequest, Validator};
+
+use crate::chat::ChatTemplate;
+use crate::engine::EngineHandle;
+use crate::tokenizer::TextTokenizer;
+
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub chat: Option<ChatTemplate>,
+    pub model_name: String,
+    pub max_context: usize,
+    /// None when every worker is loaded and reachable; else why not.
+    pub unready: Arc<Mutex<Option<String>>>,
+}
+
+impl AppState {
+    fn validator(&self) -> Validator<'_> {
+        Validator {
+            model_name: &self.model_name,
+            max_context: self.max_context,
+            has_chat_template: self.chat.is_some(),
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let (text, fields) = state.validator().completion(req)?;
+    let prompt = prompt::encode_text(state.clone(), text).await?;
+    let request = state.validator().with_prompt(fields, prompt)?;
+    respond::<Completions>(state, request).await
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let (messages, fields) = state.validator().chat(req)?;
+    let prompt = prompt::encode_chat(state.clone(), messages).await?;
+    let request = state.validator().with_prompt(fields, prompt)?;
+    respond::<ChatCompletions>(state, request).await
+}
+
+/// Runs every choice of a valid request on the engine: one JSON answer, or an SSE stream.
+async fn respond<E: Endpoint>(
+    state: Arc<AppState>,
+    request: ValidRequest,
+) -> Result<Response, ApiError> {
+    let answer = Answer::<E>::new(&state.model_name);
+    let span = tracing::info_span!(
+        "request",
+        id = %answer.id,
+        prompt_tokens = request.spec.prompt.len(),
+        max_tokens = request.spec.max_tokens,
+        n = request.n,
+        stream = request.stream
+    );
+    if request.stream {
+        // Submit every choice now, so a full queue is a 429 before any byte is sent.
+        let mut choices = StreamMap::new();
+        for i in 0..request.n {
+            let rx = state.engine.submit(request.choice(i))?;
+            choices.insert(i, UnboundedReceiverStream::new(rx));
+        }
+        let tokenizer = state.tokenizer.clone();
+        return Ok(sse::stream(tokenizer, answer, request, choices, span).into_response());
+    }
+    async {
+        let runs = join_all((0..request.n).map(|i| state.engine.generate(request.choice(i)))).await;
+        let generations = runs.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let completion_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
+        let prompt_tokens = generations.first().map_or(0, |g| g.prompt_tokens);
+        let choices = generations
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let logprobs = request
+                    .logprobs()
+                    .map(|_| E::logprobs(&state.tokenizer, &g.tokens, 0));
+                E::choice(i, g, logprobs)
+            })
+            .collect();
+        let usage = Usage::new(prompt_tokens, completion_tokens);
+        tracing::info!(completion_tokens, "done");
+        Ok(Json(answer.completion(choices, usage)).into_response())
+    }
+    .instrument(span)
+    .await
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    Json(ModelList::single(&state.model_name)).into_response()
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let reason = state
+        .unready
+        .lock()
+        .map(|r| r.clone())
+        .unwrap_or_else(|e| e.into_inner().clone());
+    let (status, body) = match reason {
+        None => (
+            StatusCode::OK,
+            Readiness {
+                status: "ready",
+                reason: None,
+            },
+        ),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Readiness {
+                status: "unavailable",
+                reason: Some(reason),
+            },
+        ),
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state
+        .engine
+        .metrics
+        .kv_blocks_used
+        .set(state.engine.kv_blocks_used() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.engine.metrics.render(),
+    )
+        .into_response()
+}

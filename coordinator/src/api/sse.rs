@@ -1,0 +1,159 @@
+//! Streaming answers as server-sent events in OpenAI's chunk format: (chat) one opening chunk
+//! per choice with the role, one chunk per token and choice, a final chunk per choice with the
+//! finish reason, optionally a usage chunk, then `data: [DONE]`. A client that disconnects drops
+//! the response body, which ends the producer task and so drops the engine receivers: the engine
+//! cancels the requests and frees their KV blocks.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::response::sse::{Event as SseEvent, Sse};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt, StreamMap};
+use tracing::Instrument;
+
+use super::response::{Answer, Endpoint, ErrorBody, Usage};
+use super::validation::ValidRequest;
+use crate::engine::Event;
+use crate::tokenizer::TextTokenizer;
+
+/// The engine's event receivers of one request, keyed by choice index.
+pub type ChoiceEvents = StreamMap<usize, UnboundedReceiverStream<Event>>;
+
+/// The SSE response of a streamed request whose choices are already submitted.
+pub fn stream<E: Endpoint>(
+    tokenizer: Arc<TextTokenizer>,
+    answer: Answer<E>,
+    request: ValidRequest,
+    choices: ChoiceEvents,
+    span: tracing::Span,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let producer = Producer {
+        tokenizer,
+        answer,
+        request,
+        tx,
+    };
+    let task = tokio::spawn(producer.run(choices).instrument(span));
+    Sse::new(AbortOnDrop {
+        events: UnboundedReceiverStream::new(rx),
+        task,
+    })
+}
+
+/// Turns engine events into SSE events; stops as soon as the response is gone (a send fails).
+struct Producer<E> {
+    tokenizer: Arc<TextTokenizer>,
+    answer: Answer<E>,
+    request: ValidRequest,
+    tx: mpsc::UnboundedSender<Result<SseEvent, Infallible>>,
+}
+
+/// The error event sent if a chunk cannot be serialized.
+const SERIALIZE_FAILED: &str = r#"{"error":{"message":"the server could not serialize a chunk","type":"server_error","param":null,"code":null}}"#;
+
+/// The client went away.
+struct Gone;
+
+impl<E: Endpoint> Producer<E> {
+    async fn run(self, mut choices: ChoiceEvents) {
+        let _ = self.produce(&mut choices).await;
+    }
+
+    async fn produce(&self, choices: &mut ChoiceEvents) -> Result<(), Gone> {
+        let n = self.request.n;
+        for i in 0..n {
+            if let Some(opening) = E::opening(i) {
+                self.send_chunk(opening)?;
+            }
+        }
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        // Where each choice's next token starts in its text (completions' text_offset).
+        let mut offsets = vec![0usize; n];
+        while let Some((i, event)) = choices.next().await {
+            let choice = match event {
+                Event::Token(t) => {
+                    let logprobs = self.request.logprobs().map(|_| {
+                        E::logprobs(
+                            &self.tokenizer,
+                            std::slice::from_ref(&t.sampled),
+                            offsets[i],
+                        )
+                    });
+                    offsets[i] += t.text.len();
+                    E::delta(i, t.text, logprobs, None)
+                }
+                Event::Done {
+                    finish_reason,
+                    prompt_tokens: p,
+                    completion_tokens: c,
+                    tail,
+                } => {
+                    prompt_tokens = p;
+                    completion_tokens += c;
+                    E::delta(i, tail, None, Some(finish_reason))
+                }
+                Event::Error(e) => {
+                    let body = ErrorBody::new(e.to_string(), "server_error", None);
+                    return self.send(&body);
+                }
+            };
+            self.send_chunk(choice)?;
+        }
+        if self.request.include_usage {
+            let last = self.answer.chunk(
+                Vec::new(),
+                Some(Some(Usage::new(prompt_tokens, completion_tokens))),
+            );
+            self.send(&last)?;
+        }
+        tracing::info!(completion_tokens, "streamed");
+        self.tx
+            .send(Ok(SseEvent::default().data("[DONE]")))
+            .map_err(|_| Gone)
+    }
+
+    /// One choice's chunk; `usage: null` on it when the last chunk will carry usage.
+    fn send_chunk(&self, choice: E::ChunkChoice) -> Result<(), Gone> {
+        let usage = self.request.include_usage.then_some(None);
+        self.send(&self.answer.chunk(vec![choice], usage))
+    }
+
+    fn send(&self, data: &impl Serialize) -> Result<(), Gone> {
+        let event = match SseEvent::default().json_data(data) {
+            Ok(event) => event,
+            // Our shapes always serialize (string keys, no fallible fields); should one not,
+            // the client still gets an error instead of a silent gap.
+            Err(e) => {
+                tracing::error!(%e, "an SSE chunk did not serialize");
+                SseEvent::default().data(SERIALIZE_FAILED)
+            }
+        };
+        self.tx.send(Ok(event)).map_err(|_| Gone)
+    }
+}
+
+/// The response body: SSE events from the producer, whose task ends when the body is dropped.
+struct AbortOnDrop<S> {
+    events: S,
+    task: JoinHandle<()>,
+}
+
+impl<S: Stream + Unpin> Stream for AbortOnDrop<S> {
+    type Item = S::Item;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.events).poll_next(cx)
+    }
+}
+
+impl<S> Drop for AbortOnDrop<S> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
