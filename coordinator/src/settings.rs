@@ -10,7 +10,7 @@
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use serde::{Deserialize, Serialize};
 
 /// The Settings field type of a setting: its value type, or an `Option` of it when the setting
@@ -218,7 +218,7 @@ pub enum SettingsError {
         /// The file's path, or "the environment".
         origin: String,
         nearest: Option<String>,
-        /// The names this origin accepts, comma-separated.
+        /// The names this origin accepts, comma-separated, and what else is worth knowing.
         valid: String,
     },
     #[error("settings: {var}: {reason}")]
@@ -249,6 +249,30 @@ fn did_you_mean(nearest: &Option<String>) -> String {
 }
 
 impl Args {
+    /// The process's command line (clap exits on a bad flag, `--help` and `--version`).
+    pub fn from_command_line() -> Self {
+        let matches = Self::command_with_defaults().get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
+    /// The clap command, each setting's help followed by its default and its variable, both
+    /// taken from the declaration so that `--help` cannot drift from it.
+    pub fn command_with_defaults() -> clap::Command {
+        let defaults = serde_json::to_value(Self::defaults()).unwrap_or_default();
+        let mut command = Self::command();
+        for name in SETTING_NAMES {
+            let default = match defaults.get(name).map(help_text) {
+                Some(text) if !text.is_empty() => format!("[default: {text}] "),
+                _ => String::new(),
+            };
+            command = command.mut_arg(name, |arg| {
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                arg.help(format!("{help} {default}[env: {}]", env_name(name)))
+            });
+        }
+        command
+    }
+
     /// The settings in a TOML file. A key that is not a setting is refused, naming the nearest.
     pub fn from_file(path: &Path) -> Result<Self, SettingsError> {
         use config::{Config, File, FileFormat, Source};
@@ -258,7 +282,7 @@ impl Args {
         let names: Vec<String> = SETTING_NAMES.iter().map(|s| s.to_string()).collect();
         for key in file.collect()?.keys() {
             if !SETTING_NAMES.contains(&key.as_str()) {
-                return Err(unknown(key, &path.display().to_string(), &names));
+                return Err(unknown(key, &path.display().to_string(), &names, ""));
             }
         }
         Ok(file.try_deserialize()?)
@@ -282,14 +306,11 @@ impl Args {
             let name = suffix.to_ascii_lowercase();
             if !SETTING_NAMES.contains(&name.as_str()) {
                 let names: Vec<String> = SETTING_NAMES.iter().map(|s| env_name(s)).collect();
-                let mut e = unknown(var, "the environment", &names);
-                if let SettingsError::Unknown { valid, .. } = &mut e {
-                    valid.push_str(&format!(
-                        "; {} are not settings and are ignored",
-                        FOREIGN_ENV.join(", ")
-                    ));
-                }
-                return Err(e);
+                let note = format!(
+                    "; {} are not settings and are ignored",
+                    FOREIGN_ENV.join(", ")
+                );
+                return Err(unknown(var, "the environment", &names, &note));
             }
             layer = Self::from_one_variable(var, &name, &value)?.over(layer);
         }
@@ -311,13 +332,24 @@ impl Args {
     }
 }
 
-/// The refusal of `name`, which `origin` gave but is not one of `valid`.
-fn unknown(name: &str, origin: &str, valid: &[String]) -> SettingsError {
+/// A default as a flag would spell it: `127.0.0.1:8080`, `a:1,b:2`, `64`.
+fn help_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(items) => {
+            items.iter().map(help_text).collect::<Vec<_>>().join(",")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The refusal of `name`, which `origin` gave but is not one of `valid`; `note` follows the list.
+fn unknown(name: &str, origin: &str, valid: &[String], note: &str) -> SettingsError {
     SettingsError::Unknown {
         name: name.to_string(),
         origin: origin.to_string(),
         nearest: nearest(name, valid).map(str::to_string),
-        valid: valid.join(", "),
+        valid: format!("{}{note}", valid.join(", ")),
     }
 }
 

@@ -339,3 +339,27 @@ fn the_example_file_lists_every_setting_with_its_default() {
         );
     }
 }
+
+#[test]
+fn help_names_each_flag_with_its_default_and_variable() {
+    Args::command_with_defaults().debug_assert();
+    let help = Args::command_with_defaults().render_help().to_string();
+    for name in SETTING_NAMES {
+        assert!(
+            help.contains(&format!("--{} ", flag_name(name))),
+            "--{name}: {help}"
+        );
+        assert!(
+            help.contains(&format!("[env: {}]", env_name(name))),
+            "{name}: {help}"
+        );
+    }
+    assert!(
+        help.contains("[default: 64] [env: GEMMA_MAX_RUNNING]"),
+        "{help}"
+    );
+    assert!(
+        help.contains("[default: 127.0.0.1:8080] [env: GEMMA_LISTEN]"),
+        "{help}"
+    );
+}
