@@ -1,155 +1,406 @@
-//! Settings, layered: defaults < TOML file (--config) < environment (GEMMA_*) < command line.
+//! The coordinator's settings, each declared once (in the `declare_settings!` list below) and
+//! layered: defaults < TOML file (`--config`) < environment (`GEMMA_*`) < command line.
+//!
+//! A setting `max_running` is the file key `max_running`, the flag `--max-running` and the
+//! variable `GEMMA_MAX_RUNNING`. Every layer is an [`Args`]: the command line as clap parses it,
+//! the file as the config crate reads it, and each variable parsed as its flag would be, so a
+//! value means the same wherever it comes from. A file key or `GEMMA_*` variable that is not a
+//! setting is refused with the nearest valid name, never ignored.
 
-use std::path::PathBuf;
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 
-use clap::Parser;
-use serde::Deserialize;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use serde::{Deserialize, Serialize};
 
-/// Command-line flags; every one overrides the file and the environment.
-#[derive(Parser, Debug, Default)]
-#[command(name = "gemma-coordinator", version, about)]
-pub struct Args {
-    /// HuggingFace model folder (config.json, tokenizer.json, safetensors).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Tensor-parallel ranks per stage.
-    #[arg(long)]
-    pub tp: Option<usize>,
-    /// Pipeline stages.
-    #[arg(long)]
-    pub pp: Option<usize>,
-    /// Explicit layer count per stage, e.g. 12,6.
-    #[arg(long, value_delimiter = ',')]
-    pub layers_per_stage: Option<Vec<usize>>,
-    /// External workers host:port, stage-major rank order; without it, tp x pp local workers
-    /// are started and stopped with the coordinator.
-    #[arg(long, value_delimiter = ',')]
-    pub workers: Option<Vec<String>>,
-    /// HTTP address (port 0: any free port).
-    #[arg(long)]
-    pub listen: Option<String>,
-    /// TOML settings file.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Compute dtype of the workers: f32, bf16 or f16.
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// KV cache memory per worker, MiB.
-    #[arg(long)]
-    pub kv_budget_mib: Option<u64>,
-    /// The gemma-worker binary for local workers (default: next to this binary).
-    #[arg(long)]
-    pub worker_bin: Option<PathBuf>,
-    /// Most tokens in one step; prefill chunks are cut to fit (default 512).
-    #[arg(long)]
-    pub max_batch_tokens: Option<usize>,
-    /// GGUF models: dequantize the weights at load (more memory, f32 kernels) instead of
-    /// keeping them in their quantized blocks.
-    #[arg(long)]
-    pub dequantize: bool,
-    /// Most sequences running at once (default 64).
-    #[arg(long)]
-    pub max_running: Option<usize>,
-    /// Most requests waiting for admission before 429 (default 256).
-    #[arg(long)]
-    pub max_waiting: Option<usize>,
+/// The Settings field type of a setting: its value type, or an `Option` of it when the setting
+/// has neither a default nor is required.
+macro_rules! setting_type {
+    ($ty:ty, [$default:expr], []) => { $ty };
+    ($ty:ty, [], [required]) => { $ty };
+    ($ty:ty, [], [optional]) => { Option<$ty> };
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct Settings {
-    pub model: PathBuf,
-    pub tp: usize,
-    pub pp: usize,
-    pub layers_per_stage: Option<Vec<usize>>,
-    pub workers: Vec<String>,
-    pub listen: String,
-    pub dtype: String,
-    /// GGUF models: dequantize at load instead of keeping quantized blocks.
-    pub dequantize: bool,
-    pub kv_budget_mib: u64,
-    pub block_size: usize,
-    pub worker_bin: Option<PathBuf>,
-    /// The model name the API reports; default: the model folder's name.
-    pub served_model_name: Option<String>,
-    /// Deadline of one step across the cluster.
-    pub step_timeout_ms: u64,
-    /// Deadline of a data-plane wait between workers.
-    pub collective_timeout_ms: u64,
-    /// Deadline of reaching a worker.
-    pub connect_timeout_ms: u64,
-    /// Deadline of loading every shard.
-    pub load_timeout_s: u64,
-    /// Most tokens in one step (prefill chunks are cut to fit).
-    pub max_batch_tokens: usize,
+/// A setting's entry in [`Args::defaults`].
+macro_rules! setting_default {
+    ([$default:expr]) => {
+        Some($default)
+    };
+    ([]) => {
+        None
+    };
+}
+
+/// A setting's final value from the merged layer.
+macro_rules! setting_value {
+    ($layer:ident, $name:ident, [$default:expr], []) => {
+        $layer.$name.unwrap_or_else(|| $default)
+    };
+    ($layer:ident, $name:ident, [], [optional]) => {
+        $layer.$name
+    };
+    ($layer:ident, $name:ident, [], [required]) => {
+        $layer
+            .$name
+            .ok_or_else(|| SettingsError::missing(stringify!($name)))?
+    };
+}
+
+/// Declares every setting once: its doc (the flag's help), extra clap attributes, name, value
+/// type, and either `= default`, `, required` or `, optional` (no default; `None` when unset).
+/// Generates [`Args`] (one layer: every setting optional), [`Settings`] (the merged result) and
+/// [`SETTING_NAMES`].
+macro_rules! declare_settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        $(#[arg($($arg:tt)*)])*
+        $name:ident: $ty:ty $(= $default:expr)? $(, $kind:ident)?;
+    )*) => {
+        /// One layer of settings (command line, file or environment): what it leaves unset comes
+        /// from the layer below.
+        #[derive(Parser, Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+        #[command(name = "gemma-coordinator", version, about, after_help = AFTER_HELP)]
+        #[serde(default)]
+        pub struct Args {
+            /// TOML settings file (keys as in deploy/config.example.toml).
+            #[arg(long, value_name = "FILE")]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[doc = $doc])*
+                #[arg(long)]
+                $(#[arg($($arg)*)])*
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        /// The coordinator's settings, every layer applied.
+        #[derive(Debug, Clone, Serialize)]
+        pub struct Settings {
+            $(
+                $(#[doc = $doc])*
+                pub $name: setting_type!($ty, [$($default)?], [$($kind)?]),
+            )*
+        }
+
+        /// Every setting's name: its file key; its flag and variable follow from it.
+        pub const SETTING_NAMES: &[&str] = &[$(stringify!($name)),*];
+
+        impl Args {
+            /// The layer under all others: every setting's default (`None` for the model and
+            /// the settings without one).
+            pub fn defaults() -> Self {
+                Self {
+                    config: None,
+                    $($name: setting_default!([$($default)?]),)*
+                }
+            }
+
+            /// This layer over `lower`: what this one leaves unset comes from `lower`.
+            pub fn over(self, lower: Self) -> Self {
+                Self {
+                    config: self.config.or(lower.config),
+                    $($name: self.$name.or(lower.$name),)*
+                }
+            }
+        }
+
+        impl Settings {
+            fn resolve(layer: Args) -> Result<Self, SettingsError> {
+                Ok(Self {
+                    $($name: setting_value!(layer, $name, [$($default)?], [$($kind)?]),)*
+                })
+            }
+        }
+    };
+}
+
+declare_settings! {
+    /// The model: a HuggingFace folder (config.json, tokenizer.json, safetensors), a .gguf file,
+    /// or a folder holding one.
+    #[arg(value_name = "PATH")]
+    model: PathBuf, required;
+    /// Tensor-parallel ranks per stage.
+    #[arg(value_name = "N")]
+    tp: usize = 1;
+    /// Pipeline stages.
+    #[arg(value_name = "N")]
+    pp: usize = 1;
+    /// Explicit layer count per stage, e.g. 12,6 (default: as even as the plan allows).
+    #[arg(value_name = "N,N", value_delimiter = ',')]
+    layers_per_stage: Vec<usize>, optional;
+    /// External workers host:port, stage-major rank order; without them, tp x pp local workers
+    /// are started and stopped with the coordinator.
+    #[arg(value_name = "HOST:PORT,...", value_delimiter = ',')]
+    workers: Vec<String> = Vec::new();
+    /// HTTP address (port 0: any free port).
+    #[arg(value_name = "ADDR")]
+    listen: String = "127.0.0.1:8080".to_string();
+    /// Compute dtype of the workers: f32, bf16 or f16.
+    dtype: String = "f32".to_string();
+    /// GGUF models: dequantize the weights at load (more memory, f32 kernels) instead of
+    /// keeping them in their quantized blocks. `--dequantize` alone means true.
+    #[arg(
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    dequantize: bool = false;
+    /// KV cache memory per worker, MiB.
+    #[arg(value_name = "MIB")]
+    kv_budget_mib: u64 = 256;
+    /// Tokens per KV cache block.
+    #[arg(value_name = "N")]
+    block_size: usize = gemma_proto::DEFAULT_BLOCK_SIZE;
+    /// The gemma-worker binary for local workers (default: next to this binary).
+    #[arg(value_name = "PATH")]
+    worker_bin: PathBuf, optional;
+    /// The model name the API reports (default: the model's folder or file name).
+    #[arg(value_name = "NAME")]
+    served_model_name: String, optional;
+    /// Deadline of one step across the cluster, ms.
+    #[arg(value_name = "MS")]
+    step_timeout_ms: u64 = 60_000;
+    /// Deadline of a data-plane wait between workers, ms.
+    #[arg(value_name = "MS")]
+    collective_timeout_ms: u64 = 30_000;
+    /// Deadline of reaching a worker, ms.
+    #[arg(value_name = "MS")]
+    connect_timeout_ms: u64 = 5_000;
+    /// Deadline of loading every shard, s.
+    #[arg(value_name = "S")]
+    load_timeout_s: u64 = 1800;
+    /// Most tokens in one step; prefill chunks are cut to fit.
+    #[arg(value_name = "N")]
+    max_batch_tokens: usize = 512;
     /// Most sequences running at once.
-    pub max_running: usize,
+    #[arg(value_name = "N")]
+    max_running: usize = 64;
     /// Most requests waiting for admission; past it, 429 with Retry-After.
-    pub max_waiting: usize,
+    #[arg(value_name = "N")]
+    max_waiting: usize = 256;
+}
+
+const AFTER_HELP: &str = "Every setting can also come from a TOML file (--config FILE, key \
+max_running) or the environment (GEMMA_MAX_RUNNING); flags win over the environment, which wins \
+over the file. Unknown keys and GEMMA_* variables are refused.";
+
+/// The prefix of every setting's environment variable.
+const ENV_PREFIX: &str = "GEMMA_";
+
+/// `GEMMA_*` variables that are not settings: the fetch scripts' cache and the tests' model and
+/// tokenizer locations. A coordinator started from those scripts or tests sees them; it ignores
+/// them rather than refusing them.
+pub const FOREIGN_ENV: &[&str] = &["GEMMA_CACHE", "GEMMA_REAL_MODEL", "GEMMA_TOKENIZER_DIR"];
+
+/// A setting's command-line flag, without the leading dashes.
+pub fn flag_name(setting: &str) -> String {
+    setting.replace('_', "-")
+}
+
+/// A setting's environment variable.
+pub fn env_name(setting: &str) -> String {
+    format!("{ENV_PREFIX}{}", setting.to_ascii_uppercase())
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("settings: {0}")]
-    Config(#[from] config::ConfigError),
+    File(#[from] config::ConfigError),
     #[error(
-        "settings: no model; pass --model DIR (or `model` in the config file, or GEMMA_MODEL)"
+        "settings: unknown setting `{name}` in {origin}; {}valid settings: {valid}",
+        did_you_mean(.nearest)
     )]
-    NoModel,
+    Unknown {
+        name: String,
+        /// The file's path, or "the environment".
+        origin: String,
+        nearest: Option<String>,
+        /// The names this origin accepts, comma-separated, and what else is worth knowing.
+        valid: String,
+    },
+    #[error("settings: {var}: {reason}")]
+    Environment { var: String, reason: String },
+    #[error("settings: no {name}; pass --{flag} (or `{name}` in the config file, or {env})")]
+    Missing {
+        name: &'static str,
+        flag: String,
+        env: String,
+    },
+}
+
+impl SettingsError {
+    fn missing(name: &'static str) -> Self {
+        Self::Missing {
+            name,
+            flag: flag_name(name),
+            env: env_name(name),
+        }
+    }
+}
+
+fn did_you_mean(nearest: &Option<String>) -> String {
+    match nearest {
+        Some(n) => format!("did you mean `{n}`? "),
+        None => String::new(),
+    }
+}
+
+impl Args {
+    /// The process's command line (clap exits on a bad flag, `--help` and `--version`).
+    pub fn from_command_line() -> Self {
+        let matches = Self::command_with_defaults().get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
+    /// The clap command, each setting's help followed by its default and its variable, both
+    /// taken from the declaration so that `--help` cannot drift from it.
+    pub fn command_with_defaults() -> clap::Command {
+        let defaults = serde_json::to_value(Self::defaults()).unwrap_or_default();
+        let mut command = Self::command();
+        for name in SETTING_NAMES {
+            let default = match defaults.get(name).map(help_text) {
+                Some(text) if !text.is_empty() => format!("[default: {text}] "),
+                _ => String::new(),
+            };
+            command = command.mut_arg(name, |arg| {
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                arg.help(format!("{help} {default}[env: {}]", env_name(name)))
+            });
+        }
+        command
+    }
+
+    /// The settings in a TOML file. A key that is not a setting is refused, naming the nearest.
+    pub fn from_file(path: &Path) -> Result<Self, SettingsError> {
+        use config::{Config, File, FileFormat, Source};
+        let file = Config::builder()
+            .add_source(File::from(path).format(FileFormat::Toml))
+            .build()?;
+        let names: Vec<String> = SETTING_NAMES.iter().map(|s| s.to_string()).collect();
+        for key in file.collect()?.keys() {
+            if !SETTING_NAMES.contains(&key.as_str()) {
+                return Err(unknown(key, &path.display().to_string(), &names, ""));
+            }
+        }
+        Ok(file.try_deserialize()?)
+    }
+
+    /// The settings in `GEMMA_*` variables, each parsed as its flag would be (`GEMMA_WORKERS=a:1,b:2`
+    /// is `--workers=a:1,b:2`). A `GEMMA_*` variable that is neither a setting nor in
+    /// [`FOREIGN_ENV`] is refused, naming the nearest; other variables are not looked at.
+    pub fn from_env(
+        vars: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<Self, SettingsError> {
+        let mut layer = Args::default();
+        for (var, value) in vars {
+            let Some(var) = var.to_str() else { continue };
+            let Some(suffix) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if FOREIGN_ENV.contains(&var) {
+                continue;
+            }
+            let name = suffix.to_ascii_lowercase();
+            if !SETTING_NAMES.contains(&name.as_str()) {
+                let names: Vec<String> = SETTING_NAMES.iter().map(|s| env_name(s)).collect();
+                let note = format!(
+                    "; {} are not settings and are ignored",
+                    FOREIGN_ENV.join(", ")
+                );
+                return Err(unknown(var, "the environment", &names, &note));
+            }
+            layer = Self::from_one_variable(var, &name, &value)?.over(layer);
+        }
+        Ok(layer)
+    }
+
+    fn from_one_variable(var: &str, name: &str, value: &OsStr) -> Result<Self, SettingsError> {
+        let mut arg = OsString::from(format!("--{}=", flag_name(name)));
+        arg.push(value);
+        Self::try_parse_from([OsString::from("gemma-coordinator"), arg]).map_err(|e| {
+            // clap's first line says what is wrong with the value; its usage lines are about flags.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            SettingsError::Environment {
+                var: var.to_string(),
+                reason: first.trim_start_matches("error: ").to_string(),
+            }
+        })
+    }
+}
+
+/// A default as a flag would spell it: `127.0.0.1:8080`, `a:1,b:2`, `64`.
+fn help_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(items) => {
+            items.iter().map(help_text).collect::<Vec<_>>().join(",")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The refusal of `name`, which `origin` gave but is not one of `valid`; `note` follows the list.
+fn unknown(name: &str, origin: &str, valid: &[String], note: &str) -> SettingsError {
+    SettingsError::Unknown {
+        name: name.to_string(),
+        origin: origin.to_string(),
+        nearest: nearest(name, valid).map(str::to_string),
+        valid: format!("{}{note}", valid.join(", ")),
+    }
+}
+
+/// The valid name closest to `name` by edit distance, if it is close enough to be a misspelling.
+fn nearest<'a>(name: &str, valid: &'a [String]) -> Option<&'a str> {
+    let name = name.to_ascii_lowercase();
+    let (distance, best) = valid
+        .iter()
+        .map(|v| (edit_distance(&name, &v.to_ascii_lowercase()), v.as_str()))
+        .min_by_key(|(d, _)| *d)?;
+    (distance <= (name.chars().count() / 3).max(2)).then_some(best)
+}
+
+/// Levenshtein distance: the fewest single-character insertions, deletions and substitutions
+/// that turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    // row[j]: distance between the prefix of `a` read so far and b[..j].
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
 }
 
 impl Settings {
+    /// The command line `args` over the process's `GEMMA_*` environment over the `--config`
+    /// file over the defaults.
     pub fn load(args: &Args) -> Result<Self, SettingsError> {
-        use config::{Config, Environment, File, FileFormat};
-        let mut b = Config::builder()
-            .set_default("model", "")?
-            .set_default("tp", 1)?
-            .set_default("pp", 1)?
-            .set_default("workers", Vec::<String>::new())?
-            .set_default("listen", "127.0.0.1:8080")?
-            .set_default("dtype", "f32")?
-            .set_default("dequantize", false)?
-            .set_default("kv_budget_mib", 256)?
-            .set_default("block_size", gemma_proto::DEFAULT_BLOCK_SIZE as u64)?
-            .set_default("step_timeout_ms", 60_000)?
-            .set_default("collective_timeout_ms", 30_000)?
-            .set_default("connect_timeout_ms", 5_000)?
-            .set_default("load_timeout_s", 1800)?
-            .set_default("max_batch_tokens", 512)?
-            .set_default("max_running", 64)?
-            .set_default("max_waiting", 256)?;
-        if let Some(path) = &args.config {
-            b = b.add_source(File::from(path.as_path()).format(FileFormat::Toml));
-        }
-        b = b.add_source(
-            Environment::with_prefix("GEMMA")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("workers")
-                .with_list_parse_key("layers_per_stage"),
-        );
-        let s = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        b = b
-            .set_override_option("model", s(&args.model))?
-            .set_override_option("tp", args.tp.map(|v| v as u64))?
-            .set_override_option("pp", args.pp.map(|v| v as u64))?
-            .set_override_option(
-                "layers_per_stage",
-                args.layers_per_stage
-                    .clone()
-                    .map(|v| v.into_iter().map(|x| x as u64).collect::<Vec<_>>()),
-            )?
-            .set_override_option("workers", args.workers.clone())?
-            .set_override_option("listen", args.listen.clone())?
-            .set_override_option("dtype", args.dtype.clone())?
-            .set_override_option("dequantize", args.dequantize.then_some(true))?
-            .set_override_option("kv_budget_mib", args.kv_budget_mib)?
-            .set_override_option("worker_bin", s(&args.worker_bin))?
-            .set_override_option("max_batch_tokens", args.max_batch_tokens.map(|v| v as u64))?
-            .set_override_option("max_running", args.max_running.map(|v| v as u64))?
-            .set_override_option("max_waiting", args.max_waiting.map(|v| v as u64))?;
-        let settings: Settings = b.build()?.try_deserialize()?;
+        Self::load_with_env(args, std::env::vars_os())
+    }
+
+    /// [`Self::load`] with the given environment instead of the process's.
+    pub fn load_with_env(
+        args: &Args,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<Self, SettingsError> {
+        let file = match &args.config {
+            Some(path) => Args::from_file(path)?,
+            None => Args::default(),
+        };
+        let env = Args::from_env(env)?;
+        let settings = Self::resolve(args.clone().over(env).over(file).over(Args::defaults()))?;
         if settings.model.as_os_str().is_empty() {
-            return Err(SettingsError::NoModel);
+            return Err(SettingsError::missing("model"));
         }
         Ok(settings)
     }
@@ -164,5 +415,27 @@ impl Settings {
             name.map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "gemma".to_string())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distance_counts_single_character_edits() {
+        assert_eq!(edit_distance("max_runing", "max_running"), 1);
+        assert_eq!(edit_distance("tp", "pp"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
+
+    #[test]
+    fn a_far_name_gets_no_suggestion() {
+        let valid: Vec<String> = SETTING_NAMES.iter().map(|s| s.to_string()).collect();
+        assert_eq!(nearest("max_runing", &valid), Some("max_running"));
+        assert_eq!(nearest("Block_Sise", &valid), Some("block_size"));
+        assert_eq!(nearest("completely_unrelated", &valid), None);
     }
 }

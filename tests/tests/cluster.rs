@@ -378,9 +378,13 @@ fn http_greedy_and_seeded_text_match_the_in_process_run() {
 
 /// Runs the coordinator expecting it to fail; returns its log.
 fn failing_coordinator(args: &[&str]) -> (String, Vec<u32>) {
+    failing_coordinator_with_env(args, &[])
+}
+
+fn failing_coordinator_with_env(args: &[&str], env: &[(&str, &str)]) -> (String, Vec<u32>) {
     let mut all = vec!["--listen".to_string(), "127.0.0.1:0".to_string()];
     all.extend(args.iter().map(|s| s.to_string()));
-    let mut p = Spawned::start(&binary("gemma-coordinator"), &all).expect("start");
+    let mut p = Spawned::start_with_env(&binary("gemma-coordinator"), &all, env).expect("start");
     let status = p
         .wait(Duration::from_secs(60))
         .expect("coordinator must exit");
@@ -447,6 +451,33 @@ fn coordinator_refuses_what_cannot_work_and_leaves_no_worker_behind() {
     for pid in pids {
         assert!(!alive(pid), "worker {pid} outlived the coordinator");
     }
+}
+
+#[test]
+fn coordinator_refuses_a_misspelled_setting_before_starting_workers() {
+    let dir = models().mha.display().to_string();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let file = tmp.path().join("config.toml");
+    std::fs::write(&file, "max_runing = 4\n").expect("write");
+    let file = file.display().to_string();
+    let (log, pids) = failing_coordinator(&["--model", &dir, "--config", &file]);
+    assert!(
+        log.contains(&format!(
+            "unknown setting `max_runing` in {file}; did you mean `max_running`?"
+        )),
+        "{log}"
+    );
+    assert!(pids.is_empty(), "{log}");
+
+    let (log, pids) =
+        failing_coordinator_with_env(&["--model", &dir], &[("GEMMA_MAX_RUNING", "4")]);
+    assert!(
+        log.contains(
+            "unknown setting `GEMMA_MAX_RUNING` in the environment; did you mean `GEMMA_MAX_RUNNING`?"
+        ),
+        "{log}"
+    );
+    assert!(pids.is_empty(), "{log}");
 }
 
 #[test]

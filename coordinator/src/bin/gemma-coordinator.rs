@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Parser;
 use gemma_coordinator::api::{router, AppState};
 use gemma_coordinator::chat::ChatTemplate;
 use gemma_coordinator::cluster::{Cluster, HealthProbe, Prepared};
@@ -18,7 +17,7 @@ use gemma_coordinator::settings::{Args, Settings};
 use gemma_coordinator::tokenizer::TextTokenizer;
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let args = Args::from_command_line();
     gemma_proto::process::init_tracing();
     let settings = Settings::load(&args)?;
     // Everything that can be refused is refused before a worker starts.
