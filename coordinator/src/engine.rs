@@ -9,6 +9,7 @@
 //! - the waiting queue is bounded: past it, submissions are refused at once.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,9 +18,9 @@ use gemma_proto::{KvAllocation, KvBlockManager, SeqStep, StepBatch};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterError, StepOutput};
 use crate::metrics::{Metrics, Outcome};
-use crate::sampler::{Sampled, Sampler, SamplingParams};
+use crate::sampler::{SampleError, Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,8 +46,11 @@ pub enum EngineError {
     TooLong { needed: usize, total: usize },
     #[error("the server is at capacity ({waiting} requests waiting); retry shortly")]
     QueueFull { waiting: usize },
+    /// Shared by every request the failed step took down.
     #[error("cluster step failed: {0}")]
-    Cluster(String),
+    Cluster(Arc<ClusterError>),
+    #[error("sampling: {0}")]
+    Sample(#[from] SampleError),
     #[error("detokenizing: {0}")]
     Decode(String),
     #[error("the engine has stopped")]
@@ -169,6 +173,35 @@ impl EngineHandle {
     }
 }
 
+/// What the engine needs of a cluster: the shape of its KV pool and one step at a time.
+/// [`Cluster`] is the real one; the engine's tests step a stand-in.
+pub trait StepCluster: Send + 'static {
+    /// KV blocks every shard holds.
+    fn kv_blocks(&self) -> usize;
+    fn block_size(&self) -> usize;
+    fn step(
+        &mut self,
+        batch: &StepBatch,
+    ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send;
+}
+
+impl StepCluster for Cluster {
+    fn kv_blocks(&self) -> usize {
+        self.kv_blocks
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn step(
+        &mut self,
+        batch: &StepBatch,
+    ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
+        Cluster::step(self, batch)
+    }
+}
+
 pub struct EngineConfig {
     pub max_batch_tokens: usize,
     pub max_running: usize,
@@ -178,16 +211,16 @@ pub struct EngineConfig {
 
 /// Starts the engine task; it ends when every handle is dropped. `failed` receives the reason
 /// when a cluster step fails (the readiness endpoint reports it).
-pub fn spawn(
-    cluster: Cluster,
+pub fn spawn<C: StepCluster>(
+    cluster: C,
     tokenizer: Arc<TextTokenizer>,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
     failed: Option<oneshot::Sender<String>>,
 ) -> EngineHandle {
     let (tx, rx) = mpsc::unbounded_channel();
-    let kv = KvBlockManager::new(cluster.kv_blocks, cluster.block_size);
-    metrics.kv_blocks_total.set(cluster.kv_blocks as i64);
+    let kv = KvBlockManager::new(cluster.kv_blocks(), cluster.block_size());
+    metrics.kv_blocks_total.set(cluster.kv_blocks() as i64);
     let waiting = Arc::new(AtomicUsize::new(0));
     let handle = EngineHandle {
         tx,
@@ -198,6 +231,7 @@ pub fn spawn(
     };
     let engine = Engine {
         cluster,
+        requests: rx,
         tokenizer,
         cfg,
         kv,
@@ -208,7 +242,7 @@ pub fn spawn(
         next_id: 0,
         failed,
     };
-    tokio::spawn(engine.run(rx).instrument(tracing::info_span!("engine")));
+    tokio::spawn(engine.run().instrument(tracing::info_span!("engine")));
     handle
 }
 
@@ -271,6 +305,14 @@ enum Waiting {
 }
 
 impl Waiting {
+    /// Where its events go.
+    fn into_events(self) -> mpsc::UnboundedSender<Event> {
+        match self {
+            Waiting::Fresh(r) => r.events,
+            Waiting::Preempted(s) => s.request.events,
+        }
+    }
+
     fn cancelled(&self) -> bool {
         match self {
             Waiting::Fresh(r) => r.events.is_closed(),
@@ -295,8 +337,10 @@ impl Waiting {
     }
 }
 
-struct Engine {
-    cluster: Cluster,
+struct Engine<C> {
+    cluster: C,
+    /// Submitted requests not yet taken into `waiting`.
+    requests: mpsc::UnboundedReceiver<Request>,
     tokenizer: Arc<TextTokenizer>,
     cfg: EngineConfig,
     kv: KvBlockManager,
@@ -310,17 +354,17 @@ struct Engine {
     failed: Option<oneshot::Sender<String>>,
 }
 
-impl Engine {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
+impl<C: StepCluster> Engine<C> {
+    async fn run(mut self) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 self.update_gauges();
-                match rx.recv().await {
+                match self.requests.recv().await {
                     Some(r) => self.waiting.push_back(Waiting::Fresh(r)),
                     None => return,
                 }
             }
-            while let Ok(r) = rx.try_recv() {
+            while let Ok(r) = self.requests.try_recv() {
                 self.waiting.push_back(Waiting::Fresh(r));
             }
             self.drop_cancelled();
@@ -368,10 +412,8 @@ impl Engine {
             };
             let at_most = self.kv.blocks_for(w.tokens_at_most());
             if at_most > self.kv.total_blocks() {
-                let events = match self.waiting.pop_front() {
-                    Some(Waiting::Fresh(r)) => r.events,
-                    Some(Waiting::Preempted(s)) => s.request.events,
-                    None => return,
+                let Some(events) = self.waiting.pop_front().map(Waiting::into_events) else {
+                    return;
                 };
                 self.waiting_count.fetch_sub(1, Ordering::SeqCst);
                 self.metrics.outcome(Outcome::Failed);
@@ -466,7 +508,7 @@ impl Engine {
             tracing::debug_span!("step", seqs = batch.seqs.len(), tokens = batch.num_tokens());
         let output = match self.cluster.step(&batch).instrument(span).await {
             Ok(o) => o,
-            Err(e) => return self.fail_all(e.to_string()),
+            Err(e) => return self.fail_all(e),
         };
         self.metrics
             .step_duration
@@ -484,7 +526,13 @@ impl Engine {
             if seq.cached < seq.context.len() {
                 continue; // a prefill chunk that is not the last
             }
-            let sampled = seq.sampler.sample(logits);
+            let sampled = match seq.sampler.sample(logits) {
+                Ok(s) => s,
+                Err(e) => {
+                    finished.push((seq.id, Err(e.into())));
+                    continue;
+                }
+            };
             match advance(
                 seq,
                 sampled,
@@ -525,17 +573,24 @@ impl Engine {
         }
     }
 
-    fn fail_all(&mut self, reason: String) {
-        tracing::error!(error = %reason, "step failed; failing the running requests");
-        for seq in self.running.drain(..) {
+    /// A failed step fails every request the engine holds: the running ones, and the waiting
+    /// ones too (submitted ones included), which would otherwise be admitted onto the cluster
+    /// that just failed, each costing another failed step.
+    fn fail_all(&mut self, error: ClusterError) {
+        tracing::error!(%error, "step failed; failing every running and waiting request");
+        let mut waiting: Vec<Waiting> = self.waiting.drain(..).collect();
+        while let Ok(r) = self.requests.try_recv() {
+            waiting.push(Waiting::Fresh(r));
+        }
+        self.waiting_count.fetch_sub(waiting.len(), Ordering::SeqCst);
+        let running = self.running.drain(..).map(|s| s.request.events);
+        let error = Arc::new(error);
+        for events in running.chain(waiting.into_iter().map(Waiting::into_events)) {
             self.metrics.outcome(Outcome::Failed);
-            let _ = seq
-                .request
-                .events
-                .send(Event::Error(EngineError::Cluster(reason.clone())));
+            let _ = events.send(Event::Error(EngineError::Cluster(error.clone())));
         }
         if let Some(tx) = self.failed.take() {
-            let _ = tx.send(reason);
+            let _ = tx.send(error.to_string());
         }
     }
 }
@@ -621,7 +676,149 @@ fn pending_stop_prefix(text: &str, stops: &[String]) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use gemma_proto::SeqLogits;
+
     use super::*;
+
+    /// A cluster that answers each step from a script, and counts the steps it was given.
+    struct ScriptedCluster {
+        answers: VecDeque<Result<StepOutput, ClusterError>>,
+        steps: Arc<AtomicUsize>,
+    }
+
+    impl StepCluster for ScriptedCluster {
+        fn kv_blocks(&self) -> usize {
+            64
+        }
+
+        fn block_size(&self) -> usize {
+            16
+        }
+
+        fn step(
+            &mut self,
+            _: &StepBatch,
+        ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
+            self.steps.fetch_add(1, Ordering::SeqCst);
+            let answer = self.answers.pop_front().unwrap_or_else(|| {
+                Err(step_error("the script has no answer for this step"))
+            });
+            std::future::ready(answer)
+        }
+    }
+
+    fn step_error(reason: &str) -> ClusterError {
+        ClusterError::Step {
+            addr: "127.0.0.1:1".into(),
+            stage: 0,
+            rank: 1,
+            reason: reason.into(),
+        }
+    }
+
+    /// An engine over `answers` that runs one request at a time; the tokenizer is a three-token
+    /// word-level one (the scripted steps never reach detokenizing).
+    fn engine(
+        answers: Vec<Result<StepOutput, ClusterError>>,
+    ) -> (EngineHandle, Arc<AtomicUsize>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tokenizer = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,
+            "model":{"type":"WordLevel","vocab":{"<pad>":0,"<eos>":1,"<bos>":2},
+            "unk_token":"<pad>"}}"#;
+        std::fs::write(dir.path().join("tokenizer.json"), tokenizer).expect("tokenizer.json");
+        let tokenizer = TextTokenizer::from_dir(dir.path(), 2, 1).expect("tokenizer");
+        let steps = Arc::new(AtomicUsize::new(0));
+        let cluster = ScriptedCluster {
+            answers: answers.into(),
+            steps: steps.clone(),
+        };
+        let cfg = EngineConfig {
+            max_batch_tokens: 64,
+            max_running: 1,
+            max_waiting: 16,
+            max_context: 1024,
+        };
+        let handle = spawn(
+            cluster,
+            Arc::new(tokenizer),
+            cfg,
+            Arc::new(Metrics::new()),
+            None,
+        );
+        (handle, steps, dir)
+    }
+
+    fn greedy_request() -> RequestSpec {
+        RequestSpec {
+            prompt: vec![2, 0, 0],
+            params: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            logprobs: None,
+            max_tokens: 4,
+            stop: Vec::new(),
+        }
+    }
+
+    /// The first event of a request, which these scripts make its last.
+    async fn first_event(rx: &mut mpsc::UnboundedReceiver<Event>) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an answer, not a hang")
+            .expect("an event")
+    }
+
+    #[tokio::test]
+    async fn a_failed_step_refuses_the_waiting_requests_too() {
+        let (engine, steps, _dir) = engine(vec![Err(step_error("the worker closed its stream"))]);
+        // One runs, three wait (the engine runs one at a time).
+        let mut requests: Vec<_> = (0..4)
+            .map(|_| engine.submit(greedy_request()).expect("queued"))
+            .collect();
+        for (i, rx) in requests.iter_mut().enumerate() {
+            match first_event(rx).await {
+                Event::Error(EngineError::Cluster(e)) => {
+                    assert!(
+                        e.to_string().contains("the worker closed its stream"),
+                        "request {i}: {e}"
+                    );
+                }
+                other => panic!("request {i}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            steps.load(Ordering::SeqCst),
+            1,
+            "no waiting request was admitted onto the failed cluster"
+        );
+        assert_eq!(engine.waiting.load(Ordering::SeqCst), 0);
+        assert_eq!(engine.kv_blocks_used(), 0);
+    }
+
+    #[tokio::test]
+    async fn no_candidates_fail_the_request_with_the_reason() {
+        let empty = StepOutput {
+            logits: vec![SeqLogits::Top {
+                candidates: Vec::new(),
+                log_sum_exp: f32::NAN,
+            }],
+            collective: Duration::ZERO,
+        };
+        let (engine, steps, _dir) = engine(vec![Ok(empty)]);
+        let mut rx = engine.submit(greedy_request()).expect("queued");
+        match first_event(&mut rx).await {
+            Event::Error(e @ EngineError::Sample(SampleError::NoCandidates)) => {
+                assert!(e.to_string().contains("no candidate tokens"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(steps.load(Ordering::SeqCst), 1);
+        assert_eq!(engine.kv_blocks_used(), 0, "its blocks went back");
+    }
 
     #[test]
     fn stop_string_prefixes_are_held_back() {

@@ -59,6 +59,16 @@ pub struct Sampled {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
+/// Why no token could be sampled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SampleError {
+    #[error(
+        "no candidate tokens: the sequence's logits are empty; the last stage must send at least \
+         one logit or candidate per sequence"
+    )]
+    NoCandidates,
+}
+
 pub struct Sampler {
     params: SamplingParams,
     /// Whether log-probabilities are reported at all.
@@ -120,7 +130,7 @@ impl Sampler {
     }
 
     /// Picks the next token and records it.
-    pub fn sample(&mut self, logits: SeqLogits) -> Sampled {
+    pub fn sample(&mut self, logits: SeqLogits) -> Result<Sampled, SampleError> {
         let (candidates, log_sum_exp, top) = match logits {
             SeqLogits::Top {
                 candidates,
@@ -159,19 +169,19 @@ impl Sampler {
                     all
                 };
                 // Log-probabilities are the model's: of the raw logits, before penalties.
-                let token = self.pick(&cands);
+                let token = self.pick(&cands)?;
                 let logprob = raw
                     .get(token as usize)
                     .map_or(f32::NEG_INFINITY, |l| l - lse);
-                return self.record(token, logprob, raw_top);
+                return Ok(self.record(token, logprob, raw_top));
             }
         };
-        let token = self.pick(&candidates);
+        let token = self.pick(&candidates)?;
         let logprob = candidates
             .iter()
             .find(|c| c.1 == token)
             .map_or(f32::NEG_INFINITY, |c| c.0 - log_sum_exp);
-        self.record(token, logprob, top)
+        Ok(self.record(token, logprob, top))
     }
 
     fn top_list(&self, candidates: &[(f32, u32)], lse: f32) -> Vec<(u32, f32)> {
@@ -216,13 +226,13 @@ impl Sampler {
 
     /// Greedy, or a draw from `cands` (sorted by [`candidate_order`], already cut to top-k) at
     /// the request's temperature after top-p and min-p.
-    fn pick(&mut self, cands: &[(f32, u32)]) -> u32 {
+    fn pick(&mut self, cands: &[(f32, u32)]) -> Result<u32, SampleError> {
         let Some(&(max, first)) = cands.first() else {
-            return 0;
+            return Err(SampleError::NoCandidates);
         };
         let p = &self.params;
         if p.is_greedy() {
-            return first;
+            return Ok(first);
         }
         let cands = match p.top_k {
             0 => cands,
@@ -255,11 +265,11 @@ impl Sampler {
         let mut u = self.rng.next_f64() * kept;
         for (i, q) in probs[..keep].iter().enumerate() {
             if u < *q {
-                return cands[i].1;
+                return Ok(cands[i].1);
             }
             u -= q;
         }
-        cands[keep - 1].1
+        Ok(cands[keep - 1].1)
     }
 }
 
@@ -285,7 +295,7 @@ mod tests {
             &[1],
         );
         // Token 1 was in the prompt: 3.0 / 2 = 1.5 < 2.0.
-        assert_eq!(s.sample(SeqLogits::Full(vec![0.0, 3.0, 2.0])).token, 2);
+        assert_eq!(s.sample(SeqLogits::Full(vec![0.0, 3.0, 2.0])).expect("sampled").token, 2);
     }
 
     #[test]
@@ -297,7 +307,7 @@ mod tests {
         let run = |p: SamplingParams| {
             let mut s = Sampler::new(p, &[]);
             (0..50)
-                .map(|_| s.sample(SeqLogits::Full(logits.clone())).token)
+                .map(|_| s.sample(SeqLogits::Full(logits.clone())).expect("sampled").token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(params(0.8)), run(params(0.8)));
@@ -361,11 +371,15 @@ mod tests {
                     .map(|(r, s)| top_candidates(s, n, 1000 * r as u32))
                     .collect();
                 let lses: Vec<f32> = slices.iter().map(|s| log_sum_exp(s)).collect();
-                let a = full.sample(SeqLogits::Full(logits.clone()));
-                let b = top.sample(SeqLogits::Top {
-                    candidates: merge_candidates(&ranks, n),
-                    log_sum_exp: combine_log_sum_exp(&lses),
-                });
+                let a = full
+                    .sample(SeqLogits::Full(logits.clone()))
+                    .expect("sampled");
+                let b = top
+                    .sample(SeqLogits::Top {
+                        candidates: merge_candidates(&ranks, n),
+                        log_sum_exp: combine_log_sum_exp(&lses),
+                    })
+                    .expect("sampled");
                 assert_eq!(a.token, b.token);
                 assert!((a.logprob - b.logprob).abs() < 1e-4);
                 assert_eq!(a.top_logprobs.len(), 5);
@@ -400,11 +414,33 @@ mod tests {
             &[],
         );
         let logits = [2.0f32, 1.5, 0.0];
-        assert_eq!(s.sample(SeqLogits::Full(logits.to_vec())).token, 0);
+        assert_eq!(s.sample(SeqLogits::Full(logits.to_vec())).expect("sampled").token, 0);
         assert_eq!(
-            s.sample(SeqLogits::Full(logits.to_vec())).token,
+            s.sample(SeqLogits::Full(logits.to_vec())).expect("sampled").token,
             1,
             "2.0 - 1 < 1.5"
         );
+    }
+
+    #[test]
+    fn nothing_to_sample_from_is_an_error_not_token_0() {
+        for p in [params(0.0), params(0.8)] {
+            let mut s = Sampler::with_logprobs(p, &[], 2);
+            assert_eq!(
+                s.sample(SeqLogits::Full(Vec::new())),
+                Err(SampleError::NoCandidates)
+            );
+            let empty = SeqLogits::Top {
+                candidates: Vec::new(),
+                log_sum_exp: 0.0,
+            };
+            assert_eq!(s.sample(empty), Err(SampleError::NoCandidates));
+            // A single candidate is enough.
+            let one = SeqLogits::Top {
+                candidates: vec![(1.5, 42)],
+                log_sum_exp: 1.5,
+            };
+            assert_eq!(s.sample(one).map(|t| t.token), Ok(42));
+        }
     }
 }

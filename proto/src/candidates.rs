@@ -5,6 +5,9 @@
 
 use std::cmp::Ordering;
 
+use crate::error::WireError;
+use crate::step::{SeqStep, StepBatch};
+
 /// The sampler's view of one sequence's next-token logits.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqLogits {
@@ -147,6 +150,70 @@ pub fn merge_candidates(ranks: &[Vec<(f32, u32)>], n: usize) -> Vec<(f32, u32)> 
     all.sort_unstable_by(candidate_order);
     all.truncate(n);
     all
+}
+
+/// The last stage's answers joined across its ranks (in rank order, each already decoded against
+/// `batch` by `pb::LastStageOutput::into_logits`): per sequence, the slices concatenated into every
+/// logit, or the candidates merged to the `top_candidates` best and the log-sum-exps combined.
+pub fn join_ranks(ranks: Vec<Vec<SeqLogits>>, batch: &StepBatch) -> Result<Vec<SeqLogits>, WireError> {
+    if ranks.is_empty() {
+        return Err(WireError::NoRanks);
+    }
+    if let Some(r) = ranks.iter().find(|r| r.len() != batch.seqs.len()) {
+        return Err(WireError::SequenceCount {
+            sent: r.len(),
+            expected: batch.seqs.len(),
+        });
+    }
+    let mut ranks: Vec<_> = ranks.into_iter().map(Vec::into_iter).collect();
+    batch
+        .seqs
+        .iter()
+        .map(|seq| {
+            let parts: Vec<SeqLogits> = ranks.iter_mut().filter_map(Iterator::next).collect();
+            join_sequence(parts, seq)
+        })
+        .collect()
+}
+
+/// One sequence's parts from every rank, joined.
+fn join_sequence(parts: Vec<SeqLogits>, seq: &SeqStep) -> Result<SeqLogits, WireError> {
+    let mixed = WireError::MixedForms { seq_id: seq.seq_id };
+    if let Some(SeqLogits::Full(_)) = parts.first() {
+        let len = parts
+            .iter()
+            .map(|p| match p {
+                SeqLogits::Full(v) => v.len(),
+                SeqLogits::Top { .. } => 0,
+            })
+            .sum();
+        let mut row = Vec::with_capacity(len);
+        for part in parts {
+            match part {
+                SeqLogits::Full(v) => row.extend_from_slice(&v),
+                SeqLogits::Top { .. } => return Err(mixed),
+            }
+        }
+        return Ok(SeqLogits::Full(row));
+    }
+    let mut lists = Vec::with_capacity(parts.len());
+    let mut lses = Vec::with_capacity(parts.len());
+    for part in parts {
+        match part {
+            SeqLogits::Top {
+                candidates,
+                log_sum_exp,
+            } => {
+                lists.push(candidates);
+                lses.push(log_sum_exp);
+            }
+            SeqLogits::Full(_) => return Err(mixed),
+        }
+    }
+    Ok(SeqLogits::Top {
+        candidates: merge_candidates(&lists, seq.top_candidates as usize),
+        log_sum_exp: combine_log_sum_exp(&lses),
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Errors of the contract: each says what was wrong and what is allowed.
 
+use std::ops::Range;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -118,10 +119,74 @@ pub enum KvError {
     },
 }
 
+/// A message that does not fit its contract. The last stage's answer is checked against the step
+/// that asked for it (see `wire.rs`), so a short, oversized or mismatched answer is refused here
+/// instead of being sampled from.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("message lacks {0}")]
     Missing(&'static str),
     #[error("{0}")]
     Invalid(String),
+    #[error("the answer covers {sent} sequences; the step had {expected}, one answer each")]
+    SequenceCount { sent: usize, expected: usize },
+    #[error(
+        "sequence {seq_id}: `full` holds {bytes} bytes; vocabulary rows {rows:?} take {expected} \
+         (4 per row, f32 little-endian)"
+    )]
+    FullLength {
+        seq_id: u64,
+        bytes: usize,
+        rows: Range<usize>,
+        expected: usize,
+    },
+    #[error(
+        "sequence {seq_id}: {candidates} candidates sent, but the step asked for every logit of \
+         the slice (top_candidates 0)"
+    )]
+    CandidatesForFull { seq_id: u64, candidates: usize },
+    #[error(
+        "sequence {seq_id}: every logit of the slice sent, but the step asked for the {asked} best \
+         candidates"
+    )]
+    FullForTop { seq_id: u64, asked: u32 },
+    #[error(
+        "sequence {seq_id}: {ids} candidate ids but {logits} logits; each candidate needs one of \
+         each"
+    )]
+    CandidateLengths {
+        seq_id: u64,
+        ids: usize,
+        logits: usize,
+    },
+    #[error(
+        "sequence {seq_id}: {sent} candidates; the step asked for the {asked} best of vocabulary \
+         rows {rows:?}, which are {expected}"
+    )]
+    CandidateCount {
+        seq_id: u64,
+        sent: usize,
+        asked: u32,
+        rows: Range<usize>,
+        expected: usize,
+    },
+    #[error("sequence {seq_id}: candidate id {id} is outside this rank's vocabulary rows {rows:?}")]
+    CandidateOutsideSlice {
+        seq_id: u64,
+        id: u32,
+        rows: Range<usize>,
+    },
+    #[error(
+        "sequence {seq_id}: candidates {at} and {next} are out of order; they must run by logit \
+         descending, then id ascending, each id once",
+        next = .at + 1
+    )]
+    CandidatesOutOfOrder { seq_id: u64, at: usize },
+    #[error("no rank of the last stage answered; every rank must send its vocabulary slice")]
+    NoRanks,
+    #[error(
+        "sequence {seq_id}: the last stage's ranks answered in different forms (every logit from \
+         some, candidates from others); all must send what the step asked for"
+    )]
+    MixedForms { seq_id: u64 },
 }

@@ -42,10 +42,6 @@ impl KvBlockManager {
         self.lock().total
     }
 
-    pub fn free_blocks(&self) -> usize {
-        self.lock().free.len()
-    }
-
     pub fn used_blocks(&self) -> usize {
         let pool = self.lock();
         pool.total - pool.free.len()
@@ -90,11 +86,6 @@ impl KvAllocation {
     /// The block table to send with a step: block `i` holds positions `[i*bs, (i+1)*bs)`.
     pub fn block_table(&self) -> &[u32] {
         &self.blocks
-    }
-
-    /// Tokens this allocation can hold.
-    pub fn capacity(&self) -> usize {
-        self.blocks.len() * self.manager.block_size
     }
 
     /// Grows to hold `tokens` tokens; all or nothing.

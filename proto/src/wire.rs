@@ -1,5 +1,10 @@
 //! Conversions between the contract's Rust types and the generated wire types.
 
+use std::cmp::Ordering;
+use std::fmt;
+use std::ops::Range;
+
+use crate::candidates::{candidate_order, SeqLogits};
 use crate::error::WireError;
 use crate::pb;
 use crate::plan::ShardSpec;
@@ -98,41 +103,160 @@ impl StepBatch {
 }
 
 impl pb::TensorData {
-    /// An f32 tensor from its values.
-    pub fn from_f32(shape: &[usize], values: &[f32]) -> Self {
-        let mut data = Vec::with_capacity(values.len() * 4);
-        for v in values {
-            data.extend_from_slice(&v.to_le_bytes());
-        }
-        Self {
-            dtype: pb::DType::DtypeF32 as i32,
-            shape: shape.iter().map(|&d| d as u64).collect(),
-            data: data.into(),
-        }
-    }
-
     pub fn dims(&self) -> Vec<usize> {
         self.shape.iter().map(|&d| d as usize).collect()
     }
+}
 
-    /// The values of an f32 tensor, checked against its shape.
-    pub fn to_f32(&self) -> Result<Vec<f32>, WireError> {
-        if self.dtype != pb::DType::DtypeF32 as i32 {
-            return Err(WireError::Invalid(format!(
-                "expected an f32 tensor, got dtype {}",
-                self.dtype
-            )));
+/// The worker's answer as the last stage: one rank's `SeqLogits` per sequence of the step, for
+/// its own vocabulary slice (`Full`: the slice's logits; `Top`: its best candidates, with global
+/// ids, and the slice's log-sum-exp).
+impl From<Vec<SeqLogits>> for pb::LastStageOutput {
+    fn from(seqs: Vec<SeqLogits>) -> Self {
+        Self {
+            seqs: seqs.into_iter().map(pb::SeqOutput::from).collect(),
         }
-        let numel: usize = self.dims().iter().product();
-        if self.data.len() != numel * 4 {
-            return Err(WireError::Invalid(format!(
-                "tensor of shape {:?} needs {} bytes, got {}",
-                self.shape,
-                numel * 4,
-                self.data.len()
-            )));
+    }
+}
+
+impl From<SeqLogits> for pb::SeqOutput {
+    fn from(logits: SeqLogits) -> Self {
+        match logits {
+            SeqLogits::Full(values) => {
+                let mut full = Vec::with_capacity(values.len() * 4);
+                for v in &values {
+                    full.extend_from_slice(&v.to_le_bytes());
+                }
+                Self {
+                    full,
+                    ..Self::default()
+                }
+            }
+            SeqLogits::Top {
+                candidates,
+                log_sum_exp,
+            } => {
+                let (logits, ids) = candidates.into_iter().unzip();
+                Self {
+                    ids,
+                    logits,
+                    log_sum_exp,
+                    full: Vec::new(),
+                }
+            }
         }
-        let (elems, _) = self.data.as_chunks::<4>();
-        Ok(elems.iter().map(|&b| f32::from_le_bytes(b)).collect())
+    }
+}
+
+impl pb::LastStageOutput {
+    /// One rank's answer to `batch`, that rank holding `vocab_rows` of the vocabulary; checked
+    /// against what each sequence asked for, so that the merge across ranks and the sampler
+    /// only ever see what the step asked for: every logit of the slice (4 bytes per row), or
+    /// exactly `min(top_candidates, rows)` candidates inside the slice, in candidate order.
+    /// The log-sum-exp is NaN where the step did not ask for log-probabilities.
+    pub fn into_logits(
+        self,
+        batch: &StepBatch,
+        vocab_rows: &Range<usize>,
+    ) -> Result<Vec<SeqLogits>, WireError> {
+        if self.seqs.len() != batch.seqs.len() {
+            return Err(WireError::SequenceCount {
+                sent: self.seqs.len(),
+                expected: batch.seqs.len(),
+            });
+        }
+        self.seqs
+            .into_iter()
+            .zip(&batch.seqs)
+            .map(|(out, asked)| match asked.top_candidates {
+                0 => out.decode_full(asked.seq_id, vocab_rows),
+                n => out.decode_top(asked, n, vocab_rows),
+            })
+            .collect()
+    }
+}
+
+impl pb::SeqOutput {
+    fn decode_full(self, seq_id: u64, rows: &Range<usize>) -> Result<SeqLogits, WireError> {
+        if !self.ids.is_empty() || !self.logits.is_empty() {
+            return Err(WireError::CandidatesForFull {
+                seq_id,
+                candidates: self.ids.len().max(self.logits.len()),
+            });
+        }
+        let expected = rows.len() * 4;
+        if self.full.len() != expected {
+            return Err(WireError::FullLength {
+                seq_id,
+                bytes: self.full.len(),
+                rows: rows.clone(),
+                expected,
+            });
+        }
+        let values = self
+            .full
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(SeqLogits::Full(values))
+    }
+
+    fn decode_top(
+        self,
+        asked: &SeqStep,
+        n: u32,
+        rows: &Range<usize>,
+    ) -> Result<SeqLogits, WireError> {
+        let seq_id = asked.seq_id;
+        if !self.full.is_empty() {
+            return Err(WireError::FullForTop { seq_id, asked: n });
+        }
+        if self.ids.len() != self.logits.len() {
+            return Err(WireError::CandidateLengths {
+                seq_id,
+                ids: self.ids.len(),
+                logits: self.logits.len(),
+            });
+        }
+        // Each rank's n best: fewer would lose some of the global n best in the merge.
+        let expected = (n as usize).min(rows.len());
+        if self.ids.len() != expected {
+            return Err(WireError::CandidateCount {
+                seq_id,
+                sent: self.ids.len(),
+                asked: n,
+                rows: rows.clone(),
+                expected,
+            });
+        }
+        if let Some(&id) = self.ids.iter().find(|&&id| !rows.contains(&(id as usize))) {
+            return Err(WireError::CandidateOutsideSlice {
+                seq_id,
+                id,
+                rows: rows.clone(),
+            });
+        }
+        let candidates: Vec<(f32, u32)> = self.logits.into_iter().zip(self.ids).collect();
+        if let Some(at) = candidates
+            .windows(2)
+            .position(|w| candidate_order(&w[0], &w[1]) != Ordering::Less)
+        {
+            return Err(WireError::CandidatesOutOfOrder { seq_id, at });
+        }
+        Ok(SeqLogits::Top {
+            candidates,
+            log_sum_exp: match asked.log_probs {
+                true => self.log_sum_exp,
+                false => f32::NAN,
+            },
+        })
+    }
+}
+
+/// Worker states by name, for messages (`loading`, not `2`).
+impl fmt::Display for pb::WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self.as_str_name().trim_start_matches("WORKER_STATE_");
+        f.write_str(&name.to_ascii_lowercase())
     }
 }

@@ -269,7 +269,10 @@ fn in_process_greedy_text(
             .to_vec2::<f32>()
             .expect("logits");
         pos += next.len();
-        let t = sampler.sample(SeqLogits::Full(logits.remove(0))).token;
+        let t = sampler
+            .sample(SeqLogits::Full(logits.remove(0)))
+            .expect("sampled")
+            .token;
         if tok.stop_ids().contains(&t) {
             break;
         }

@@ -1,6 +1,6 @@
 //! Errors of the worker library. Loading errors name the file, the tensor, and expected vs found.
 
-use gemma_proto::{ConfigError, PlanError};
+use gemma_proto::{ConfigError, PlanError, ShardSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -65,6 +65,33 @@ pub enum StepError {
     Collective(#[from] CollectiveError),
     #[error("compute: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("the last stage's logits: {0}")]
+    Output(#[from] WireTensorError),
+}
+
+/// Why a worker could not take its assignment (it then reports Failed with this message).
+#[derive(Debug, thiserror::Error)]
+pub enum AssignError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(
+        "the coordinator's shard {expected:?} differs from this worker's plan of {model} (is it \
+         the same model?)"
+    )]
+    ShardMismatch { expected: ShardSpec, model: String },
+    #[error(
+        "a KV budget of {budget} bytes holds no block; one block of {block_size} tokens takes \
+         {per_block} bytes on this shard"
+    )]
+    NoKvBlock {
+        budget: u64,
+        block_size: usize,
+        per_block: u64,
+    },
+    #[error(transparent)]
+    DataPlane(#[from] CollectiveError),
 }
 
 #[derive(Debug, thiserror::Error, Clone)]

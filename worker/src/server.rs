@@ -9,13 +9,14 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use gemma_proto::{candidates, pb, PlanRequest, ShardPlan, ShardSpec, StepBatch};
+use gemma_proto::{candidates, pb, PlanRequest, SeqLogits, ShardPlan, ShardSpec, StepBatch};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::data_plane::{DataPlane, PlaneCollective};
+use crate::error::{AssignError, StepError, WireTensorError};
 use crate::folder::ModelFolder;
 use crate::kv_cache::KvCache;
 use crate::model::{Shard, ShardOptions, StageOutput};
@@ -33,7 +34,7 @@ struct Job {
 /// What `Info` reports: the worker's state, its shard and how loading went.
 #[derive(Default)]
 struct WorkerStatus {
-    state: i32,
+    state: pb::WorkerState,
     shard: Option<ShardSpec>,
     bytes_total: u64,
     kv_blocks: u32,
@@ -56,7 +57,7 @@ impl WorkerService {
             data_addr,
             data_listener: Mutex::new(Some(data_listener)),
             status: Arc::new(Mutex::new(WorkerStatus {
-                state: pb::WorkerState::Idle as i32,
+                state: pb::WorkerState::Idle,
                 ..WorkerStatus::default()
             })),
             progress: Arc::default(),
@@ -133,7 +134,7 @@ impl pb::worker_server::Worker for WorkerService {
         let st = lock(&self.status);
         Ok(Response::new(pb::InfoResponse {
             data_addr: self.data_addr.clone(),
-            state: st.state,
+            state: st.state.into(),
             shard: st.shard.as_ref().map(pb::ShardSpec::from),
             bytes_loaded: lock(&self.progress).load(Ordering::Relaxed),
             bytes_total: st.bytes_total,
@@ -152,14 +153,12 @@ impl pb::worker_server::Worker for WorkerService {
         let assignment = parse_assignment(request.into_inner())?;
         {
             let mut st = lock(&self.status);
-            if st.state == pb::WorkerState::Loading as i32
-                || st.state == pb::WorkerState::Ready as i32
-            {
+            if matches!(st.state, pb::WorkerState::Loading | pb::WorkerState::Ready) {
                 return Err(Status::failed_precondition(
                     "this worker already holds a shard; start a fresh worker to assign another",
                 ));
             }
-            st.state = pb::WorkerState::Loading as i32;
+            st.state = pb::WorkerState::Loading;
             st.shard = Some(assignment.expected.clone());
             st.error.clear();
         }
@@ -231,10 +230,12 @@ fn compute_thread(
     let loaded = load(&a, listener, &events, &status, &progress);
     let (shard, plane) = match loaded {
         Ok(x) => x,
-        Err(message) => {
+        Err(e) => {
+            // The gRPC edge: from here on the error is the message the coordinator shows.
+            let message = e.to_string();
             tracing::error!(%message, "assignment failed");
             let mut st = lock(&status);
-            st.state = pb::WorkerState::Failed as i32;
+            st.state = pb::WorkerState::Failed;
             st.error = message.clone();
             let _ = events.blocking_send(Err(Status::failed_precondition(message)));
             return;
@@ -242,7 +243,7 @@ fn compute_thread(
     };
     {
         let mut st = lock(&status);
-        st.state = pb::WorkerState::Ready as i32;
+        st.state = pb::WorkerState::Ready;
         st.kv_blocks = shard.kv_blocks() as u32;
     }
     let _ = events.blocking_send(Ok(pb::LoadEvent {
@@ -253,8 +254,30 @@ fn compute_thread(
     }));
     drop(events);
     while let Ok(job) = jobs.recv() {
-        let response = run_step(&shard, &plane, job.request);
-        let _ = job.reply.send(response);
+        let step_id = job.request.step_id;
+        let _span = tracing::debug_span!("step", step_id).entered();
+        let batch = StepBatch::from_wire(job.request);
+        let result = run_step(&shard, &plane, &batch);
+        let _ = job.reply.send(respond(step_id, result, &plane));
+    }
+}
+
+/// The gRPC edge of a step: its result, or its error as the message the coordinator shows.
+fn respond(
+    step_id: u64,
+    result: Result<pb::step_response::Result, StepError>,
+    plane: &DataPlane,
+) -> pb::StepResponse {
+    match result {
+        Ok(result) => pb::StepResponse {
+            step_id,
+            collective_us: plane.take_wait_micros(),
+            result: Some(result),
+        },
+        Err(e) => {
+            tracing::warn!(step_id, error = %e, "step failed");
+            failed(step_id, e.to_string())
+        }
     }
 }
 
@@ -264,19 +287,16 @@ fn load(
     events: &tmpsc::Sender<Result<pb::LoadEvent, Status>>,
     status: &Arc<Mutex<WorkerStatus>>,
     progress: &Arc<Mutex<Arc<AtomicU64>>>,
-) -> Result<(Shard, Arc<DataPlane>), String> {
-    let folder = ModelFolder::open(&a.model).map_err(|e| e.to_string())?;
-    let plan = ShardPlan::new(&folder.config, &a.plan).map_err(|e| e.to_string())?;
+) -> Result<(Shard, Arc<DataPlane>), AssignError> {
+    let folder = ModelFolder::open(&a.model)?;
+    let plan = ShardPlan::new(&folder.config, &a.plan)?;
     let spec = plan
         .shard(a.expected.stage, a.expected.rank)
         .filter(|s| **s == a.expected)
         .cloned()
-        .ok_or_else(|| {
-            format!(
-                "the coordinator's shard {:?} differs from this worker's plan of {} (is it the same model?)",
-                a.expected,
-                a.model.display()
-            )
+        .ok_or_else(|| AssignError::ShardMismatch {
+            expected: a.expected.clone(),
+            model: a.model.display().to_string(),
         })?;
     let total =
         (spec.num_parameters(&folder.config) as f64 * folder.weights.bytes_per_parameter()) as u64;
@@ -292,10 +312,11 @@ fn load(
     ) as u64;
     opts.kv_blocks = (a.kv_budget / per_block.max(1)) as usize;
     if opts.kv_blocks == 0 {
-        return Err(format!(
-            "a KV budget of {} bytes holds no block; one block of {} tokens takes {per_block} bytes on this shard",
-            a.kv_budget, opts.block_size
-        ));
+        return Err(AssignError::NoKvBlock {
+            budget: a.kv_budget,
+            block_size: opts.block_size,
+            per_block,
+        });
     }
     let reporter = spawn_progress_reporter(folder.weights.progress(), total, events.clone());
     // The data plane first: the shard's collective is its all-reduce.
@@ -307,13 +328,12 @@ fn load(
         a.timeout.max(Duration::from_secs(30)),
         opts.device.clone(),
     )
-    .map(Arc::new)
-    .map_err(|e| e.to_string());
+    .map(Arc::new);
     let plane = match plane {
         Ok(p) => p,
         Err(e) => {
             reporter.stop();
-            return Err(e);
+            return Err(e.into());
         }
     };
     let shard = Shard::load(
@@ -322,8 +342,7 @@ fn load(
         &spec,
         &opts,
         Box::new(PlaneCollective(plane.clone())),
-    )
-    .map_err(|e| e.to_string());
+    );
     reporter.stop();
     let shard = shard?;
     tracing::info!(
@@ -378,19 +397,44 @@ fn spawn_progress_reporter(
     }
 }
 
-/// Per sequence, what its sampler asked for from this rank's slice: the whole slice, or its
-/// largest logits and log-sum-exp (a few hundred bytes instead of the vocabulary).
+/// One checked step: validated before waiting for the previous stage (a batch refused everywhere
+/// never leaves a stage waiting), run, and handed on or answered.
+fn run_step(
+    shard: &Shard,
+    plane: &DataPlane,
+    batch: &StepBatch,
+) -> Result<pb::step_response::Result, StepError> {
+    let batch = shard.validate(batch)?;
+    let input = match shard.spec().is_first_stage() {
+        true => None,
+        false => Some(plane.recv_prev()?),
+    };
+    match shard.step(&batch, input.as_ref())? {
+        StageOutput::Hidden(h) => {
+            plane.send_next(&h)?;
+            Ok(pb::step_response::Result::Done(pb::StepDone {}))
+        }
+        StageOutput::Logits(l) => {
+            let first_id = shard.spec().vocab_rows.start as u32;
+            let output = last_stage_output(batch.batch(), &l, first_id)?;
+            Ok(pb::step_response::Result::Output(output))
+        }
+    }
+}
+
+/// Per sequence, what its sampler asked for from this rank's vocabulary slice: the whole slice,
+/// or its largest logits and log-sum-exp (a few hundred bytes instead of the vocabulary).
 fn last_stage_output(
     batch: &StepBatch,
     logits: &candle_core::Tensor,
     first_id: u32,
-) -> Result<pb::LastStageOutput, String> {
-    with_elements::<f32, _>(logits, |values| select_outputs(batch, values, first_id))
-        .map_err(|e| e.to_string())
+) -> Result<pb::LastStageOutput, WireTensorError> {
+    with_elements::<f32, _>(logits, |values| select_outputs(batch, values, first_id).into())
 }
 
-/// [`last_stage_output`] over the logits' elements, `[vocab slice, seqs]` row-major.
-fn select_outputs(batch: &StepBatch, values: &[f32], first_id: u32) -> pb::LastStageOutput {
+/// [`last_stage_output`] over the logits' elements, `[vocab slice, seqs]` row-major: one pass
+/// selects every sequence's candidates; only a sequence that wants every logit copies its column.
+fn select_outputs(batch: &StepBatch, values: &[f32], first_id: u32) -> Vec<SeqLogits> {
     let seqs = batch.seqs.len();
     let wanted: Vec<usize> = batch
         .seqs
@@ -400,68 +444,16 @@ fn select_outputs(batch: &StepBatch, values: &[f32], first_id: u32) -> pb::LastS
     let mut top = candidates::top_candidates_by_column(values, seqs, &wanted, first_id);
     let lse_wanted: Vec<bool> = batch.seqs.iter().map(|s| s.log_probs).collect();
     let lse = candidates::log_sum_exp_by_column(values, seqs, &lse_wanted);
-    let outputs = batch
+    batch
         .seqs
         .iter()
         .enumerate()
         .map(|(i, seq)| match seq.top_candidates {
-            0 => {
-                let column: Vec<f32> = values.iter().skip(i).step_by(seqs).copied().collect();
-                pb::SeqOutput {
-                    // Little-endian f32 (the data plane already requires a little-endian host).
-                    full: bytemuck::cast_slice::<f32, u8>(&column).to_vec(),
-                    ..pb::SeqOutput::default()
-                }
-            }
-            _ => {
-                let best = std::mem::take(&mut top[i]);
-                pb::SeqOutput {
-                    ids: best.iter().map(|c| c.1).collect(),
-                    logits: best.iter().map(|c| c.0).collect(),
-                    log_sum_exp: lse[i],
-                    full: Default::default(),
-                }
-            }
+            0 => SeqLogits::Full(values.iter().skip(i).step_by(seqs).copied().collect()),
+            _ => SeqLogits::Top {
+                candidates: std::mem::take(&mut top[i]),
+                log_sum_exp: lse[i],
+            },
         })
-        .collect();
-    pb::LastStageOutput { seqs: outputs }
-}
-
-fn run_step(shard: &Shard, plane: &DataPlane, request: pb::StepRequest) -> pb::StepResponse {
-    let step_id = request.step_id;
-    let _span = tracing::debug_span!("step", step_id).entered();
-    let batch = StepBatch::from_wire(request);
-    let result = (|| -> Result<pb::step_response::Result, String> {
-        shard.validate_batch(&batch).map_err(|e| e.to_string())?;
-        let input = if shard.spec().is_first_stage() {
-            None
-        } else {
-            Some(plane.recv_prev().map_err(|e| e.to_string())?)
-        };
-        match shard
-            .step(&batch, input.as_ref())
-            .map_err(|e| e.to_string())?
-        {
-            StageOutput::Hidden(h) => {
-                plane.send_next(&h).map_err(|e| e.to_string())?;
-                Ok(pb::step_response::Result::Done(pb::StepDone {}))
-            }
-            StageOutput::Logits(l) => Ok(pb::step_response::Result::Output(last_stage_output(
-                &batch,
-                &l,
-                shard.spec().vocab_rows.start as u32,
-            )?)),
-        }
-    })();
-    match result {
-        Ok(r) => pb::StepResponse {
-            step_id,
-            collective_us: plane.take_wait_micros(),
-            result: Some(r),
-        },
-        Err(e) => {
-            tracing::warn!(step_id, error = %e, "step failed");
-            failed(step_id, e)
-        }
-    }
+        .collect()
 }

@@ -10,7 +10,7 @@ use futures_util::future::join_all;
 use gemma_proto::pb::worker_client::WorkerClient;
 use gemma_proto::{
     candidates, pb, ModelConfig, ModelFiles, PlanRequest, SeqLogits, ShardPlan, ShardSpec,
-    StepBatch,
+    StepBatch, WireError,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -60,6 +60,15 @@ pub enum ClusterError {
         rank: usize,
         reason: String,
     },
+    #[error("worker {addr} (stage {stage}, rank {rank}) answered the step wrongly: {source}")]
+    Answer {
+        addr: String,
+        stage: usize,
+        rank: usize,
+        source: WireError,
+    },
+    #[error("the last stage's answers do not fit together: {0}")]
+    Join(WireError),
 }
 
 /// What is known before any worker is contacted; computing it refuses bad settings early.
@@ -136,6 +145,42 @@ struct WorkerLink {
     spec: ShardSpec,
     steps: mpsc::Sender<pb::StepRequest>,
     responses: tonic::Streaming<pb::StepResponse>,
+}
+
+impl WorkerLink {
+    /// This worker's vocabulary slice of the step's logits, checked against the step: a last
+    /// stage must answer with one, any other stage without.
+    fn last_stage_logits(
+        &self,
+        output: Option<pb::LastStageOutput>,
+        batch: &StepBatch,
+    ) -> Result<Option<Vec<SeqLogits>>, ClusterError> {
+        let spec = &self.spec;
+        let wrong = |reason: &str| ClusterError::Step {
+            addr: self.addr.clone(),
+            stage: spec.stage,
+            rank: spec.rank,
+            reason: reason.to_string(),
+        };
+        match (output, spec.is_last_stage()) {
+            (Some(o), true) => o
+                .into_logits(batch, &spec.vocab_rows)
+                .map(Some)
+                .map_err(|source| ClusterError::Answer {
+                    addr: self.addr.clone(),
+                    stage: spec.stage,
+                    rank: spec.rank,
+                    source,
+                }),
+            (None, false) => Ok(None),
+            (Some(_), false) => Err(wrong(
+                "answered with logits, but only the last stage computes them",
+            )),
+            (None, true) => Err(wrong(
+                "answered without logits, but the last stage must send its vocabulary slice",
+            )),
+        }
+    }
 }
 
 /// A loaded, connected cluster, ready to step.
@@ -288,19 +333,14 @@ impl Cluster {
             }
         }))
         .await;
-        let mut outputs = Vec::new();
+        let mut ranks = Vec::new();
         let mut collective_us = 0;
-        for r in results {
+        for (w, r) in self.workers.iter().zip(results) {
             let (output, waited) = r?;
             collective_us = collective_us.max(waited);
-            outputs.extend(output);
+            ranks.extend(w.last_stage_logits(output, batch)?);
         }
-        let logits = join_outputs(&outputs, batch).map_err(|reason| ClusterError::Step {
-            addr: "last stage".into(),
-            stage: self.plan.pp - 1,
-            rank: 0,
-            reason,
-        })?;
+        let logits = candidates::join_ranks(ranks, batch).map_err(ClusterError::Join)?;
         Ok(StepOutput {
             logits,
             collective: Duration::from_micros(collective_us),
@@ -331,12 +371,11 @@ impl HealthProbe {
                     .map_err(|_| why(format!("no answer within {timeout:?}")))?
                     .map_err(|s| why(format!("unreachable: {}", s.message())))?
                     .into_inner();
-                if info.state == pb::WorkerState::Ready as i32 {
-                    Ok(())
-                } else if !info.error.is_empty() {
-                    Err(why(info.error))
-                } else {
-                    Err(why(format!("not ready (state {})", info.state)))
+                match pb::WorkerState::try_from(info.state) {
+                    Ok(pb::WorkerState::Ready) => Ok(()),
+                    _ if !info.error.is_empty() => Err(why(info.error)),
+                    Ok(state) => Err(why(format!("not ready ({state})"))),
+                    Err(_) => Err(why(format!("not ready (unknown state {})", info.state))),
                 }
             }
         }))
@@ -352,51 +391,6 @@ pub struct StepOutput {
     pub logits: Vec<SeqLogits>,
     /// The longest time any worker spent in all-reduces and hand-offs.
     pub collective: Duration,
-}
-
-/// Joins the last stage's per-rank answers (rank order) into each sequence's logits.
-fn join_outputs(
-    ranks: &[pb::LastStageOutput],
-    batch: &StepBatch,
-) -> Result<Vec<SeqLogits>, String> {
-    if let Some(r) = ranks.iter().find(|r| r.seqs.len() != batch.seqs.len()) {
-        return Err(format!(
-            "an answer for {} sequences, the step had {}",
-            r.seqs.len(),
-            batch.seqs.len()
-        ));
-    }
-    batch
-        .seqs
-        .iter()
-        .enumerate()
-        .map(|(i, seq)| {
-            let parts: Vec<&pb::SeqOutput> = ranks.iter().map(|r| &r.seqs[i]).collect();
-            if seq.top_candidates == 0 {
-                let mut row = Vec::new();
-                for p in parts {
-                    let (elems, _) = p.full.as_chunks::<4>();
-                    row.extend(elems.iter().map(|&b| f32::from_le_bytes(b)));
-                }
-                return Ok(SeqLogits::Full(row));
-            }
-            let lists: Vec<Vec<(f32, u32)>> = parts
-                .iter()
-                .map(|p| {
-                    p.logits
-                        .iter()
-                        .copied()
-                        .zip(p.ids.iter().copied())
-                        .collect()
-                })
-                .collect();
-            let lses: Vec<f32> = parts.iter().map(|p| p.log_sum_exp).collect();
-            Ok(SeqLogits::Top {
-                candidates: candidates::merge_candidates(&lists, seq.top_candidates as usize),
-                log_sum_exp: candidates::combine_log_sum_exp(&lses),
-            })
-        })
-        .collect()
 }
 
 async fn connect_worker(
@@ -427,11 +421,19 @@ async fn connect_worker(
         .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
         .map_err(|s| unreachable(s.message().to_string()))?
         .into_inner();
-    if info.state != pb::WorkerState::Idle as i32 {
-        return Err(unreachable(format!(
-            "it is not idle (state {}); give the cluster fresh workers",
-            info.state
-        )));
+    match pb::WorkerState::try_from(info.state) {
+        Ok(pb::WorkerState::Idle) => {}
+        Ok(state) => {
+            return Err(unreachable(format!(
+                "it is {state}, not idle; give the cluster fresh workers"
+            )))
+        }
+        Err(_) => {
+            return Err(unreachable(format!(
+                "it reports an unknown state {}, not idle; give the cluster fresh workers",
+                info.state
+            )))
+        }
     }
     Ok((client, info))
 }

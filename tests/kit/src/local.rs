@@ -80,15 +80,16 @@ fn run_stage(
     inputs: &[Option<Tensor>],
 ) -> Result<Vec<StageOutput>, StepError> {
     if let [shard] = shards {
-        return Ok(vec![
-            shard.step(batch, inputs.first().and_then(Option::as_ref))?
-        ]);
+        let input = inputs.first().and_then(Option::as_ref);
+        return Ok(vec![shard.step(&shard.validate(batch)?, input)?]);
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = shards
             .iter()
             .zip(inputs)
-            .map(|(shard, input)| s.spawn(move || shard.step(batch, input.as_ref())))
+            .map(|(shard, input)| {
+                s.spawn(move || shard.step(&shard.validate(batch)?, input.as_ref()))
+            })
             .collect();
         handles
             .into_iter()

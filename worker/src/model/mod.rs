@@ -61,6 +61,18 @@ pub enum StageOutput {
     Logits(Tensor),
 }
 
+/// A step batch that a shard of this model accepts: only [`Shard::validate`] makes one, so
+/// [`Shard::step`] never runs an unchecked batch and never checks one twice. The checks depend
+/// only on the model's config, which every shard of a cluster shares.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidBatch<'a>(&'a StepBatch);
+
+impl<'a> ValidBatch<'a> {
+    pub fn batch(&self) -> &'a StepBatch {
+        self.0
+    }
+}
+
 /// A shard that exists only loaded: there is no way to step one that is not.
 pub struct Shard {
     cfg: ModelConfig,
@@ -200,13 +212,58 @@ impl Shard {
         self.dtype
     }
 
-    /// Runs one step of the batch through this shard's layers. Stage 0 embeds the batch's tokens;
+    /// Checks a batch against this shard's model: what would corrupt the cache or index out of
+    /// range is refused here, identically on every rank and before any collective, so a bad step
+    /// fails cleanly everywhere. A later stage checks before waiting for its input, so a batch
+    /// refused everywhere never leaves a stage waiting for the one before.
+    pub fn validate<'a>(&self, batch: &'a StepBatch) -> Result<ValidBatch<'a>, StepError> {
+        let invalid = |m: String| Err(StepError::Invalid(m));
+        if batch.seqs.is_empty() {
+            return invalid("the step has no sequences".to_string());
+        }
+        let mut blocks = HashSet::new();
+        for seq in &batch.seqs {
+            if seq.tokens.is_empty() {
+                return invalid(format!("sequence {} has no tokens", seq.seq_id));
+            }
+            if let Some(t) = seq
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return invalid(format!(
+                    "sequence {}: token id {t} is outside the vocabulary of {}",
+                    seq.seq_id, self.cfg.vocab_size
+                ));
+            }
+            if seq.end_pos() > self.rope.max_positions() {
+                return invalid(format!(
+                    "sequence {}: positions up to {} exceed max_position_embeddings {}",
+                    seq.seq_id,
+                    seq.end_pos(),
+                    self.rope.max_positions()
+                ));
+            }
+            for &b in &seq.block_table {
+                if !blocks.insert(b) {
+                    return invalid(format!(
+                        "KV block {b} appears twice in the step (sequence {})",
+                        seq.seq_id
+                    ));
+                }
+            }
+        }
+        Ok(ValidBatch(batch))
+    }
+
+    /// Runs one checked step through this shard's layers. Stage 0 embeds the batch's tokens;
     /// later stages take the previous stage's hidden states as `input`.
     pub fn step(
         &self,
-        batch: &StepBatch,
+        batch: &ValidBatch<'_>,
         input: Option<&Tensor>,
     ) -> Result<StageOutput, StepError> {
+        let batch = batch.batch();
         let _span = tracing::debug_span!(
             "shard_step",
             stage = self.spec.stage,
@@ -215,7 +272,7 @@ impl Shard {
             tokens = batch.num_tokens()
         )
         .entered();
-        self.validate(batch, input)?;
+        self.validate_input(batch, input)?;
         let window = self
             .cfg
             .sliding_window
@@ -281,55 +338,7 @@ impl Shard {
         Ok(x.broadcast_mul(&normalizer)?)
     }
 
-    /// Refuses what would corrupt the cache or index out of range, identically on every rank and
-    /// before any collective, so a bad step fails cleanly everywhere.
-    fn validate(&self, batch: &StepBatch, input: Option<&Tensor>) -> Result<(), StepError> {
-        self.validate_batch(batch)?;
-        self.validate_input(batch, input)
-    }
-
-    /// The checks that need only the batch: a later stage runs them before waiting for its
-    /// input, so a batch refused everywhere never leaves a stage waiting for the one before.
-    pub fn validate_batch(&self, batch: &StepBatch) -> Result<(), StepError> {
-        let invalid = |m: String| Err(StepError::Invalid(m));
-        if batch.seqs.is_empty() {
-            return invalid("the step has no sequences".to_string());
-        }
-        let mut blocks = HashSet::new();
-        for seq in &batch.seqs {
-            if seq.tokens.is_empty() {
-                return invalid(format!("sequence {} has no tokens", seq.seq_id));
-            }
-            if let Some(t) = seq
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return invalid(format!(
-                    "sequence {}: token id {t} is outside the vocabulary of {}",
-                    seq.seq_id, self.cfg.vocab_size
-                ));
-            }
-            if seq.end_pos() > self.rope.max_positions() {
-                return invalid(format!(
-                    "sequence {}: positions up to {} exceed max_position_embeddings {}",
-                    seq.seq_id,
-                    seq.end_pos(),
-                    self.rope.max_positions()
-                ));
-            }
-            for &b in &seq.block_table {
-                if !blocks.insert(b) {
-                    return invalid(format!(
-                        "KV block {b} appears twice in the step (sequence {})",
-                        seq.seq_id
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
+    /// The previous stage's hidden states, for a stage that is not the first.
     fn validate_input(&self, batch: &StepBatch, input: Option<&Tensor>) -> Result<(), StepError> {
         let invalid = |m: String| Err(StepError::Invalid(m));
         if !self.spec.is_first_stage() {
