@@ -582,7 +582,8 @@ impl<C: StepCluster> Engine<C> {
         while let Ok(r) = self.requests.try_recv() {
             waiting.push(Waiting::Fresh(r));
         }
-        self.waiting_count.fetch_sub(waiting.len(), Ordering::SeqCst);
+        self.waiting_count
+            .fetch_sub(waiting.len(), Ordering::SeqCst);
         let running = self.running.drain(..).map(|s| s.request.events);
         let error = Arc::new(error);
         for events in running.chain(waiting.into_iter().map(Waiting::into_events)) {
@@ -702,9 +703,10 @@ mod tests {
             _: &StepBatch,
         ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
             self.steps.fetch_add(1, Ordering::SeqCst);
-            let answer = self.answers.pop_front().unwrap_or_else(|| {
-                Err(step_error("the script has no answer for this step"))
-            });
+            let answer = self
+                .answers
+                .pop_front()
+                .unwrap_or_else(|| Err(step_error("the script has no answer for this step")));
             std::future::ready(answer)
         }
     }

@@ -295,7 +295,12 @@ mod tests {
             &[1],
         );
         // Token 1 was in the prompt: 3.0 / 2 = 1.5 < 2.0.
-        assert_eq!(s.sample(SeqLogits::Full(vec![0.0, 3.0, 2.0])).expect("sampled").token, 2);
+        assert_eq!(
+            s.sample(SeqLogits::Full(vec![0.0, 3.0, 2.0]))
+                .expect("sampled")
+                .token,
+            2
+        );
     }
 
     #[test]
@@ -307,7 +312,11 @@ mod tests {
         let run = |p: SamplingParams| {
             let mut s = Sampler::new(p, &[]);
             (0..50)
-                .map(|_| s.sample(SeqLogits::Full(logits.clone())).expect("sampled").token)
+                .map(|_| {
+                    s.sample(SeqLogits::Full(logits.clone()))
+                        .expect("sampled")
+                        .token
+                })
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(params(0.8)), run(params(0.8)));
@@ -414,9 +423,16 @@ mod tests {
             &[],
         );
         let logits = [2.0f32, 1.5, 0.0];
-        assert_eq!(s.sample(SeqLogits::Full(logits.to_vec())).expect("sampled").token, 0);
         assert_eq!(
-            s.sample(SeqLogits::Full(logits.to_vec())).expect("sampled").token,
+            s.sample(SeqLogits::Full(logits.to_vec()))
+                .expect("sampled")
+                .token,
+            0
+        );
+        assert_eq!(
+            s.sample(SeqLogits::Full(logits.to_vec()))
+                .expect("sampled")
+                .token,
             1,
             "2.0 - 1 < 1.5"
         );

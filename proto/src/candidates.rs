@@ -155,7 +155,10 @@ pub fn merge_candidates(ranks: &[Vec<(f32, u32)>], n: usize) -> Vec<(f32, u32)> 
 /// The last stage's answers joined across its ranks (in rank order, each already decoded against
 /// `batch` by `pb::LastStageOutput::into_logits`): per sequence, the slices concatenated into every
 /// logit, or the candidates merged to the `top_candidates` best and the log-sum-exps combined.
-pub fn join_ranks(ranks: Vec<Vec<SeqLogits>>, batch: &StepBatch) -> Result<Vec<SeqLogits>, WireError> {
+pub fn join_ranks(
+    ranks: Vec<Vec<SeqLogits>>,
+    batch: &StepBatch,
+) -> Result<Vec<SeqLogits>, WireError> {
     if ranks.is_empty() {
         return Err(WireError::NoRanks);
     }

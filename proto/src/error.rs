@@ -170,7 +170,9 @@ pub enum WireError {
         rows: Range<usize>,
         expected: usize,
     },
-    #[error("sequence {seq_id}: candidate id {id} is outside this rank's vocabulary rows {rows:?}")]
+    #[error(
+        "sequence {seq_id}: candidate id {id} is outside this rank's vocabulary rows {rows:?}"
+    )]
     CandidateOutsideSlice {
         seq_id: u64,
         id: u32,

@@ -53,7 +53,7 @@ fn random_case(rng: &mut SplitMix64) -> Case {
                     0 => 0,
                     _ => 1 + below(rng, 40) as u32,
                 },
-                log_probs: rng.next_u64() % 2 == 0,
+                log_probs: rng.next_f64() < 0.5,
             })
             .collect(),
     };
@@ -148,7 +148,10 @@ fn answers_round_trip_and_join_to_the_unsharded_vocabulary() {
                 .unwrap_or_else(|e| panic!("case {case_no} rank {r}: {e}"));
             assert_eq!(got.len(), sent.len());
             for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
-                assert!(same(g, s), "case {case_no} rank {r} seq {i}: {g:?} != {s:?}");
+                assert!(
+                    same(g, s),
+                    "case {case_no} rank {r} seq {i}: {g:?} != {s:?}"
+                );
             }
             ranks.push(got);
         }
@@ -373,7 +376,10 @@ fn spoiled_answers_are_refused_with_the_fault_named() {
             match answer.into_logits(&case.batch, &case.rows[r]) {
                 Err(e) => {
                     assert!(expected(&e), "case {case_no} ({what}): refused as {e:?}");
-                    assert!(e.to_string().len() > 20, "the message says what was wrong: {e}");
+                    assert!(
+                        e.to_string().len() > 20,
+                        "the message says what was wrong: {e}"
+                    );
                 }
                 Ok(_) => panic!("case {case_no} ({what}): accepted"),
             }

@@ -175,23 +175,29 @@ fn full_queue_answers_429_with_retry_after() {
         Duration::from_secs(60),
     )
     .expect("first");
+    // The refused request answers at once; the queued one only once the first stream ends, so
+    // the first stream is cancelled as soon as one answer is in (not after 2000 tokens).
     let statuses: Vec<(u16, Option<String>)> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| {
-                    let r = post_json(
-                        &c.addr,
-                        "/v1/completions",
-                        &json!({"prompt": "y", "max_tokens": 1}),
-                    )
-                    .expect("req");
-                    (r.status, r.header("retry-after").map(str::to_string))
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..2 {
+            let tx = tx.clone();
+            let addr = &c.addr;
+            s.spawn(move || {
+                let r = post_json(
+                    addr,
+                    "/v1/completions",
+                    &json!({"prompt": "y", "max_tokens": 1}),
+                )
+                .expect("req");
+                let _ = tx.send((r.status, r.header("retry-after").map(str::to_string)));
+            });
+        }
+        drop(tx);
+        let answer = || rx.recv_timeout(Duration::from_secs(60)).expect("an answer");
+        let early = answer();
+        drop(first);
+        vec![early, answer()]
     });
-    drop(first);
     assert!(
         statuses
             .iter()

@@ -295,7 +295,7 @@ fn load(
         .filter(|s| **s == a.expected)
         .cloned()
         .ok_or_else(|| AssignError::ShardMismatch {
-            expected: a.expected.clone(),
+            expected: Box::new(a.expected.clone()),
             model: a.model.display().to_string(),
         })?;
     let total =
@@ -429,7 +429,9 @@ fn last_stage_output(
     logits: &candle_core::Tensor,
     first_id: u32,
 ) -> Result<pb::LastStageOutput, WireTensorError> {
-    with_elements::<f32, _>(logits, |values| select_outputs(batch, values, first_id).into())
+    with_elements::<f32, _>(logits, |values| {
+        select_outputs(batch, values, first_id).into()
+    })
 }
 
 /// [`last_stage_output`] over the logits' elements, `[vocab slice, seqs]` row-major: one pass
