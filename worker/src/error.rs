@@ -80,7 +80,10 @@ pub enum AssignError {
         "the coordinator's shard {expected:?} differs from this worker's plan of {model} (is it \
          the same model?)"
     )]
-    ShardMismatch { expected: Box<ShardSpec>, model: String },
+    ShardMismatch {
+        expected: Box<ShardSpec>,
+        model: String,
+    },
     #[error(
         "a KV budget of {budget} bytes holds no block; one block of {block_size} tokens takes \
          {per_block} bytes on this shard"
