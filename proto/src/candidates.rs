@@ -183,14 +183,19 @@ pub fn join_ranks(
 fn join_sequence(parts: Vec<SeqLogits>, seq: &SeqStep) -> Result<SeqLogits, WireError> {
     let mixed = WireError::MixedForms { seq_id: seq.seq_id };
     if let Some(SeqLogits::Full(_)) = parts.first() {
-        let len = parts
+        let rest: usize = parts[1..]
             .iter()
             .map(|p| match p {
                 SeqLogits::Full(v) => v.len(),
                 SeqLogits::Top { .. } => 0,
             })
             .sum();
-        let mut row = Vec::with_capacity(len);
+        // The first rank's slice becomes the row: with one rank (tp=1) nothing is copied.
+        let mut parts = parts.into_iter();
+        let Some(SeqLogits::Full(mut row)) = parts.next() else {
+            return Err(mixed);
+        };
+        row.reserve_exact(rest);
         for part in parts {
             match part {
                 SeqLogits::Full(v) => row.extend_from_slice(&v),
