@@ -61,7 +61,8 @@ pub struct ModelConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
-    /// Read from the file, never derived: Gemma 7B has 16 heads x 256 = 4096 != hidden 3072.
+    /// From the file, or HF's default (256); never hidden / heads: Gemma 7B has 16 heads x 256 =
+    /// 4096 != hidden 3072.
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
@@ -86,8 +87,10 @@ pub struct ModelConfig {
     pub rope_scaling_factor: f64,
 }
 
-/// `config.json` as HuggingFace writes it; every field optional so that a missing one gets a
-/// message naming it instead of serde's generic one.
+/// `config.json` as HuggingFace writes it: every field optional, because HF's config classes
+/// fill absent keys with their defaults and Google's multimodal Gemma 3 configs rely on that
+/// (gemma-3-4b-it's `text_config` gives six keys). A default that does not fit the weights is
+/// caught when the shards are loaded: every stored tensor's shape is checked against this config.
 #[derive(Debug, Deserialize)]
 struct HfConfig {
     model_type: Option<String>,
@@ -99,12 +102,10 @@ struct HfConfig {
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     rms_norm_eps: Option<f64>,
-    rope_theta: Option<f64>,
     max_position_embeddings: Option<usize>,
     hidden_act: Option<String>,
     hidden_activation: Option<String>,
     attention_bias: Option<bool>,
-    rope_scaling: Option<serde_json::Value>,
     bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
     pad_token_id: Option<u32>,
@@ -112,9 +113,19 @@ struct HfConfig {
     attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
     sliding_window: Option<usize>,
+    /// transformers 4.x: every how many layers one is global (4.55+ writes `_sliding_window_pattern`
+    /// next to `layer_types`, which wins).
     sliding_window_pattern: Option<usize>,
     layer_types: Option<Vec<String>>,
+    /// transformers 4.x RoPE keys: the global base, Gemma 3's local base, the global scaling.
+    rope_theta: Option<f64>,
     rope_local_base_freq: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    /// transformers 5: `{rope_type, rope_theta, factor?}`, or one such entry per layer kind
+    /// (`full_attention`, `sliding_attention`) for Gemma 3.
+    rope_parameters: Option<serde_json::Value>,
+    /// EmbeddingGemma's bidirectional attention (bool; a string in later families).
+    use_bidirectional_attention: Option<serde_json::Value>,
     /// The multimodal Gemma 3 config nests the language model's.
     text_config: Option<serde_json::Value>,
 }
@@ -152,6 +163,10 @@ impl ModelConfig {
                         message: format!("text_config: {e}"),
                     })?;
                 inner.model_type = Some("gemma3_text".to_string());
+                // The token ids live at the top level of the multimodal config.
+                inner.bos_token_id = inner.bos_token_id.or(raw.bos_token_id);
+                inner.eos_token_id = inner.eos_token_id.or(raw.eos_token_id);
+                inner.pad_token_id = inner.pad_token_id.or(raw.pad_token_id);
                 return Self::from_hf(inner);
             }
             Some(other) => {
@@ -170,31 +185,47 @@ impl ModelConfig {
                 "false (Gemma projections have no bias)",
             ));
         }
-        let rope_scaling_factor = rope_scaling(raw.rope_scaling.as_ref(), architecture)?;
-        let num_hidden_layers = required(raw.num_hidden_layers, "num_hidden_layers")?;
-        let head_dim = raw.head_dim.ok_or(ConfigError::MissingHeadDim)?;
+        if let Some(v) = raw
+            .use_bidirectional_attention
+            .as_ref()
+            .filter(|v| !matches!(v, serde_json::Value::Null | serde_json::Value::Bool(false)))
+        {
+            return Err(ConfigError::invalid(
+                "use_bidirectional_attention",
+                &v.to_string(),
+                "false or absent (an embedding model, not a causal language model)",
+            ));
+        }
         let defaults = ArchDefaults::of(architecture);
+        let num_hidden_layers = raw.num_hidden_layers.unwrap_or(defaults.num_hidden_layers);
+        let head_dim = raw.head_dim.unwrap_or(defaults.head_dim);
         let layer_kinds = match raw.layer_types {
-            Some(types) => layer_kinds_from_names(&types, num_hidden_layers)?,
+            Some(ref types) => layer_kinds_from_names(types, num_hidden_layers)?,
             None => defaults.layer_kinds(
                 num_hidden_layers,
                 raw.sliding_window_pattern
                     .unwrap_or(defaults.sliding_pattern),
             ),
         };
-        let rope_theta = raw.rope_theta.unwrap_or(defaults.rope_theta);
+        let rope = RopeSettings::read(&raw, architecture, &defaults)?;
         let cfg = ModelConfig {
             architecture,
-            vocab_size: required(raw.vocab_size, "vocab_size")?,
-            hidden_size: required(raw.hidden_size, "hidden_size")?,
-            intermediate_size: required(raw.intermediate_size, "intermediate_size")?,
+            vocab_size: raw.vocab_size.unwrap_or(defaults.vocab_size),
+            hidden_size: raw.hidden_size.unwrap_or(defaults.hidden_size),
+            intermediate_size: raw.intermediate_size.unwrap_or(defaults.intermediate_size),
             num_hidden_layers,
-            num_attention_heads: required(raw.num_attention_heads, "num_attention_heads")?,
-            num_key_value_heads: required(raw.num_key_value_heads, "num_key_value_heads")?,
+            num_attention_heads: raw
+                .num_attention_heads
+                .unwrap_or(defaults.num_attention_heads),
+            num_key_value_heads: raw
+                .num_key_value_heads
+                .unwrap_or(defaults.num_key_value_heads),
             head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(8192),
+            rope_theta: rope.global_theta,
+            max_position_embeddings: raw
+                .max_position_embeddings
+                .unwrap_or(defaults.max_position_embeddings),
             activation: activation(raw.hidden_activation.as_deref(), raw.hidden_act.as_deref())?,
             bos_token_id: first_id(raw.bos_token_id.as_ref()).unwrap_or(2),
             eos_token_id: first_id(raw.eos_token_id.as_ref()).unwrap_or(1),
@@ -215,11 +246,8 @@ impl ModelConfig {
                 _ => Some(raw.sliding_window.unwrap_or(4096)),
             },
             layer_kinds,
-            rope_local_theta: match architecture {
-                Architecture::Gemma3 => raw.rope_local_base_freq.unwrap_or(10_000.0),
-                _ => rope_theta,
-            },
-            rope_scaling_factor,
+            rope_local_theta: rope.local_theta,
+            rope_scaling_factor: rope.global_linear_factor,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -330,8 +358,17 @@ impl ModelConfig {
     }
 }
 
-/// What HF's config classes assume when a key is absent.
+/// What HF's config classes (GemmaConfig, Gemma2Config, Gemma3TextConfig) assume when a key is
+/// absent.
 struct ArchDefaults {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+    max_position_embeddings: usize,
     rope_theta: f64,
     query_pre_attn_scalar: Option<f64>,
     /// Every `sliding_pattern`-th layer is global; 0: none slide.
@@ -342,16 +379,40 @@ impl ArchDefaults {
     fn of(arch: Architecture) -> Self {
         match arch {
             Architecture::Gemma => Self {
+                vocab_size: 256_000,
+                hidden_size: 3072,
+                intermediate_size: 24_576,
+                num_hidden_layers: 28,
+                num_attention_heads: 16,
+                num_key_value_heads: 16,
+                head_dim: 256,
+                max_position_embeddings: 8192,
                 rope_theta: 10_000.0,
                 query_pre_attn_scalar: None,
                 sliding_pattern: 0,
             },
             Architecture::Gemma2 => Self {
+                vocab_size: 256_000,
+                hidden_size: 2304,
+                intermediate_size: 9216,
+                num_hidden_layers: 26,
+                num_attention_heads: 8,
+                num_key_value_heads: 4,
+                head_dim: 256,
+                max_position_embeddings: 8192,
                 rope_theta: 10_000.0,
                 query_pre_attn_scalar: Some(256.0),
                 sliding_pattern: 2,
             },
             Architecture::Gemma3 => Self {
+                vocab_size: 262_208,
+                hidden_size: 2304,
+                intermediate_size: 9216,
+                num_hidden_layers: 26,
+                num_attention_heads: 8,
+                num_key_value_heads: 4,
+                head_dim: 256,
+                max_position_embeddings: 131_072,
                 rope_theta: 1_000_000.0,
                 query_pre_attn_scalar: Some(256.0),
                 sliding_pattern: 6,
@@ -396,22 +457,172 @@ fn layer_kinds_from_names(types: &[String], layers: usize) -> Result<Vec<LayerKi
         .collect()
 }
 
-/// Gemma 3's larger models scale the global layers' RoPE linearly; nothing else is supported.
-fn rope_scaling(value: Option<&serde_json::Value>, arch: Architecture) -> Result<f64, ConfigError> {
+/// The RoPE of both layer kinds, from either key style: transformers 4.x (`rope_theta`,
+/// `rope_local_base_freq`, `rope_scaling`) or transformers 5 (`rope_parameters`, flat or one
+/// entry per layer kind). When a file gives both styles they must agree.
+struct RopeSettings {
+    global_theta: f64,
+    local_theta: f64,
+    /// Gemma 3's larger models divide the global layers' positions by this (1: no scaling).
+    global_linear_factor: f64,
+}
+
+/// One `rope_parameters` entry: `{rope_type, rope_theta, factor?}`.
+struct RopeEntry {
+    theta: Option<f64>,
+    linear_factor: Option<f64>,
+}
+
+impl RopeSettings {
+    fn read(
+        raw: &HfConfig,
+        arch: Architecture,
+        defaults: &ArchDefaults,
+    ) -> Result<Self, ConfigError> {
+        let (global, local) = match raw.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+            None => (None, None),
+            Some(v)
+                if v.get("full_attention").is_some() || v.get("sliding_attention").is_some() =>
+            {
+                (
+                    RopeEntry::parse(
+                        v.get("full_attention"),
+                        "rope_parameters.full_attention",
+                        true,
+                    )?,
+                    RopeEntry::parse(
+                        v.get("sliding_attention"),
+                        "rope_parameters.sliding_attention",
+                        false,
+                    )?,
+                )
+            }
+            // One RoPE for every layer (Gemma 1 and 2, which have one).
+            Some(v) => {
+                let scaling_allowed = arch == Architecture::Gemma3;
+                let entry = RopeEntry::parse(Some(v), "rope_parameters", scaling_allowed)?;
+                let local = match arch {
+                    Architecture::Gemma3 => None,
+                    _ => entry.as_ref().map(|e| RopeEntry {
+                        theta: e.theta,
+                        linear_factor: None,
+                    }),
+                };
+                (entry, local)
+            }
+        };
+        let legacy_factor = legacy_rope_scaling(raw.rope_scaling.as_ref(), arch)?;
+        let global_theta = agree(
+            "rope_theta",
+            raw.rope_theta,
+            "rope_parameters (global layers) rope_theta",
+            global.as_ref().and_then(|e| e.theta),
+        )?
+        .unwrap_or(defaults.rope_theta);
+        let local_theta = match arch {
+            Architecture::Gemma3 => agree(
+                "rope_local_base_freq",
+                raw.rope_local_base_freq,
+                "rope_parameters.sliding_attention.rope_theta",
+                local.as_ref().and_then(|e| e.theta),
+            )?
+            .unwrap_or(10_000.0),
+            // One RoPE: the sliding layers of Gemma 2 use the global base.
+            _ => global_theta,
+        };
+        let global_linear_factor = agree(
+            "rope_scaling.factor",
+            legacy_factor,
+            "rope_parameters (global layers) factor",
+            global.as_ref().and_then(|e| e.linear_factor),
+        )?
+        .unwrap_or(1.0);
+        Ok(Self {
+            global_theta,
+            local_theta,
+            global_linear_factor,
+        })
+    }
+}
+
+impl RopeEntry {
+    /// `None` for an absent or null entry. Only "default" and (where `scaling_allowed`) "linear"
+    /// are supported: every published Gemma uses nothing else.
+    fn parse(
+        value: Option<&serde_json::Value>,
+        field: &'static str,
+        scaling_allowed: bool,
+    ) -> Result<Option<Self>, ConfigError> {
+        let Some(v) = value.filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let refuse = || {
+            let allowed = if scaling_allowed {
+                "{\"rope_type\": \"default\", \"rope_theta\": T} or {\"rope_type\": \"linear\", \"rope_theta\": T, \"factor\": F}"
+            } else {
+                "{\"rope_type\": \"default\", \"rope_theta\": T} (no scaling on these layers)"
+            };
+            ConfigError::invalid(field, &v.to_string(), allowed)
+        };
+        let theta = match v.get("rope_theta") {
+            None => None,
+            Some(t) => Some(t.as_f64().ok_or_else(refuse)?),
+        };
+        let kind = v.get("rope_type").or_else(|| v.get("type"));
+        let linear_factor = match kind.and_then(|k| k.as_str()) {
+            None | Some("default") => None,
+            Some("linear") if scaling_allowed => Some(
+                v.get("factor")
+                    .and_then(|f| f.as_f64())
+                    .ok_or_else(refuse)?,
+            ),
+            Some(_) => return Err(refuse()),
+        };
+        Ok(Some(Self {
+            theta,
+            linear_factor,
+        }))
+    }
+}
+
+/// transformers 4.x `rope_scaling`: Gemma 3's larger models scale the global layers' RoPE
+/// linearly; nothing else is supported.
+fn legacy_rope_scaling(
+    value: Option<&serde_json::Value>,
+    arch: Architecture,
+) -> Result<Option<f64>, ConfigError> {
     let Some(v) = value.filter(|v| !v.is_null()) else {
-        return Ok(1.0);
+        return Ok(None);
     };
     let kind = v
         .get("rope_type")
         .or_else(|| v.get("type"))
         .and_then(|t| t.as_str());
     match (arch, kind, v.get("factor").and_then(|f| f.as_f64())) {
-        (Architecture::Gemma3, Some("linear"), Some(factor)) => Ok(factor),
+        (_, Some("default"), _) => Ok(None),
+        (Architecture::Gemma3, Some("linear"), Some(factor)) => Ok(Some(factor)),
         _ => Err(ConfigError::invalid(
             "rope_scaling",
             &v.to_string(),
             "null, or {\"rope_type\": \"linear\", \"factor\": F} on Gemma 3",
         )),
+    }
+}
+
+/// The one value two key styles give for the same setting; refused when they differ.
+fn agree(
+    legacy_key: &'static str,
+    legacy: Option<f64>,
+    new_key: &'static str,
+    new: Option<f64>,
+) -> Result<Option<f64>, ConfigError> {
+    match (legacy, new) {
+        (Some(a), Some(b)) if a != b => Err(ConfigError::invalid(
+            legacy_key,
+            &a.to_string(),
+            &format!("the same value as {new_key} ({b}), or only one of the two"),
+        )),
+        (a, b) => Ok(b.or(a)),
     }
 }
 
@@ -421,10 +632,6 @@ fn first_id(value: Option<&serde_json::Value>) -> Option<u32> {
         serde_json::Value::Array(ids) => ids.first()?.as_u64().map(|v| v as u32),
         v => v.as_u64().map(|v| v as u32),
     }
-}
-
-fn required(value: Option<usize>, field: &'static str) -> Result<usize, ConfigError> {
-    value.ok_or(ConfigError::Missing(field))
 }
 
 /// design.md: `hidden_activation` wins when present; Gemma 1.0 configs only say `hidden_act: gelu`

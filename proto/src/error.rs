@@ -14,11 +14,6 @@ pub enum ConfigError {
     Json { path: String, message: String },
     #[error("config.json has no `{0}`, which is required")]
     Missing(&'static str),
-    #[error(
-        "config.json has no `head_dim`; Gemma's head_dim is not hidden_size / num_attention_heads \
-         (7B: 16 heads x 256 = 4096 != 3072), so the file must give it"
-    )]
-    MissingHeadDim,
     #[error("config.json: `{field}` is {value}; allowed: {allowed}")]
     Invalid {
         field: &'static str,
