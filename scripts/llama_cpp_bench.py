@@ -14,12 +14,14 @@ or, when llama-cpp-python cannot be imported (exit status 0):
 Method (no tokenizer involved): the prompt is a fixed list of token ids ([2] = <bos>, then
 (i*7919 % 200000) + 1000). Prefill times one llm.eval() of the whole prompt (n_batch = n_ubatch =
 prompt tokens, so one batch). Decode then runs greedily: argmax of the last logits, eval that one
-token, --decode-tokens times. Each figure is the best of --repeats runs, after a warm-up run.
+token, --decode-tokens times. Each figure is the median of --repeats runs, after a warm-up run
+(gemma-bench times its own side the same way).
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -97,12 +99,14 @@ def main():
             return n_prompt / (t1 - t0), (n_decode / (t2 - t1)) if n_decode else 0.0
 
         run(args.prompt_tokens, min(8, args.decode_tokens))  # warm-up
-        prefill = decode = 0.0
+        prefills, decodes = [], []
         for i in range(args.repeats):
             p, d = run(args.prompt_tokens, args.decode_tokens)
             print(f"llama_cpp_bench: run {i + 1}/{args.repeats}: prefill {p:.1f} tok/s, "
                   f"decode {d:.1f} tok/s", file=sys.stderr)
-            prefill, decode = max(prefill, p), max(decode, d)
+            prefills.append(p)
+            decodes.append(d)
+        prefill, decode = statistics.median(prefills), statistics.median(decodes)
     finally:
         sys.stdout.flush()
         os.dup2(saved_stdout, 1)

@@ -4,7 +4,9 @@
 //! `gemma-bench` runs everything; the other subcommands are the child processes it starts.
 //! Environment: BENCH_SKIP_SERVING=1 leaves out the serving rows (the longest part);
 //! BENCH_EXTRA=1 adds decode diagnostics on stderr; BENCH_ONLY_REAL=1 runs only the real-model
-//! rows (gemma-3-270m beside llama.cpp, see `real_model`).
+//! rows (gemma-3-270m beside llama.cpp, see `real_model`); BENCH_THREADS=N runs every side on N
+//! cores with N compute threads in all (default: all cores), and each row says how the threads
+//! were split.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -23,6 +25,7 @@ use gemma_worker::data_plane::{DataPlane, PlaneCollective};
 use gemma_worker::{ModelFolder, ShardOptions};
 
 mod real_model;
+mod stream_timing;
 
 const HIDDEN: usize = 3072;
 
@@ -42,19 +45,67 @@ struct Row {
     unit: &'static str,
     reference: String,
     ref_value: f64,
+    /// Compute threads of the figure's side and of the reference's ("2 | 2", "2x1 | 2").
+    threads: String,
+}
+
+/// Compute threads every side gets in all: BENCH_THREADS, else every core this process may use.
+fn bench_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .map_or(cores, |n| n.min(cores))
+}
+
+/// Confines this process and every child it starts (workers, coordinator, llama.cpp) to the
+/// first `threads` cores it may use, and sizes candle's pool to them: a side given more cores
+/// than the other would not be a comparison.
+fn confine_to(threads: usize) -> Result<()> {
+    // SAFETY: sched_{get,set}affinity on this process with a cpu_set_t of the right size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+        }
+        let mut keep: libc::cpu_set_t = std::mem::zeroed();
+        let allowed = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set));
+        for cpu in allowed.take(threads) {
+            libc::CPU_SET(cpu, &mut keep);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &keep) != 0 {
+            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    // Before any pool exists: candle and rayon read it once.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    Ok(())
+}
+
+/// How `threads` split over `world` processes reads in a row.
+fn split(threads: usize, world: usize) -> String {
+    if world == 1 {
+        threads.to_string()
+    } else {
+        format!("{world}x{}", (threads / world).max(1))
+    }
 }
 
 fn run_all() -> Result<()> {
+    let threads = bench_threads();
+    confine_to(threads)?;
+    eprintln!("gemma-bench: {threads} compute threads on {threads} cores for every side");
     let mut rows = Vec::new();
     if std::env::var_os("BENCH_ONLY_REAL").is_none() {
-        rows.extend(synthetic_rows()?);
+        rows.extend(synthetic_rows(threads)?);
     }
-    rows.extend(real_model::rows()?);
+    rows.extend(real_model::rows(threads)?);
     print_table(rows);
     Ok(())
 }
 
-fn synthetic_rows() -> Result<Vec<Row>> {
+fn synthetic_rows(threads: usize) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let floor_small = ping_pong(64)?;
     let floor_row = ping_pong(HIDDEN * 4)?;
@@ -65,6 +116,7 @@ fn synthetic_rows() -> Result<Vec<Row>> {
         unit: "us",
         reference: "-".into(),
         ref_value: f64::NAN,
+        threads: "-".into(),
     });
     for world in [2usize, 4] {
         for (rows_n, floor) in [(1usize, floor_row), (64, floor_big)] {
@@ -75,6 +127,7 @@ fn synthetic_rows() -> Result<Vec<Row>> {
                 unit: "us",
                 reference: format!("raw TCP one-way {} B", rows_n * HIDDEN * 4),
                 ref_value: floor,
+                threads: "-".into(),
             });
         }
     }
@@ -85,9 +138,10 @@ fn synthetic_rows() -> Result<Vec<Row>> {
         unit: "ms/token",
         reference: "one process, tp=1".into(),
         ref_value: single,
+        threads: format!("{} | {threads}", split(threads, 2)),
     });
     if std::env::var_os("BENCH_SKIP_SERVING").is_none() {
-        rows.extend(serving()?);
+        rows.extend(serving(threads)?);
     }
     Ok(rows)
 }
@@ -95,12 +149,12 @@ fn synthetic_rows() -> Result<Vec<Row>> {
 fn print_table(rows: Vec<Row>) {
     println!();
     println!(
-        "| {:<46} | {:>12} | {:<30} | {:>12} | {:>6} |",
-        "figure", "value", "reference (same run)", "reference", "ratio"
+        "| {:<46} | {:>12} | {:<30} | {:>12} | {:>6} | {:<10} |",
+        "figure", "value", "reference (same run)", "reference", "ratio", "threads"
     );
     println!(
-        "|{:-<48}|{:->14}|{:-<32}|{:->14}|{:->8}|",
-        "", "", "", "", ""
+        "|{:-<48}|{:->14}|{:-<32}|{:->14}|{:->8}|{:-<12}|",
+        "", "", "", "", "", ""
     );
     for r in rows {
         let ratio = if r.ref_value.is_nan() {
@@ -114,12 +168,13 @@ fn print_table(rows: Vec<Row>) {
             format!("{:.1} {}", r.ref_value, r.unit)
         };
         println!(
-            "| {:<46} | {:>12} | {:<30} | {:>12} | {:>6} |",
+            "| {:<46} | {:>12} | {:<30} | {:>12} | {:>6} | {:<10} |",
             r.figure,
             format!("{:.1} {}", r.value, r.unit),
             r.reference,
             rv,
-            ratio
+            ratio,
+            r.threads
         );
     }
 }
@@ -413,9 +468,10 @@ fn time_decode(
     Ok(t.elapsed().as_secs_f64() * 1000.0 / 64.0)
 }
 
-/// Serving throughput: generated tokens/s at concurrency 1, 4, 16, 64 against a coordinator with
-/// tp=1 and tp=2, with time to first token and inter-token latency, on a 590 MB model.
-fn serving() -> Result<Vec<Row>> {
+/// Serving throughput: generated tokens/s (the server's own usage counts) at concurrency 1, 4, 16,
+/// 64 against a coordinator with tp=1 and tp=2, with time to first token, inter-token latency
+/// (kernel arrival times of each token's event) and time per output token, on a 590 MB model.
+fn serving(threads: usize) -> Result<Vec<Row>> {
     let dir = tempfile::tempdir()?;
     let model = TinyGemma {
         vocab_size: 256_000,
@@ -468,25 +524,30 @@ fn serving() -> Result<Vec<Row>> {
             if c == 1 {
                 base = level.tokens_per_s;
             }
+            let sides = format!("{} | {}", split(threads, tp), split(threads, tp));
             rows.push(Row {
                 figure: format!("serving tp={tp}, concurrency {c}: throughput"),
                 value: level.tokens_per_s,
                 unit: "tok/s",
                 reference: format!("concurrency 1, tp={tp}"),
                 ref_value: base,
+                threads: sides.clone(),
             });
-            for (what, v) in [
-                ("TTFT p50", level.ttft_p50),
-                ("TTFT p99", level.ttft_p99),
-                ("ITL p50", level.itl_p50),
-                ("ITL p99", level.itl_p99),
+            for (what, v, unit) in [
+                ("TTFT p50", level.ttft_p50, "ms"),
+                ("TTFT p99", level.ttft_p99, "ms"),
+                ("ITL p50", level.itl_p50, "ms"),
+                ("ITL p99", level.itl_p99, "ms"),
+                ("TPOT p50", level.tpot_p50, "ms"),
+                ("tokens merged in one read", level.merged_percent, "%"),
             ] {
                 rows.push(Row {
                     figure: format!("serving tp={tp}, concurrency {c}: {what}"),
                     value: v,
-                    unit: "ms",
+                    unit,
                     reference: "-".into(),
                     ref_value: f64::NAN,
+                    threads: split(threads, tp),
                 });
             }
         }
@@ -507,15 +568,15 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Time to the first token and the gaps between the following ones, in ms.
-type RequestTimings = (f64, Vec<f64>);
-
 struct Level {
     tokens_per_s: f64,
     ttft_p50: f64,
     ttft_p99: f64,
     itl_p50: f64,
     itl_p99: f64,
+    tpot_p50: f64,
+    /// Token events that shared a read() with an earlier one: their ITL is 0 by construction.
+    merged_percent: f64,
 }
 
 /// `c` clients each streaming greedy 32-token requests back to back.
@@ -523,16 +584,24 @@ fn load_level(addr: &str, c: usize) -> Result<Level> {
     // Each client sends requests back to back, so the concurrency holds past the ramp-up.
     let per_client = (128 / c).clamp(2, 8);
     let started = Instant::now();
-    let results: Vec<Result<Vec<RequestTimings>>> = std::thread::scope(|s| {
+    let realtime = std::sync::atomic::AtomicBool::new(true);
+    let realtime_readers = &realtime;
+    let results: Vec<Result<Vec<stream_timing::StreamTimes>>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..c)
             .map(|i| {
                 s.spawn(move || {
+                    realtime_readers.fetch_and(
+                        stream_timing::prefer_realtime(),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     (0..per_client)
                         .map(|r| {
-                            stream_timings(
-                                addr,
-                                &format!("Client {i} request {r}: once upon a time"),
-                            )
+                            let prompt = format!("Client {i} request {r}: once upon a time");
+                            let body = format!(
+                                r#"{{"prompt":{},"max_tokens":32,"temperature":0,"stream":true,"stream_options":{{"include_usage":true}}}}"#,
+                                serde_json_string(&prompt)
+                            );
+                            stream_timing::stream(addr, "/v1/completions", &body)
                         })
                         .collect::<Result<Vec<_>>>()
                 })
@@ -543,13 +612,23 @@ fn load_level(addr: &str, c: usize) -> Result<Level> {
             .collect()
     });
     let wall = started.elapsed().as_secs_f64();
-    let (mut ttft, mut itl, mut tokens) = (Vec::new(), Vec::new(), 0usize);
+    let (mut ttft, mut itl, mut tpot) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tokens, mut events, mut merged) = (0usize, 0usize, 0usize);
     for r in results {
-        for (first, gaps) in r? {
-            ttft.push(first);
-            tokens += gaps.len() + 1;
-            itl.extend(gaps);
+        for times in r? {
+            ttft.push(times.ttft().ok_or_else(|| anyhow!("no token arrived"))?);
+            itl.extend(times.gaps());
+            tpot.extend(times.tpot());
+            tokens += times.completion_tokens;
+            events += times.arrivals.len();
+            merged += times.merged;
         }
+    }
+    if !realtime.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "concurrency {c}: the client threads could not get real-time priority (needs \
+             CAP_SYS_NICE); late wake-ups may merge tokens, see the merged row"
+        );
     }
     let pct = |v: &mut Vec<f64>, q: f64| -> f64 {
         if v.is_empty() {
@@ -564,54 +643,9 @@ fn load_level(addr: &str, c: usize) -> Result<Level> {
         ttft_p99: pct(&mut ttft, 0.99),
         itl_p50: pct(&mut itl, 0.5),
         itl_p99: pct(&mut itl, 0.99),
+        tpot_p50: pct(&mut tpot, 0.5),
+        merged_percent: 100.0 * merged as f64 / events.max(1) as f64,
     })
-}
-
-/// One streamed greedy completion of 32 tokens: time to the first token chunk and the gaps
-/// between the following ones, in ms.
-fn stream_timings(addr: &str, prompt: &str) -> Result<(f64, Vec<f64>)> {
-    let body = format!(
-        r#"{{"prompt":{},"max_tokens":32,"temperature":0,"stream":true}}"#,
-        serde_json_string(prompt)
-    );
-    let mut s = TcpStream::connect(addr)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let sent = Instant::now();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut times = Vec::new();
-    let mut pending = String::new();
-    let mut buf = [0u8; 16384];
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        let now = sent.elapsed().as_secs_f64() * 1000.0;
-        pending.push_str(&String::from_utf8_lossy(&buf[..n]));
-        while let Some(end) = pending.find('\n') {
-            let line: String = pending.drain(..=end).collect();
-            if let Some(data) = line.trim_end().strip_prefix("data: ") {
-                if data == "[DONE]" {
-                    return finish(times);
-                }
-                // Token chunks carry no finish reason; the last chunk does.
-                if data.contains("\"finish_reason\":null") {
-                    times.push(now);
-                }
-            }
-        }
-    }
-    finish(times)
-}
-
-fn finish(times: Vec<f64>) -> Result<(f64, Vec<f64>)> {
-    let first = *times.first().ok_or_else(|| anyhow!("no token arrived"))?;
-    Ok((first, times.windows(2).map(|w| w[1] - w[0]).collect()))
 }
 
 fn serde_json_string(s: &str) -> String {

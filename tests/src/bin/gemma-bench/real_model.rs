@@ -5,6 +5,10 @@
 //! The model is looked for in $GEMMA_REAL_MODEL, else in the fetch script's cache; llama.cpp is
 //! run by scripts/llama_cpp_bench.py with $BENCH_PYTHON, else the bench venv the README names,
 //! else python3. Either missing: its rows say so and the rest still run.
+//!
+//! Both sides are timed the same way: a warm-up run, then `REPEATS` runs of (prefill the
+//! 512-token prompt from an empty cache, then 128 greedy decode steps from position 512), each
+//! figure the median of the runs; both sides get the same compute threads on the same cores.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,9 +23,9 @@ use super::Row;
 
 const PREFILL_TOKENS: usize = 512;
 const DECODE_TOKENS: usize = 128;
-const THREADS: usize = 2;
+const REPEATS: usize = 3;
 
-pub fn rows() -> Result<Vec<Row>> {
+pub fn rows(threads: usize) -> Result<Vec<Row>> {
     let Some(model) = model_path() else {
         eprintln!(
             "real model rows skipped: no gemma-3-270m found (run scripts/fetch-model.sh or set \
@@ -29,9 +33,9 @@ pub fn rows() -> Result<Vec<Row>> {
         );
         return Ok(Vec::new());
     };
-    let llama = llama_cpp(&model);
+    let llama = llama_cpp(&model, threads);
     let (ref_decode, ref_prefill, ref_name) = match &llama {
-        Ok((d, p)) => (*d, *p, format!("llama.cpp, {THREADS} threads")),
+        Ok((d, p)) => (*d, *p, "llama.cpp (llama-cpp-python)".to_string()),
         Err(why) => {
             eprintln!("llama.cpp reference skipped: {why}");
             (f64::NAN, f64::NAN, "llama.cpp: skipped".to_string())
@@ -39,25 +43,38 @@ pub fn rows() -> Result<Vec<Row>> {
     };
     let single = single_process(&model)?;
     let tp2 = cluster(&model, 2)?;
-    let row = |figure: &str, value: f64, reference: f64| Row {
+    let row = |figure: &str, value: f64, reference: f64, world: usize| Row {
         figure: figure.to_string(),
         value,
         unit: "tok/s",
         reference: ref_name.clone(),
         ref_value: reference,
+        threads: format!("{} | {threads}", super::split(threads, world)),
     };
     Ok(vec![
-        row("gemma-3-270m decode, 1 process", single.decode, ref_decode),
+        row(
+            "gemma-3-270m decode, 1 process",
+            single.decode,
+            ref_decode,
+            1,
+        ),
         row(
             "gemma-3-270m prefill 512, 1 process",
             single.prefill,
             ref_prefill,
+            1,
         ),
-        row("gemma-3-270m decode, tp=2 cluster", tp2.decode, ref_decode),
+        row(
+            "gemma-3-270m decode, tp=2 cluster",
+            tp2.decode,
+            ref_decode,
+            2,
+        ),
         row(
             "gemma-3-270m prefill 512, tp=2 cluster",
             tp2.prefill,
             ref_prefill,
+            2,
         ),
     ])
 }
@@ -68,7 +85,7 @@ fn model_path() -> Option<PathBuf> {
 }
 
 /// Decode and prefill tokens/s of llama.cpp on `model`.
-fn llama_cpp(model: &Path) -> Result<(f64, f64)> {
+fn llama_cpp(model: &Path, threads: usize) -> Result<(f64, f64)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/llama_cpp_bench.py");
     let venv = PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
         .join(".cache/gemma-cluster/bench-venv/bin/python");
@@ -85,9 +102,10 @@ fn llama_cpp(model: &Path) -> Result<(f64, f64)> {
     let out = Command::new(&python)
         .arg(&script)
         .args(["--model", &gguf.display().to_string()])
-        .args(["--threads", &THREADS.to_string()])
+        .args(["--threads", &threads.to_string()])
         .args(["--prompt-tokens", &PREFILL_TOKENS.to_string()])
         .args(["--decode-tokens", &DECODE_TOKENS.to_string()])
+        .args(["--repeats", &REPEATS.to_string()])
         .output()
         .with_context(|| format!("running {} {}", python.display(), script.display()))?;
     if !out.status.success() {
@@ -126,34 +144,36 @@ fn one_seq(tokens: Vec<u32>, start_pos: usize, blocks: &[u32]) -> StepBatch {
     }
 }
 
-/// Best of three prefills of `PREFILL_TOKENS` in one step, then `DECODE_TOKENS` greedy steps
-/// after the last of them (positions 512..640, as the llama.cpp script measures); `step`
-/// returns the greedy next token.
+/// As scripts/llama_cpp_bench.py measures: a warm-up run (prefill, 8 decode steps), then
+/// `REPEATS` runs of one prefill of `PREFILL_TOKENS` in one step followed by `DECODE_TOKENS`
+/// greedy steps (positions 512..640); each figure is the median over the runs. `step` returns
+/// the greedy next token.
 fn measure(kv: &KvBlockManager, mut step: impl FnMut(StepBatch) -> Result<u32>) -> Result<Speeds> {
     let alloc = kv.allocate(PREFILL_TOKENS + DECODE_TOKENS + 8)?;
     let blocks = alloc.block_table().to_vec();
     let long = prompt(PREFILL_TOKENS);
-    step(one_seq(long.clone(), 0, &blocks))?; // warm-up
-    let mut best = f64::INFINITY;
-    let mut next = 0;
-    for _ in 0..3 {
+    let mut run = |decode_tokens: usize| -> Result<(f64, f64)> {
         let t = Instant::now();
-        next = step(one_seq(long.clone(), 0, &blocks))?;
-        best = best.min(t.elapsed().as_secs_f64());
+        let mut next = step(one_seq(long.clone(), 0, &blocks))?;
+        let prefill = PREFILL_TOKENS as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for pos in long.len()..long.len() + decode_tokens {
+            next = step(one_seq(vec![next], pos, &blocks))?;
+        }
+        let decode = decode_tokens as f64 / t.elapsed().as_secs_f64();
+        Ok((prefill, decode))
+    };
+    run(8)?; // warm-up
+    let (mut prefills, mut decodes) = (Vec::new(), Vec::new());
+    for _ in 0..REPEATS {
+        let (p, d) = run(DECODE_TOKENS)?;
+        prefills.push(p);
+        decodes.push(d);
     }
-    let prefill = PREFILL_TOKENS as f64 / best;
-    let mut pos = long.len();
-    for _ in 0..4 {
-        next = step(one_seq(vec![next], pos, &blocks))?;
-        pos += 1;
-    }
-    let t = Instant::now();
-    for _ in 0..DECODE_TOKENS {
-        next = step(one_seq(vec![next], pos, &blocks))?;
-        pos += 1;
-    }
-    let decode = DECODE_TOKENS as f64 / t.elapsed().as_secs_f64();
-    Ok(Speeds { decode, prefill })
+    Ok(Speeds {
+        decode: super::median(&mut decodes),
+        prefill: super::median(&mut prefills),
+    })
 }
 
 fn single_process(model: &Path) -> Result<Speeds> {
