@@ -30,6 +30,9 @@ pub struct GreedyOptions {
 pub struct GreedyOutput {
     /// Per prompt: the full-vocabulary logits at its last prompt token.
     pub prefill_logits: Vec<Vec<f32>>,
+    /// Per prompt: the full-vocabulary logits that picked its last generated token (a decode
+    /// step far past the prompt).
+    pub last_logits: Vec<Vec<f32>>,
     /// Per prompt: the generated tokens.
     pub tokens: Vec<Vec<u32>>,
     /// Largest number of sequences in one step.
@@ -43,6 +46,7 @@ struct Sequence {
     cached: usize,
     kv: KvAllocation,
     prefill_logits: Vec<f32>,
+    last_logits: Vec<f32>,
 }
 
 impl Sequence {
@@ -82,6 +86,7 @@ pub fn generate_greedy(
                 cached: 0,
                 kv: kv.allocation(),
                 prefill_logits: Vec::new(),
+                last_logits: Vec::new(),
             });
         }
         let active: Vec<usize> = (0..seqs.len())
@@ -121,12 +126,19 @@ pub fn generate_greedy(
                 seq.prefill_logits = row.clone();
             }
             seq.generated.push(argmax(&row));
+            if seq.done(opts.max_new_tokens) {
+                seq.last_logits = row;
+            }
         }
     }
     Ok(GreedyOutput {
         prefill_logits: seqs
             .iter_mut()
             .map(|s| std::mem::take(&mut s.prefill_logits))
+            .collect(),
+        last_logits: seqs
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.last_logits))
             .collect(),
         tokens: seqs
             .iter_mut()

@@ -127,8 +127,9 @@ pub fn reference(model: Model) -> &'static Reference {
     static GEMMA2: OnceLock<Reference> = OnceLock::new();
     static GEMMA3: OnceLock<Reference> = OnceLock::new();
     let (cell, source) = match model {
-        // No candle-transformers model is a faithful Gemma 2/3 (see stack.md): these are held to
-        // the plain reference, which is itself held to candle's Gemma 1 below.
+        // candle-transformers' gemma2/gemma3 implement only part of these models: here every
+        // plan is held to the plain reference, which independent_references/ holds (with the
+        // paged model) to HF transformers' golden logits and to candle where candle agrees.
         Model::Gemma2 => return GEMMA2.get_or_init(|| naive_reference(model)),
         Model::Gemma3 => return GEMMA3.get_or_init(|| naive_reference(model)),
         // The same weights as Mha, split over three files.
