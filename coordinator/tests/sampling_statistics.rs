@@ -210,7 +210,7 @@ fn critical(df: usize) -> f64 {
 fn chi_square_tail(x: f64, df: usize) -> f64 {
     let mut term = 1.0;
     let mut sum = 0.0;
-    if df % 2 == 0 {
+    if df.is_multiple_of(2) {
         for i in 0..df / 2 {
             if i > 0 {
                 term *= x / 2.0 / i as f64;
