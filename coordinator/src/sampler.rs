@@ -1,6 +1,13 @@
 //! Per-request sampling from the full-vocabulary logits: penalties, then greedy or
 //! temperature / top-k / top-p / min-p. A request's randomness is its own seeded stream, one
 //! draw per sampled token, so it never depends on the cluster's shape or on other requests.
+//!
+//! The definitions, as vLLM applies them: HF's repetition penalty over prompt and output tokens,
+//! then OpenAI's frequency and presence penalties over output tokens only; then HF's warpers in
+//! HF's order, each on what the one before kept: temperature, top-k, top-p (the smallest set of
+//! most likely tokens holding at least p), min-p (at least min_p times the most likely token's
+//! probability). Log-probabilities are the raw model's, before penalties and temperature (vLLM's
+//! default). `coordinator/tests/sampling_statistics.rs` holds the draws to these definitions.
 
 use std::collections::{HashMap, HashSet};
 
@@ -411,6 +418,125 @@ mod tests {
             0
         );
         assert_eq!(Sampler::new(params(0.7), &[]).candidates_needed(), 0);
+    }
+
+    /// A sampler for `prompt` that has already output `generated` (recorded through one-candidate
+    /// answers, which every parameter set samples as that candidate).
+    fn after(params: SamplingParams, prompt: &[u32], generated: &[u32]) -> Sampler {
+        let mut s = Sampler::new(params, prompt);
+        for &t in generated {
+            let only = SeqLogits::Top {
+                candidates: vec![(0.0, t)],
+                log_sum_exp: 0.0,
+            };
+            assert_eq!(s.sample(only).expect("sampled").token, t);
+        }
+        s
+    }
+
+    /// The logits every penalty test starts from: positive, negative and zero values.
+    const RAW: [f32; 7] = [3.0, -1.5, 0.5, 2.0, -0.25, 1.0, 0.0];
+    /// Token 0 and 3 are in the prompt only; 2 is output three times, 4, 5 and 6 once.
+    const PROMPT: [u32; 3] = [0, 3, 0];
+    const GENERATED: [u32; 6] = [2, 2, 4, 2, 5, 6];
+
+    fn penalized(params: SamplingParams) -> Vec<f32> {
+        let s = after(params, &PROMPT, &GENERATED);
+        let mut logits = RAW.to_vec();
+        s.apply_penalties(&mut logits);
+        logits
+    }
+
+    fn assert_logits(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() < 1e-6, "token {i}: {g} != {w} ({got:?})");
+        }
+    }
+
+    /// OpenAI: logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, c[j] the
+    /// times j was sampled before (vLLM: output tokens only). Prompt tokens are not counted.
+    #[test]
+    fn frequency_and_presence_penalties_follow_openai() {
+        let got = penalized(SamplingParams {
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..params(0.0)
+        });
+        // 2: 0.5 - 3 * 0.5 - 0.25; 4: -0.25 - 0.5 - 0.25; 5: 1.0 - 0.75; 6: 0.0 - 0.75.
+        assert_logits(&got, &[3.0, -1.5, -1.25, 2.0, -1.0, 0.25, -0.75]);
+
+        let presence_only = penalized(SamplingParams {
+            presence_penalty: 1.5,
+            ..params(0.0)
+        });
+        // Once per token, however often: 2: 0.5 - 1.5; 4: -0.25 - 1.5; 5: 1.0 - 1.5.
+        assert_logits(&presence_only, &[3.0, -1.5, -1.0, 2.0, -1.75, -0.5, -1.5]);
+
+        // Negative values (allowed down to -2) encourage repeats: 2: 0.5 + 3 * 0.5 + 1.
+        let negative = penalized(SamplingParams {
+            frequency_penalty: -0.5,
+            presence_penalty: -1.0,
+            ..params(0.0)
+        });
+        assert_logits(&negative, &[3.0, -1.5, 3.0, 2.0, 1.25, 2.5, 1.5]);
+    }
+
+    /// HF (CTRL): every token of prompt and output, once however often it occurs: a positive
+    /// logit is divided by the penalty, a negative one multiplied (0 stays 0).
+    #[test]
+    fn repetition_penalty_follows_hf() {
+        let got = penalized(SamplingParams {
+            repetition_penalty: 2.0,
+            ..params(0.0)
+        });
+        // 0: 3 / 2 (prompt); 2: 0.5 / 2 (three times, divided once); 3: 2 / 2 (prompt);
+        // 4: -0.25 * 2; 5: 1 / 2; 6: 0 stays 0; 1 never seen.
+        assert_logits(&got, &[1.5, -1.5, 0.25, 1.0, -0.5, 0.5, 0.0]);
+
+        // Below 1 it favours seen tokens: 0: 3 / 0.5; 4: -0.25 * 0.5.
+        let favour = penalized(SamplingParams {
+            repetition_penalty: 0.5,
+            ..params(0.0)
+        });
+        assert_logits(&favour, &[6.0, -1.5, 1.0, 4.0, -0.125, 2.0, 0.0]);
+    }
+
+    /// vLLM's order: the repetition penalty first, then frequency and presence.
+    #[test]
+    fn all_penalties_apply_repetition_first() {
+        let got = penalized(SamplingParams {
+            repetition_penalty: 1.25,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..params(0.0)
+        });
+        // 0: 3 / 1.25; 2: 0.5 / 1.25 - 1.5 - 0.25; 3: 2 / 1.25; 4: -0.25 * 1.25 - 0.75;
+        // 5: 1 / 1.25 - 0.75; 6: 0 - 0.75. (Frequency first would give 5: (1 - 0.75) / 1.25 = 0.2.)
+        assert_logits(&got, &[2.4, -1.5, -1.35, 1.6, -1.0625, 0.05, -0.75]);
+    }
+
+    /// What is sampled is the penalized logits; what is reported is the model's.
+    #[test]
+    fn greedy_takes_the_penalized_largest_and_reports_the_raw_logprob() {
+        let p = SamplingParams {
+            repetition_penalty: 1.6,
+            presence_penalty: 2.0,
+            ..params(0.0)
+        };
+        let mut s = Sampler::with_logprobs(p, &PROMPT, 0);
+        let only = SeqLogits::Top {
+            candidates: vec![(0.0, 0)],
+            log_sum_exp: 0.0,
+        };
+        assert_eq!(s.sample(only).expect("sampled").token, 0);
+        // Token 0 (prompt, output once): 3 / 1.6 - 2 = -0.125; token 3 (prompt): 2 / 1.6 = 1.25;
+        // token 5 (unseen): 1.0. Without penalties token 0 would win.
+        let greedy = s.sample(SeqLogits::Full(RAW.to_vec())).expect("sampled");
+        assert_eq!(greedy.token, 3);
+        // Its log-probability is the raw model's: 2.0 - log(sum(exp(RAW))).
+        let lse = RAW.iter().map(|l| l.exp()).sum::<f32>().ln();
+        assert!((greedy.logprob - (2.0 - lse)).abs() < 1e-6, "{greedy:?}");
     }
 
     #[test]

@@ -76,12 +76,36 @@ impl TextTokenizer {
         self.inner.decode(&[id], false).unwrap_or_default()
     }
 
+    /// One token's bytes, as OpenAI's `bytes` reports them: a byte-fallback token (`<0xAB>`,
+    /// a piece of a character that takes several tokens) is its one byte, whose text alone is
+    /// only U+FFFD; any other token is the UTF-8 of its text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match self
+            .inner
+            .id_to_token(id)
+            .as_deref()
+            .and_then(fallback_byte)
+        {
+            Some(byte) => vec![byte],
+            None => self.token_text(id).into_bytes(),
+        }
+    }
+
     /// Ids -> text, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, true)
             .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
+}
+
+/// The byte of a byte-fallback piece such as `<0xE2>`.
+fn fallback_byte(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
 }
 
 /// Turns generated ids into text as they arrive. Decodes a small window of recent ids and emits

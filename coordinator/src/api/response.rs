@@ -72,7 +72,8 @@ pub struct CompletionChoice {
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f32>,
-    /// Per token, its alternatives' text -> logprob (alternatives with the same text merge).
+    /// Per token, its alternatives' text -> logprob (alternatives with the same text: the most
+    /// likely one's).
     pub top_logprobs: Vec<BTreeMap<String, f32>>,
     /// Byte offset of each token's text in the choice's text.
     pub text_offset: Vec<usize>,
@@ -120,7 +121,8 @@ pub struct ChatLogprobs {
 pub struct TokenLogprob {
     pub token: String,
     pub logprob: f32,
-    /// The token's UTF-8 bytes, as a list of numbers.
+    /// The token's bytes, as a list of numbers: its text's UTF-8, or the one byte of a
+    /// byte-fallback token (a piece of a character, whose text alone is U+FFFD).
     pub bytes: Vec<u8>,
     pub top_logprobs: Vec<TopLogprob>,
 }
@@ -133,12 +135,11 @@ pub struct TopLogprob {
 }
 
 impl TopLogprob {
-    fn new(token: String, logprob: f32) -> Self {
-        let bytes = token.as_bytes().to_vec();
+    fn new(tok: &TextTokenizer, id: u32, logprob: f32) -> Self {
         Self {
-            token,
+            token: tok.token_text(id),
             logprob,
-            bytes,
+            bytes: tok.token_bytes(id),
         }
     }
 }
@@ -270,10 +271,13 @@ impl Endpoint for Completions {
             top_logprobs: tokens
                 .iter()
                 .map(|s| {
-                    s.top_logprobs
-                        .iter()
-                        .map(|&(t, lp)| (tok.token_text(t), lp))
-                        .collect()
+                    // Most likely first: a text several alternatives share (byte tokens all read
+                    // "\u{FFFD}") keeps the most likely one's value.
+                    let mut top = BTreeMap::new();
+                    for &(t, lp) in &s.top_logprobs {
+                        top.entry(tok.token_text(t)).or_insert(lp);
+                    }
+                    top
                 })
                 .collect(),
             text_offset,
@@ -316,7 +320,7 @@ impl Endpoint for ChatCompletions {
         let content = tokens
             .iter()
             .map(|s| {
-                let top = TopLogprob::new(tok.token_text(s.token), s.logprob);
+                let top = TopLogprob::new(tok, s.token, s.logprob);
                 TokenLogprob {
                     token: top.token,
                     logprob: top.logprob,
@@ -324,7 +328,7 @@ impl Endpoint for ChatCompletions {
                     top_logprobs: s
                         .top_logprobs
                         .iter()
-                        .map(|&(t, lp)| TopLogprob::new(tok.token_text(t), lp))
+                        .map(|&(t, lp)| TopLogprob::new(tok, t, lp))
                         .collect(),
                 }
             })
