@@ -66,6 +66,9 @@ pub struct RequestSpec {
     pub logprobs: Option<usize>,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// Generate through the stop tokens (<eos>, <end_of_turn>) until `max_tokens` or a stop
+    /// string: a run whose length is known in advance (vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 /// One generated token as the client sees it.
@@ -100,8 +103,28 @@ pub struct Generation {
 
 struct Request {
     spec: RequestSpec,
-    events: mpsc::UnboundedSender<Event>,
+    events: Events,
     arrived: Instant,
+}
+
+/// Where a request's events go. Tokens are sent by reference; the last event (`Done` or
+/// `Error`) consumes the sender, so nothing can follow it.
+struct Events(mpsc::UnboundedSender<Event>);
+
+impl Events {
+    fn token(&self, token: TokenEvent) {
+        // A client that went away is noticed between steps (`cancelled`).
+        let _ = self.0.send(Event::Token(token));
+    }
+
+    fn finish(self, last: Event) {
+        let _ = self.0.send(last);
+    }
+
+    /// The client dropped its receiver.
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
 }
 
 #[derive(Clone)]
@@ -126,7 +149,7 @@ impl EngineHandle {
         let (events, rx) = mpsc::unbounded_channel();
         let request = Request {
             spec,
-            events,
+            events: Events(events),
             arrived: Instant::now(),
         };
         if self.tx.send(request).is_err() {
@@ -296,6 +319,40 @@ impl Sequence {
     fn cancelled(&self) -> bool {
         self.request.events.is_closed()
     }
+
+    /// Ends the sequence and tells its client why. Consuming the sequence is the point: its KV
+    /// blocks go back to the pool before its last event exists, so a client that has seen its
+    /// request end (and the `/metrics` it reads next) finds them free.
+    fn finish(self, outcome: Result<FinishReason, EngineError>, metrics: &Metrics) {
+        let Sequence {
+            request,
+            kv,
+            mut text,
+            sent,
+            generated,
+            ..
+        } = self;
+        drop(kv);
+        let last = match outcome {
+            Ok(finish_reason) => {
+                metrics.outcome(Outcome::Finished);
+                metrics
+                    .e2e_latency
+                    .observe(request.arrived.elapsed().as_secs_f64());
+                Event::Done {
+                    finish_reason,
+                    prompt_tokens: request.spec.prompt.len(),
+                    completion_tokens: generated,
+                    tail: text.split_off(sent),
+                }
+            }
+            Err(e) => {
+                metrics.outcome(Outcome::Failed);
+                Event::Error(e)
+            }
+        };
+        request.events.finish(last);
+    }
 }
 
 /// A waiting request, fresh or preempted (then it keeps its sampler and output).
@@ -305,11 +362,15 @@ enum Waiting {
 }
 
 impl Waiting {
-    /// Where its events go.
-    fn into_events(self) -> mpsc::UnboundedSender<Event> {
+    /// Refuses the request with `error`; a preempted one holds no blocks, but ends as every
+    /// sequence does.
+    fn fail(self, error: EngineError, metrics: &Metrics) {
         match self {
-            Waiting::Fresh(r) => r.events,
-            Waiting::Preempted(s) => s.request.events,
+            Waiting::Fresh(r) => {
+                metrics.outcome(Outcome::Failed);
+                r.events.finish(Event::Error(error));
+            }
+            Waiting::Preempted(s) => s.finish(Err(error), metrics),
         }
     }
 
@@ -412,15 +473,15 @@ impl<C: StepCluster> Engine<C> {
             };
             let at_most = self.kv.blocks_for(w.tokens_at_most());
             if at_most > self.kv.total_blocks() {
-                let Some(events) = self.waiting.pop_front().map(Waiting::into_events) else {
+                let Some(w) = self.waiting.pop_front() else {
                     return;
                 };
                 self.waiting_count.fetch_sub(1, Ordering::SeqCst);
-                self.metrics.outcome(Outcome::Failed);
-                let _ = events.send(Event::Error(EngineError::TooLong {
+                let error = EngineError::TooLong {
                     needed: at_most,
                     total: self.kv.total_blocks(),
-                }));
+                };
+                w.fail(error, &self.metrics);
                 continue;
             }
             let needed = w.tokens_needed();
@@ -549,27 +610,7 @@ impl<C: StepCluster> Engine<C> {
             let Some(i) = self.running.iter().position(|s| s.id == id) else {
                 continue;
             };
-            let mut seq = self.running.remove(i);
-            let event = match outcome {
-                Ok(finish_reason) => {
-                    self.metrics.outcome(Outcome::Finished);
-                    self.metrics
-                        .e2e_latency
-                        .observe(seq.request.arrived.elapsed().as_secs_f64());
-                    Event::Done {
-                        finish_reason,
-                        prompt_tokens: seq.prompt_len(),
-                        completion_tokens: seq.generated,
-                        tail: seq.text.split_off(seq.sent),
-                    }
-                }
-                Err(e) => {
-                    self.metrics.outcome(Outcome::Failed);
-                    Event::Error(e)
-                }
-            };
-            // `seq` (and its KV allocation) drops here: its blocks return to the pool.
-            let _ = seq.request.events.send(event);
+            self.running.remove(i).finish(outcome, &self.metrics);
         }
     }
 
@@ -584,11 +625,13 @@ impl<C: StepCluster> Engine<C> {
         }
         self.waiting_count
             .fetch_sub(waiting.len(), Ordering::SeqCst);
-        let running = self.running.drain(..).map(|s| s.request.events);
         let error = Arc::new(error);
-        for events in running.chain(waiting.into_iter().map(Waiting::into_events)) {
-            self.metrics.outcome(Outcome::Failed);
-            let _ = events.send(Event::Error(EngineError::Cluster(error.clone())));
+        let failed = || EngineError::Cluster(error.clone());
+        for seq in self.running.drain(..) {
+            seq.finish(Err(failed()), &self.metrics);
+        }
+        for w in waiting {
+            w.fail(failed(), &self.metrics);
         }
         if let Some(tx) = self.failed.take() {
             let _ = tx.send(error.to_string());
@@ -615,7 +658,7 @@ fn advance(
     seq.last_token_at = Some(now);
     metrics.generation_tokens.inc();
     let token = sampled.token;
-    if tok.stop_ids().contains(&token) {
+    if !seq.request.spec.ignore_eos && tok.stop_ids().contains(&token) {
         return Ok(Some(FinishReason::Stop));
     }
     seq.generated += 1;
@@ -644,10 +687,7 @@ fn advance(
         .unwrap_or_default()
         .to_string();
     seq.sent += text.len();
-    let _ = seq
-        .request
-        .events
-        .send(Event::Token(TokenEvent { text, sampled }));
+    seq.request.events.token(TokenEvent { text, sampled });
     Ok(match (stopped, at_limit) {
         (Some(_), _) => Some(FinishReason::Stop),
         (None, true) => Some(FinishReason::Length),
@@ -763,6 +803,7 @@ mod tests {
             logprobs: None,
             max_tokens: 4,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 
@@ -820,6 +861,59 @@ mod tests {
         }
         assert_eq!(steps.load(Ordering::SeqCst), 1);
         assert_eq!(engine.kv_blocks_used(), 0, "its blocks went back");
+    }
+
+    /// A step answer whose one sequence's greedy choice is `token`.
+    fn chooses(token: u32) -> Result<StepOutput, ClusterError> {
+        Ok(StepOutput {
+            logits: vec![SeqLogits::Top {
+                candidates: vec![(0.0, token)],
+                log_sum_exp: 0.0,
+            }],
+            collective: Duration::ZERO,
+        })
+    }
+
+    /// A client that has its `Done` finds its blocks back in the pool, read from another thread
+    /// of a multi-threaded runtime the moment `Done` arrives. The order itself is guaranteed by
+    /// construction (`Sequence::finish` consumes the sequence and drops its allocation before
+    /// the event exists); the reverse order would fail here only by chance, its window being
+    /// the engine's next few instructions.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn done_comes_after_the_blocks_are_back() {
+        const REQUESTS: usize = 50;
+        // Each request: one prefill step whose sample is <eos>.
+        let (engine, steps, _dir) = engine((0..REQUESTS).map(|_| chooses(1)).collect());
+        for i in 0..REQUESTS {
+            let mut rx = engine.submit(greedy_request()).expect("queued");
+            match first_event(&mut rx).await {
+                Event::Done { finish_reason, .. } => {
+                    assert_eq!(finish_reason, FinishReason::Stop);
+                    assert_eq!(engine.kv_blocks_used(), 0, "request {i}: Done before free");
+                }
+                other => panic!("request {i}: {other:?}"),
+            }
+        }
+        assert_eq!(steps.load(Ordering::SeqCst), REQUESTS);
+    }
+
+    /// `ignore_eos` generates through <eos> until max_tokens.
+    #[tokio::test]
+    async fn ignore_eos_runs_to_max_tokens() {
+        let spec = RequestSpec {
+            ignore_eos: true,
+            ..greedy_request()
+        };
+        let (engine, steps, _dir) = engine((0..spec.max_tokens).map(|_| chooses(1)).collect());
+        let generation = tokio::time::timeout(Duration::from_secs(10), engine.generate(spec))
+            .await
+            .expect("an answer, not a hang")
+            .expect("generated");
+        assert_eq!(generation.finish_reason, FinishReason::Length);
+        assert_eq!(generation.tokens.len(), 4);
+        assert!(generation.tokens.iter().all(|t| t.token == 1));
+        assert_eq!(steps.load(Ordering::SeqCst), 4);
+        assert_eq!(engine.kv_blocks_used(), 0);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! connection, Content-Length or chunked bodies. Enough to talk to our own API without pulling a
 //! TLS-capable client into the build.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -154,4 +155,41 @@ pub fn open_stream(
         seen.extend_from_slice(&buf[..n]);
     }
     Ok(stream)
+}
+
+/// The Prometheus samples of GET /metrics, by name with labels (`requests_total{outcome="x"}`).
+pub fn metrics(addr: &str) -> Result<HashMap<String, f64>> {
+    let r = request(addr, "GET", "/metrics", None, Duration::from_secs(10))?;
+    if r.status != 200 {
+        bail!("/metrics answered {}", r.status);
+    }
+    Ok(String::from_utf8_lossy(&r.body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect())
+}
+
+/// Polls /metrics until `holds` is true of them, at most `timeout`; the last metrics in the
+/// error otherwise. For what the server does after it has answered (a cancelled request is
+/// noticed between engine steps), which no response can signal.
+pub fn wait_for_metrics(
+    addr: &str,
+    timeout: Duration,
+    holds: impl Fn(&HashMap<String, f64>) -> bool,
+) -> Result<HashMap<String, f64>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let m = metrics(addr)?;
+        if holds(&m) {
+            return Ok(m);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("not within {timeout:?}: {m:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -5,8 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 
@@ -28,11 +28,29 @@ pub fn binary(name: &str) -> PathBuf {
         })
 }
 
+/// Lines a reader thread collects from a pipe, and a signal to whoever waits for one.
+#[derive(Default)]
+struct Lines {
+    lines: Mutex<Vec<String>>,
+    added: Condvar,
+}
+
+impl Lines {
+    fn lock(&self) -> MutexGuard<'_, Vec<String>> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, line: String) {
+        self.lock().push(line);
+        self.added.notify_all();
+    }
+}
+
 /// A process whose stdout and stderr lines are collected as they come.
 pub struct Spawned {
     child: Option<Child>,
     stdout: mpsc::Receiver<String>,
-    pub stderr: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Lines>,
     /// Ends when the process closes stderr (at exit at the latest).
     stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -61,14 +79,12 @@ impl Spawned {
                 }
             }
         });
-        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Lines::default());
         let err = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let sink = stderr.clone();
         let stderr_reader = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Ok(mut v) = sink.lock() {
-                    v.push(line);
-                }
+                sink.push(line);
             }
         });
         Ok(Self {
@@ -85,7 +101,29 @@ impl Spawned {
     }
 
     pub fn stderr_text(&self) -> String {
-        self.stderr.lock().map(|v| v.join("\n")).unwrap_or_default()
+        self.stderr.lock().join("\n")
+    }
+
+    /// Waits, at most `timeout`, until the stderr reader has collected a line for which `is_it`
+    /// holds; false if none came.
+    pub fn wait_for_stderr_line(&self, is_it: impl Fn(&str) -> bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.stderr.lock();
+        loop {
+            if lines.iter().any(|l| is_it(l)) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            lines = self
+                .stderr
+                .added
+                .wait_timeout(lines, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Waits for the process to exit on its own, at most `timeout`; kills it past that.
@@ -174,10 +212,24 @@ impl CoordinatorProcess {
             .strip_prefix("gemma-coordinator listening on http://")
             .ok_or_else(|| anyhow!("unexpected first line {line:?}"))?
             .to_string();
+        // stdout and stderr are two pipes read by two threads: the announcement above says
+        // nothing about how far the stderr reader has got. The coordinator logs `serving` just
+        // before it announces, after every `started local worker` line; once the reader has
+        // that line, the log holds everything written before the announcement.
+        let serving = format!("addr={addr}");
+        if !process.wait_for_stderr_line(
+            |l| l.contains(" serving ") && l.contains(&serving),
+            Duration::from_secs(10),
+        ) {
+            return Err(anyhow!(
+                "the coordinator announced {addr} without logging `serving addr={addr}`:\n{}",
+                process.stderr_text()
+            ));
+        }
         Ok(Self { process, addr })
     }
 
-    /// Pids of the local workers it started (from its log).
+    /// Pids of the local workers it started (from its log, complete once it serves).
     pub fn worker_pids(&self) -> Vec<u32> {
         worker_pids(&self.process.stderr_text())
     }

@@ -164,8 +164,8 @@ fn in_process(dir: &Path, req: PlanRequest, prompts: &[Vec<u32>]) -> Vec<Vec<Vec
     d.logits
 }
 
-fn check_cluster(dir: &Path, tp: usize, pp: usize) {
-    let prompts = prompts(dir);
+/// Every step's logits of the greedy driver through `tp x pp` real worker processes.
+fn cluster_logits(dir: &Path, tp: usize, pp: usize, prompts: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
     let s = settings(dir, tp, pp);
     let prepared = Prepared::new(&s).expect("prepare");
     // Spawned from this (long-lived) test thread; stopped when the cluster drops.
@@ -174,18 +174,23 @@ fn check_cluster(dir: &Path, tp: usize, pp: usize) {
         .enable_all()
         .build()
         .expect("runtime");
-    let remote = rt.block_on(async {
+    rt.block_on(async {
         let mut cluster = Cluster::connect(prepared, &s, local)
             .await
             .expect("connect");
         let kv = KvBlockManager::new(cluster.kv_blocks, cluster.block_size);
-        let mut d = GreedyDriver::new(&prompts, &kv);
+        let mut d = GreedyDriver::new(prompts, &kv);
         for _ in 0..=DECODE_STEPS {
             let out = cluster.step(&d.batch()).await.expect("cluster step");
             d.advance(full_rows(out.logits));
         }
         d.logits
-    });
+    })
+}
+
+fn check_cluster(dir: &Path, tp: usize, pp: usize) {
+    let prompts = prompts(dir);
+    let remote = cluster_logits(dir, tp, pp, &prompts);
     let same_plan = in_process(dir, PlanRequest::new(tp, pp), &prompts);
     let single = in_process(dir, PlanRequest::new(1, 1), &prompts);
     for (step, ((r, l), one)) in remote.iter().zip(&same_plan).zip(&single).enumerate() {
@@ -494,5 +499,123 @@ fn stopping_the_coordinator_stops_its_workers() {
     drop(coord); // SIGTERM, bounded wait
     for pid in pids {
         assert!(!alive(pid), "worker {pid} outlived the coordinator");
+    }
+}
+
+/// A tiny Gemma 3 as a GGUF file beside the real tokenizer, quantized as llama.cpp's Q4_K_M
+/// quantizes gemma-3-270m where the shapes allow: Q8_0; Q5_0 (rewritten as Q8_0 at load); Q6_K
+/// and Q4_K down projections, whose 512 input columns tp=2 splits on 256-value block
+/// boundaries, so they stay quantized at tp=2. With the reference of the values the file holds.
+struct GgufModel {
+    _root: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    reference: gemma_testkit::reference::NaiveGemma,
+}
+
+fn gguf_model() -> &'static GgufModel {
+    static M: OnceLock<GgufModel> = OnceLock::new();
+    M.get_or_init(|| {
+        use candle_core::quantized::GgmlDType;
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("gemma3-q4-k-m");
+        std::fs::create_dir(&dir).expect("dir");
+        // Every sixth layer global: the pattern llama.cpp assumes for Gemma 3 (GGUF does not
+        // store it).
+        let model = TinyGemma {
+            intermediate_size: 512,
+            sliding_pattern: 6,
+            ..TinyGemma::gemma3_like()
+        };
+        let held = model
+            .write_gguf(&dir.join("tiny-gemma3.gguf"), |name| {
+                if name == "model.layers.0.mlp.down_proj.weight" {
+                    GgmlDType::Q6K
+                } else if name.ends_with("down_proj.weight") {
+                    GgmlDType::Q4K
+                } else if name.ends_with("k_proj.weight") || name.ends_with("gate_proj.weight") {
+                    GgmlDType::Q5_0
+                } else {
+                    GgmlDType::Q8_0
+                }
+            })
+            .expect("write gguf");
+        add_tokenizer(&dir).expect("tokenizer");
+        let cfg =
+            gemma_proto::ModelConfig::from_json(&model.config_json().to_string()).expect("config");
+        GgufModel {
+            _root: root,
+            dir,
+            reference: gemma_testkit::reference::NaiveGemma::new(cfg, held),
+        }
+    })
+}
+
+fn assert_same_bits(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: steps");
+    for (step, (a, b)) in a.iter().zip(b).enumerate() {
+        for (seq, (a, b)) in a.iter().zip(b).enumerate() {
+            let same =
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{what}: step {step} seq {seq} differs");
+        }
+    }
+}
+
+/// The default deployment, GGUF weights kept quantized, across worker processes: bit-identical
+/// to the in-process run of the same plan, and pipeline stages (even or uneven) change no bit.
+/// Every step mixes a chat prompt, a raw one and unicode, prefilled together, then decoding.
+#[test]
+fn quantized_gguf_cluster_is_bit_identical_to_the_in_process_plan() {
+    let dir = &gguf_model().dir;
+    let prompts = prompts(dir);
+    let tp2 = in_process(dir, PlanRequest::new(2, 1), &prompts);
+    let mut uneven = PlanRequest::new(2, 3);
+    uneven.layers_per_stage = Some(vec![1, 2, 3]);
+    for req in [PlanRequest::new(2, 2), uneven] {
+        let staged = in_process(dir, req.clone(), &prompts);
+        assert_same_bits(&staged, &tp2, &format!("in-process {req:?} vs tp=2"));
+    }
+    // So the cluster's tp=2 x pp=2 has the in-process tp=2 x pp=2 plan's bits too.
+    let remote = cluster_logits(dir, 2, 2, &prompts);
+    assert_same_bits(&remote, &tp2, "cluster tp=2 x pp=2 vs in-process tp=2");
+}
+
+/// `--dequantize` through the cluster: the weights decoded at load are the file's values, so
+/// the cluster serves the greedy text of the reference run on them.
+#[test]
+fn dequantized_gguf_cluster_serves_the_reference_text() {
+    let m = gguf_model();
+    let dir = m.dir.display().to_string();
+    let coord = CoordinatorProcess::start(&[
+        "--model",
+        &dir,
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--dequantize",
+        "--kv-budget-mib",
+        "16",
+    ])
+    .expect("coordinator");
+    let tok = tokenizer(&m.dir);
+    for prompt in ["The capital of France is", "Grüße, 世界! 🎉🚀"] {
+        let ids = tok.encode_prompt(prompt).expect("encode");
+        let want = m.reference.greedy(&ids, 8);
+        assert!(
+            want.min_margin > 1e-3,
+            "{prompt:?}: a near-tie ({}) in the reference; pick another prompt",
+            want.min_margin
+        );
+        let v = complete(
+            &coord.addr,
+            prompt,
+            json!({"temperature": 0, "max_tokens": 8, "ignore_eos": true}),
+        );
+        assert_eq!(
+            v["choices"][0]["text"],
+            tok.decode(&want.tokens).expect("decode"),
+            "{prompt:?}"
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use gemma_cluster_tests::http::{open_stream, post_json, request, sse_data};
+use gemma_cluster_tests::http::{self, open_stream, post_json, request, sse_data};
 use gemma_cluster_tests::process::CoordinatorProcess;
 use gemma_testkit::{add_tokenizer, TinyGemma};
 use serde_json::{json, Value};
@@ -68,16 +68,7 @@ fn streamed_text(addr: &str, body: Value) -> String {
 }
 
 fn metrics(addr: &str) -> HashMap<String, f64> {
-    let r = request(addr, "GET", "/metrics", None, Duration::from_secs(10)).expect("metrics");
-    assert_eq!(r.status, 200);
-    String::from_utf8_lossy(&r.body)
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
+    http::metrics(addr).expect("metrics")
 }
 
 /// Waits (bounded) until `f` holds for the metrics.
@@ -86,15 +77,8 @@ fn until_metrics(
     what: &str,
     f: impl Fn(&HashMap<String, f64>) -> bool,
 ) -> HashMap<String, f64> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = metrics(addr);
-        if f(&m) {
-            return m;
-        }
-        assert!(Instant::now() < deadline, "{what} never held: {m:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    http::wait_for_metrics(addr, Duration::from_secs(20), f)
+        .unwrap_or_else(|e| panic!("{what} never held: {e}"))
 }
 
 #[test]
@@ -140,7 +124,7 @@ fn cancelled_stream_frees_its_blocks() {
     let conn = open_stream(
         &c.addr,
         "/v1/completions",
-        &json!({"prompt": "A long story:", "max_tokens": 4000, "temperature": 0.7, "top_k": 40, "stream": true}),
+        &json!({"prompt": "A long story:", "max_tokens": 4000, "temperature": 0, "ignore_eos": true, "stream": true}),
         3,
         Duration::from_secs(60),
     )
@@ -164,8 +148,9 @@ fn full_queue_answers_429_with_retry_after() {
         &[],
         &[("GEMMA_MAX_RUNNING", "1"), ("GEMMA_MAX_WAITING", "1")],
     );
-    let long =
-        json!({"prompt": "x", "max_tokens": 2000, "temperature": 0.9, "top_k": 20, "stream": true});
+    // It cannot end before the other two have answered: greedy through <eos> (ignore_eos) for
+    // 2000 tokens, cancelled as soon as the refusal is in.
+    let long = json!({"prompt": "x", "max_tokens": 2000, "temperature": 0, "ignore_eos": true, "stream": true});
     // One running, one waiting; the third has no room.
     let first = open_stream(
         &c.addr,
@@ -198,14 +183,12 @@ fn full_queue_answers_429_with_retry_after() {
         drop(first);
         vec![early, answer()]
     });
-    assert!(
-        statuses
-            .iter()
-            .any(|(s, ra)| *s == 429 && ra.as_deref() == Some("1")),
-        "{statuses:?}"
-    );
+    // The waiting request cannot answer while the first stream runs, so the first answer is
+    // the refusal.
+    assert_eq!(statuses[0], (429, Some("1".to_string())), "{statuses:?}");
+    assert_eq!(statuses[1].0, 200, "the queued request ran: {statuses:?}");
     let m = metrics(&c.addr);
-    assert!(m["gemma_cluster_requests_total{outcome=\"rejected\"}"] >= 1.0);
+    assert_eq!(m["gemma_cluster_requests_total{outcome=\"rejected\"}"], 1.0);
 }
 
 #[test]
@@ -368,7 +351,7 @@ fn long_prompts_do_not_stall_other_streams() {
         &c.addr,
         "/v1/completions",
         &json!({"prompt": "A long story:", "max_tokens": 4000, "temperature": 0.7, "top_k": 40,
-                "seed": 5, "stream": true}),
+                "seed": 5, "ignore_eos": true, "stream": true}),
         1,
         Duration::from_secs(300),
     )

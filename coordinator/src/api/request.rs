@@ -44,6 +44,9 @@ pub struct SamplingFields {
     pub repetition_penalty: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<OneOrMany>,
+    /// vLLM's extension: generate through <eos> and <end_of_turn> until `max_tokens` or a stop
+    /// string.
+    pub ignore_eos: Option<bool>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,

@@ -179,6 +179,7 @@ pub struct ValidFields {
     params: SamplingParams,
     logprobs: Option<usize>,
     stop: Vec<String>,
+    ignore_eos: bool,
     /// As the client sent it: its upper bound depends on the prompt.
     max_tokens: Option<i64>,
     n: usize,
@@ -311,6 +312,7 @@ impl Validator<'_> {
                 logprobs: fields.logprobs,
                 max_tokens,
                 stop: fields.stop,
+                ignore_eos: fields.ignore_eos,
             },
             n: fields.n,
             stream: fields.stream,
@@ -401,6 +403,7 @@ impl Validator<'_> {
             },
             logprobs: alternatives.map(|k| k.max(0) as usize),
             stop,
+            ignore_eos: f.ignore_eos.unwrap_or(false),
             max_tokens: f.max_completion_tokens.or(f.max_tokens),
             n: n.max(1) as usize,
             stream,
@@ -475,6 +478,7 @@ mod tests {
         assert_eq!((p.frequency_penalty, p.presence_penalty), (0.0, 0.0));
         assert_eq!(p.seed, 3);
         assert!(r.spec.stop.is_empty() && r.spec.logprobs.is_none());
+        assert!(!r.spec.ignore_eos);
         assert_eq!((r.n, r.stream, r.include_usage), (1, false, false));
     }
 
@@ -484,9 +488,10 @@ mod tests {
             "temperature": 0.5, "top_k": 7, "top_p": 0.9, "min_p": 0.1, "seed": 9,
             "repetition_penalty": 1.2, "frequency_penalty": -1.5, "presence_penalty": 2,
             "stop": ["a", "b"], "n": 3, "stream": true, "stream_options": {"include_usage": true},
-            "logprobs": 5, "max_tokens": 60,
+            "logprobs": 5, "max_tokens": 60, "ignore_eos": true,
         }))
         .expect("valid");
+        assert!(r.spec.ignore_eos);
         let p = &r.spec.params;
         assert_eq!(
             (p.temperature, p.top_k, p.top_p, p.min_p),
