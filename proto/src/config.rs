@@ -404,18 +404,13 @@ impl ArchDefaults {
                 query_pre_attn_scalar: Some(256.0),
                 sliding_pattern: 2,
             },
+            // Gemma3TextConfig's shape defaults are Gemma2Config's.
             Architecture::Gemma3 => Self {
                 vocab_size: 262_208,
-                hidden_size: 2304,
-                intermediate_size: 9216,
-                num_hidden_layers: 26,
-                num_attention_heads: 8,
-                num_key_value_heads: 4,
-                head_dim: 256,
                 max_position_embeddings: 131_072,
                 rope_theta: 1_000_000.0,
-                query_pre_attn_scalar: Some(256.0),
                 sliding_pattern: 6,
+                ..Self::of(Architecture::Gemma2)
             },
         }
     }

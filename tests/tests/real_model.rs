@@ -6,6 +6,7 @@ use gemma_cluster_tests::http::post_json;
 use gemma_cluster_tests::process::CoordinatorProcess;
 use gemma_coordinator::tokenizer::TextTokenizer;
 use gemma_proto::{KvBlockManager, PlanRequest};
+use gemma_testkit::compare::{logit_range, top2_margin};
 use gemma_testkit::{generate_greedy, real_model_dir, GreedyOptions, LocalCluster};
 use gemma_worker::{ModelFolder, ShardOptions};
 use serde_json::json;
@@ -80,19 +81,6 @@ fn greedy_alone(plan: &LocalCluster, prompts: &[Vec<u32>]) -> Vec<gemma_testkit:
         .collect()
 }
 
-fn range(v: &[f32]) -> f32 {
-    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let min = v.iter().copied().fold(f32::INFINITY, f32::min);
-    max - min
-}
-
-/// The largest logit's lead over the second.
-fn top_two_margin(v: &[f32]) -> f32 {
-    let mut sorted = v.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    sorted[0] - sorted[1]
-}
-
 /// What is exactly true of quantized weights kept quantized: the multi-process tp=2 cluster
 /// gives the greedy tokens of the in-process tp=2 plan, bit for bit. Across plans (tp=2 vs one
 /// process) a row-parallel projection sums its partial products in another order and quantizes
@@ -123,13 +111,13 @@ fn tp2_cluster_greedy_tokens_equal_the_in_process_plan() {
             .fold(0f32, f32::max);
         // Measured on gemma-3-270m: 1.2-2.9% of the range (AVX2 CPU without AVX-512).
         assert!(
-            diff <= 0.05 * range(b),
+            diff <= 0.05 * logit_range(b),
             "prompt {prompt:?}: tp=2 and one process differ by {diff}, more than 5% of the \
              logit range {}",
-            range(b)
+            logit_range(b)
         );
         // No logit moved by more than `diff`, so a lead of more than twice that cannot flip.
-        if top_two_margin(b) > 2.0 * diff {
+        if top2_margin(b) > 2.0 * diff {
             assert_eq!(
                 tp2[i].tokens[0][0], one[i].tokens[0][0],
                 "prompt {prompt:?}"

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use gemma_proto::{KvBlockManager, ModelConfig, PlanRequest, SplitMix64};
+use gemma_testkit::compare::{logit_range, max_abs_diff};
 use gemma_testkit::reference::NaiveGemma;
 use gemma_testkit::{generate_greedy, GreedyOptions, GreedyOutput, LocalCluster, TinyGemma};
 use gemma_worker::weights::gguf::q5_0_to_q8_0;
@@ -117,23 +118,10 @@ fn run_prompts(
     .expect("generate")
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn range(v: &[f32]) -> f32 {
-    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let min = v.iter().copied().fold(f32::INFINITY, f32::min);
-    max - min
-}
-
 /// Asserts every prompt's last-position logits are within `rel` of the logit range.
 fn assert_close(what: &str, got: &GreedyOutput, want: &[Vec<f32>], rel: f32) {
     for (i, (g, w)) in got.prefill_logits.iter().zip(want).enumerate() {
-        let (d, r) = (max_abs_diff(g, w), range(w));
+        let (d, r) = (max_abs_diff(g, w), logit_range(w));
         assert!(
             d <= rel * r,
             "{what}, prompt {i}: logits differ by {d}, more than {rel} of their range {r}"
@@ -242,7 +230,7 @@ fn the_rest_of_a_batch_changes_at_most_rounding() {
             let what = format!("{quantized:?}, prompt {i} batched vs alone");
             let (d, r) = (
                 max_abs_diff(&together.prefill_logits[i], &alone.prefill_logits[0]),
-                range(&alone.prefill_logits[0]),
+                logit_range(&alone.prefill_logits[0]),
             );
             assert!(
                 d <= rel * r,

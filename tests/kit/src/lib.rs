@@ -7,12 +7,15 @@
 //!   driver over it (`generate_greedy`), the single-process form of the cluster that the
 //!   `gemma-local` binary runs and the multi-process cluster must reproduce. They are test and
 //!   CLI harnesses: serving schedules in one place, the coordinator's engine;
+//! - `compare`: the measures parity tests state tolerances in (max difference, logit range,
+//!   top-two margin);
 //! - `cache`: where the fetch scripts keep the real tokenizer and gemma-3-270m.
 //!
 //! It depends on the worker and the proto crate, never on the coordinator, so building the
 //! worker's tests builds no HTTP server, tokenizer or template engine.
 
 pub mod cache;
+pub mod compare;
 pub mod generate;
 pub mod gguf_writer;
 pub mod local;

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::gemma;
 use gemma_proto::candidates::argmax;
 use gemma_proto::{KvBlockManager, ModelConfig, PlanRequest, SplitMix64};
+pub use gemma_testkit::compare::{max_abs_diff, top2_margin};
 use gemma_testkit::{
     generate_greedy, GreedyOptions, GreedyOutput, LocalCluster, Storage, TinyGemma,
 };
@@ -211,27 +212,6 @@ fn last_logits(t: &Tensor) -> Vec<f32> {
     t.flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
         .expect("logits")
-}
-
-pub fn top2_margin(row: &[f32]) -> f32 {
-    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for &v in row {
-        if v > a {
-            b = a;
-            a = v;
-        } else if v > b {
-            b = v;
-        }
-    }
-    a - b
-}
-
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "logit rows differ in length");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Loads `model` with `req` in one process and generates greedily for [`prompts`].

@@ -31,16 +31,21 @@
 //! Measured worst differences: 4.8e-6 from HF (paged tp=1, tp=2 x pp=2, plain reference), 7.5e-6
 //! from candle over whole rows; see `TOLERANCE`.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod golden;
 mod runs;
+
+use common::prompts;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use gemma_proto::{LayerKind, ModelConfig, PlanRequest, SplitMix64};
+use gemma_proto::{LayerKind, ModelConfig, PlanRequest};
+use gemma_testkit::compare::max_abs_diff;
 use gemma_testkit::TinyGemma;
 use golden::{check_provenance, Golden};
-use runs::{candle, candle_gemma2, candle_gemma3, max_abs_diff, paged, plain, plain_prefill};
+use runs::{candle, candle_gemma2, candle_gemma3, paged, plain, plain_prefill};
 use runs::{Feed, Run};
 
 /// Largest allowed difference of a logit (and of a row's log-sum-exp) between two f32
@@ -51,20 +56,6 @@ use runs::{Feed, Run};
 /// decode window one key wider: 1.7e-3 at the last step).
 const TOLERANCE: f32 = 1e-4;
 const NEW_TOKENS: usize = 32;
-
-/// The worker tests' prompts (worker/tests/common): <bos> and random ids, 5, 11 and 23 tokens,
-/// so the longer two outrun both windows while prefilling and every decode step is past them.
-fn prompts() -> Vec<Vec<u32>> {
-    let mut rng = SplitMix64::new(42);
-    [5usize, 11, 23]
-        .iter()
-        .map(|&n| {
-            std::iter::once(2)
-                .chain((1..n).map(|_| 3 + (rng.next_u64() % 255_990) as u32))
-                .collect()
-        })
-        .collect()
-}
 
 /// The tiny models as HF folders, written once per test binary.
 fn folder(variant: &str) -> PathBuf {

@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::{gemma2, gemma3};
 use gemma_proto::candidates::argmax;
 use gemma_proto::{KvBlockManager, ModelConfig, PlanRequest};
+use gemma_testkit::compare::top2_margin;
 use gemma_testkit::reference::NaiveGemma;
 use gemma_testkit::{generate_greedy, stored_values, GreedyOptions, LocalCluster, TinyGemma};
 use gemma_worker::{ModelFolder, ShardOptions};
@@ -221,26 +222,4 @@ fn var_builder(dir: &Path) -> VarBuilder<'static> {
         )
     }
     .expect("candle weights")
-}
-
-/// The lead of the best logit over the second.
-pub fn top2_margin(row: &[f32]) -> f32 {
-    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for &v in row {
-        if v > a {
-            b = a;
-            a = v;
-        } else if v > b {
-            b = v;
-        }
-    }
-    a - b
-}
-
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "logit rows differ in length");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
