@@ -130,6 +130,52 @@ pub fn sse_data(body: &[u8]) -> Vec<String> {
 
 /// Starts a streaming POST and returns the open connection after `events` SSE events arrived;
 /// dropping it is a client that goes away mid-stream.
+/// A streamed completion's text and finish reason (`stream` is set on `body`), its SSE framing
+/// checked on the way: 200, `text/event-stream`, `text_completion` chunks, `[DONE]` last, a
+/// finish reason on exactly one chunk.
+pub fn streamed_completion(
+    addr: &str,
+    mut body: serde_json::Value,
+    timeout: Duration,
+) -> Result<(String, String)> {
+    body["stream"] = serde_json::Value::Bool(true);
+    let r = request(addr, "POST", "/v1/completions", Some(&body), timeout)?;
+    if r.status != 200
+        || !r
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("text/event-stream"))
+    {
+        bail!(
+            "not an event stream: {} {:?}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let events = sse_data(&r.body);
+    let Some((last, chunks)) = events.split_last() else {
+        bail!("an empty stream");
+    };
+    if last != "[DONE]" {
+        bail!("the stream ends with {last:?}, not [DONE]");
+    }
+    let (mut text, mut finish) = (String::new(), Vec::new());
+    for e in chunks {
+        let v: serde_json::Value = serde_json::from_str(e).context("chunk JSON")?;
+        if v["object"] != "text_completion" {
+            bail!("a chunk of object {}", v["object"]);
+        }
+        let c = &v["choices"][0];
+        text.push_str(c["text"].as_str().unwrap_or_default());
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish.push(f.to_string());
+        }
+    }
+    match <[String; 1]>::try_from(finish) {
+        Ok([f]) => Ok((text, f)),
+        Err(f) => bail!("finish reasons {f:?}: one chunk must carry exactly one"),
+    }
+}
+
 pub fn open_stream(
     addr: &str,
     path: &str,

@@ -9,7 +9,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use candle_core::DType;
-use gemma_cluster_tests::http::{metrics, post_json, request, sse_data, wait_for_metrics};
+use gemma_cluster_tests::http::{
+    metrics, post_json, request, streamed_completion, wait_for_metrics,
+};
 use gemma_cluster_tests::process::{binary, CoordinatorProcess, Spawned};
 use gemma_coordinator::tokenizer::TextTokenizer;
 use gemma_proto::{KvBlockManager, PlanRequest};
@@ -70,31 +72,9 @@ fn completion(addr: &str, body: Value) -> Value {
     v
 }
 
-/// A streamed completion's text and finish reason, checking the SSE framing.
-fn streamed(addr: &str, mut body: Value) -> (String, String) {
-    body["stream"] = json!(true);
-    let r = request(
-        addr,
-        "POST",
-        "/v1/completions",
-        Some(&body),
-        Duration::from_secs(60),
-    )
-    .expect("stream");
-    assert_eq!(r.status, 200);
-    let events = sse_data(&r.body);
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let mut text = String::new();
-    let mut finish = String::new();
-    for e in &events[..events.len() - 1] {
-        let v: Value = serde_json::from_str(e).expect("chunk JSON");
-        let c = &v["choices"][0];
-        text.push_str(c["text"].as_str().unwrap_or_default());
-        if let Some(f) = c["finish_reason"].as_str() {
-            finish = f.to_string();
-        }
-    }
-    (text, finish)
+/// A streamed completion's text and finish reason, the SSE framing checked.
+fn streamed(addr: &str, body: Value) -> (String, String) {
+    streamed_completion(addr, body, Duration::from_secs(60)).expect("stream")
 }
 
 /// A stop string cuts the text before its first occurrence and finishes with "stop", streamed

@@ -32,39 +32,11 @@ fn start(extra: &[&str], env: &[(&str, &str)]) -> CoordinatorProcess {
     CoordinatorProcess::start_with_env(&args, env).expect("coordinator")
 }
 
-/// Text of a streamed completion, checking the SSE framing on the way.
+/// Text of a streamed completion, its SSE framing checked on the way.
 fn streamed_text(addr: &str, body: Value) -> String {
-    let r = request(
-        addr,
-        "POST",
-        "/v1/completions",
-        Some(&body),
-        Duration::from_secs(120),
-    )
-    .expect("stream");
-    assert_eq!(r.status, 200);
-    assert!(r
-        .header("content-type")
-        .is_some_and(|t| t.starts_with("text/event-stream")));
-    let events = sse_data(&r.body);
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "ends with [DONE]"
-    );
-    let mut text = String::new();
-    let mut finish = None;
-    for e in &events[..events.len() - 1] {
-        let v: Value = serde_json::from_str(e).expect("chunk JSON");
-        assert_eq!(v["object"], "text_completion");
-        let c = &v["choices"][0];
-        text.push_str(c["text"].as_str().unwrap_or_default());
-        if !c["finish_reason"].is_null() {
-            finish = Some(c["finish_reason"].clone());
-        }
-    }
-    assert!(finish.is_some(), "a chunk carries the finish reason");
-    text
+    http::streamed_completion(addr, body, Duration::from_secs(120))
+        .expect("stream")
+        .0
 }
 
 fn metrics(addr: &str) -> HashMap<String, f64> {
