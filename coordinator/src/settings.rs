@@ -181,6 +181,13 @@ declare_settings! {
     /// Most requests waiting for admission; past it, 429 with Retry-After.
     #[arg(value_name = "N")]
     max_waiting: usize = 256;
+    /// An API key: every /v1 request must send `Authorization: Bearer KEY` (/health, /ready and
+    /// /metrics stay open). Prefer GEMMA_API_KEY or api_key_file to a flag other users can see.
+    #[arg(value_name = "KEY")]
+    api_key: String, optional;
+    /// A file of API keys, one per line (blank lines and # comments skipped), accepted as well.
+    #[arg(value_name = "PATH")]
+    api_key_file: PathBuf, optional;
 }
 
 const AFTER_HELP: &str = "Every setting can also come from a TOML file (--config FILE, key \

@@ -41,6 +41,18 @@ pub fn request(
     body: Option<&serde_json::Value>,
     timeout: Duration,
 ) -> Result<HttpResponse> {
+    request_with_headers(addr, method, path, body, &[], timeout)
+}
+
+/// [`request`] with extra header lines (`Authorization`, ...).
+pub fn request_with_headers(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    extra_headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<HttpResponse> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_nodelay(true)?;
@@ -51,6 +63,9 @@ pub fn request(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
             payload.len()
         ));
+    }
+    for (name, value) in extra_headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes())?;

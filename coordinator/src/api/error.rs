@@ -29,6 +29,16 @@ impl ApiError {
         }
     }
 
+    /// No key, or not one of the configured keys.
+    pub fn unauthorized(message: &str) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.to_string(),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         self.status
     }
@@ -92,6 +102,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        // RFC 6750: say which scheme would be accepted.
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

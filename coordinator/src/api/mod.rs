@@ -1,11 +1,14 @@
 //! The OpenAI-compatible HTTP API: POST /v1/completions and /v1/chat/completions (streaming as
-//! server-sent events, or not), GET /v1/models, /health, /ready, /metrics.
+//! server-sent events, or not), GET /v1/models, /health, /ready, /metrics. With API keys
+//! configured the /v1 routes want `Authorization: Bearer KEY` (`auth`); the probes and metrics
+//! stay open.
 //!
 //! As in TGI's router, one module per concern: `request` (what clients send), `validation`
 //! (nothing reaches the engine unchecked), `prompt` (tokenizing off the async runtime),
 //! `response` (OpenAI's shapes), `sse` (streaming), `error` (refusals). This module holds the
 //! routes and the glue between them.
 
+pub mod auth;
 mod error;
 mod prompt;
 pub mod request;
@@ -43,6 +46,8 @@ pub struct AppState {
     pub max_context: usize,
     /// None when every worker is loaded and reachable; else why not.
     pub unready: Arc<Mutex<Option<String>>>,
+    /// None: the API is open.
+    pub api_keys: Option<auth::ApiKeys>,
 }
 
 impl AppState {
@@ -56,10 +61,16 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    Router::new()
+        .merge(v1)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use gemma_coordinator::api::auth::ApiKeys;
 use gemma_coordinator::api::{router, AppState};
 use gemma_coordinator::chat::ChatTemplate;
 use gemma_coordinator::cluster::{Cluster, HealthProbe, Prepared};
@@ -21,6 +22,10 @@ fn main() -> Result<()> {
     gemma_proto::process::init_tracing();
     let settings = Settings::load(&args)?;
     // Everything that can be refused is refused before a worker starts.
+    let api_keys = ApiKeys::load(
+        settings.api_key.as_deref(),
+        settings.api_key_file.as_deref(),
+    )?;
     let prepared = Prepared::new(&settings)?;
     let tokenizer = Arc::new(TextTokenizer::from_dir(
         &prepared.tokenizer_dir,
@@ -34,7 +39,7 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(settings, prepared, local, tokenizer, chat))
+    rt.block_on(serve(settings, prepared, local, tokenizer, chat, api_keys))
 }
 
 async fn serve(
@@ -43,6 +48,7 @@ async fn serve(
     local: Option<gemma_coordinator::cluster::LocalWorkers>,
     tokenizer: Arc<TextTokenizer>,
     chat: Option<ChatTemplate>,
+    api_keys: Option<ApiKeys>,
 ) -> Result<()> {
     let max_context = prepared.config.max_position_embeddings;
     let cluster = Cluster::connect(prepared, &settings, local).await?;
@@ -69,6 +75,7 @@ async fn serve(
         model_name: settings.model_name(),
         max_context,
         unready,
+        api_keys,
     });
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
