@@ -144,6 +144,8 @@ fn one_value_per_setting() -> Vec<(&'static str, &'static str, Value)> {
         ("max_batch_tokens", "15", json!(15)),
         ("max_running", "16", json!(16)),
         ("max_waiting", "18", json!(18)),
+        ("api_key", "k-19", json!("k-19")),
+        ("api_key_file", "/etc/keys", json!("/etc/keys")),
     ]
 }
 
