@@ -53,10 +53,31 @@ pub fn request_with_headers(
     extra_headers: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<HttpResponse> {
+    let payload = body.map(|b| b.to_string().into_bytes());
+    request_raw(
+        addr,
+        method,
+        path,
+        payload.as_deref(),
+        extra_headers,
+        timeout,
+    )
+}
+
+/// Sends `body` as it is (any bytes, labelled application/json): for what a JSON value cannot
+/// express, such as malformed JSON or invalid UTF-8.
+pub fn request_raw(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    extra_headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<HttpResponse> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_nodelay(true)?;
-    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let payload = body.unwrap_or_default();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if body.is_some() {
         head.push_str(&format!(
@@ -69,7 +90,7 @@ pub fn request_with_headers(
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes())?;
-    stream.write_all(payload.as_bytes())?;
+    stream.write_all(payload)?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line)?;

@@ -1,6 +1,6 @@
 //! Every refusal the API answers, as an HTTP status and OpenAI's error body.
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -48,12 +48,50 @@ impl ApiError {
     }
 }
 
-/// A body that is not JSON or not the request's shape.
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> Self {
+/// A body that could not be read: 413 past the body limit, else 400.
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        let status = match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self {
+            status,
+            message: format!("request body: {}", e.body_text()),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+}
+
+/// A body that is not JSON or not the request's shape, with the field the error is in.
+impl From<serde_path_to_error::Error<serde_json::Error>> for ApiError {
+    fn from(e: serde_path_to_error::Error<serde_json::Error>) -> Self {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            return Self::json(inner);
+        }
+        Self::field(&path, &inner)
+    }
+}
+
+impl ApiError {
+    /// A field of the wrong type or shape.
+    pub fn field(path: &str, e: &serde_json::Error) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
-            message: format!("invalid JSON body: {}", e.body_text()),
+            message: format!("invalid JSON body: `{path}`: {e}"),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+
+    /// A body that is not JSON (or has something after the JSON value).
+    pub fn json(e: serde_json::Error) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("invalid JSON body: {e}"),
             kind: "invalid_request_error",
             param: None,
         }

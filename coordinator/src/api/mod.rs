@@ -18,7 +18,6 @@ pub mod validation;
 
 use std::sync::{Arc, Mutex};
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -30,7 +29,7 @@ use tokio_stream::StreamMap;
 use tracing::Instrument;
 
 pub use error::ApiError;
-use request::{ChatRequest, CompletionRequest};
+use request::{ChatRequest, CompletionRequest, JsonBody};
 use response::{Answer, ChatCompletions, Completions, Endpoint, ModelList, Readiness, Usage};
 use validation::{ValidRequest, Validator};
 
@@ -79,9 +78,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn completions(
     State(state): State<Arc<AppState>>,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body?;
     let (text, fields) = state.validator().completion(req)?;
     let prompt = prompt::encode_text(state.clone(), text).await?;
     let request = state.validator().with_prompt(fields, prompt)?;
@@ -90,9 +88,8 @@ async fn completions(
 
 async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    JsonBody(req): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body?;
     let (messages, fields) = state.validator().chat(req)?;
     let prompt = prompt::encode_chat(state.clone(), messages).await?;
     let request = state.validator().with_prompt(fields, prompt)?;

@@ -2,13 +2,51 @@
 //! any check: numbers stay signed and every field optional, so that a bad value reaches the
 //! validator (which says what is allowed) instead of failing deserialization.
 
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use super::ApiError;
 use crate::chat::ChatMessage;
+
+/// A JSON request body whose errors name the field they are in (`max_tokens: invalid type:
+/// string "ten", expected i64`); past the body limit, 413.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(ApiError::json)?;
+        match serde_path_to_error::deserialize(&json) {
+            Ok(value) => Ok(Self(value)),
+            Err(e) if e.path().to_string() == "." => Err(culprit::<T>(&json).unwrap_or(e.into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The error of the one top-level field that breaks `T` on its own. Flattened fields (the shared
+/// sampling fields) hide their path from serde; every field being optional, a body holding just
+/// the bad field fails where the empty body does not.
+fn culprit<T: DeserializeOwned>(json: &serde_json::Value) -> Option<ApiError> {
+    let empty = serde_json::Value::Object(serde_json::Map::new());
+    let baseline = T::deserialize(&empty).err().map(|e| e.to_string());
+    json.as_object()?.iter().find_map(|(key, value)| {
+        let alone = serde_json::Value::Object([(key.clone(), value.clone())].into_iter().collect());
+        let e = T::deserialize(&alone).err()?;
+        (Some(e.to_string()) != baseline).then(|| ApiError::field(key, &e))
+    })
+}
 
 /// A string or a list of strings (`prompt`, `stop`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string or a list of strings (prompts as token ids are not supported: send text)"
+)]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),

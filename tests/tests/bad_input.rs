@@ -1,0 +1,382 @@
+//! Hostile and malformed requests against a real coordinator: each gets a 4xx in OpenAI's error
+//! JSON that names what was wrong, none harms the process or the requests after it.
+
+use std::time::Duration;
+
+use gemma_cluster_tests::http::{post_json, request_raw};
+use gemma_cluster_tests::process::CoordinatorProcess;
+use gemma_testkit::{add_tokenizer, TinyGemma};
+use serde_json::{json, Value};
+
+const C: &str = "/v1/completions";
+const H: &str = "/v1/chat/completions";
+
+/// One bad request: where it goes, its body, the status it must get and a word the error's
+/// message or param must contain.
+struct Case {
+    name: &'static str,
+    path: &'static str,
+    body: Vec<u8>,
+    status: u16,
+    says: &'static str,
+}
+
+fn case(
+    name: &'static str,
+    path: &'static str,
+    body: Value,
+    status: u16,
+    says: &'static str,
+) -> Case {
+    Case {
+        name,
+        path,
+        body: body.to_string().into_bytes(),
+        status,
+        says,
+    }
+}
+
+fn raw(
+    name: &'static str,
+    path: &'static str,
+    body: &[u8],
+    status: u16,
+    says: &'static str,
+) -> Case {
+    Case {
+        name,
+        path,
+        body: body.to_vec(),
+        status,
+        says,
+    }
+}
+
+fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+fn cases() -> Vec<Case> {
+    let p = |extra: Value| {
+        let mut b = json!({"prompt": "Hello"});
+        for (k, v) in extra.as_object().expect("object") {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let m = |extra: Value| {
+        let mut b = json!({"messages": user("Hello")});
+        for (k, v) in extra.as_object().expect("object") {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let nested = format!(
+        "{{\"prompt\": \"a\", \"x\": {}{}}}",
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
+    let mut long_prompt = String::new();
+    for i in 0..9000 {
+        long_prompt.push_str(&format!("w{i} "));
+    }
+    vec![
+        raw("truncated JSON", C, br#"{"prompt": "a","#, 400, "JSON"),
+        raw("not JSON at all", C, b"prompt=a", 400, "JSON"),
+        raw("a JSON array", C, b"[1, 2]", 400, "JSON"),
+        raw(
+            "invalid UTF-8",
+            C,
+            b"{\"prompt\": \"\xff\xfe\"}",
+            400,
+            "JSON",
+        ),
+        raw("deeply nested JSON", C, nested.as_bytes(), 400, "JSON"),
+        raw("empty body", C, b"", 400, "JSON"),
+        case("prompt a number", C, json!({"prompt": 5}), 400, "prompt"),
+        case(
+            "max_tokens a string",
+            C,
+            p(json!({"max_tokens": "ten"})),
+            400,
+            "`max_tokens`",
+        ),
+        case(
+            "temperature a string",
+            C,
+            p(json!({"temperature": "hot"})),
+            400,
+            "temperature",
+        ),
+        case(
+            "stream a string",
+            C,
+            p(json!({"stream": "yes"})),
+            400,
+            "stream",
+        ),
+        case(
+            "unknown model",
+            C,
+            p(json!({"model": "gpt-9"})),
+            404,
+            "gpt-9",
+        ),
+        case("no prompt", C, json!({"max_tokens": 3}), 400, "prompt"),
+        case(
+            "two prompts",
+            C,
+            json!({"prompt": ["a", "b"]}),
+            400,
+            "prompt",
+        ),
+        case("no messages", H, json!({"max_tokens": 3}), 400, "messages"),
+        case(
+            "empty messages",
+            H,
+            json!({"messages": []}),
+            400,
+            "messages",
+        ),
+        case(
+            "messages a string",
+            H,
+            json!({"messages": "hi"}),
+            400,
+            "messages",
+        ),
+        case(
+            "unknown role",
+            H,
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+            400,
+            "role",
+        ),
+        case(
+            "roles out of order",
+            H,
+            json!({"messages": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+            400,
+            "messages",
+        ),
+        case(
+            "content part of unknown type",
+            H,
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            400,
+            "messages",
+        ),
+        case(
+            "content a number",
+            H,
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            400,
+            "`messages[0].content`",
+        ),
+        case(
+            "content null",
+            H,
+            json!({"messages": [{"role": "user", "content": null}]}),
+            400,
+            "messages",
+        ),
+        case(
+            "max_tokens 0",
+            C,
+            p(json!({"max_tokens": 0})),
+            400,
+            "max_tokens",
+        ),
+        case(
+            "max_tokens negative",
+            C,
+            p(json!({"max_tokens": -5})),
+            400,
+            "max_tokens",
+        ),
+        case(
+            "max_tokens past the context",
+            C,
+            p(json!({"max_tokens": 1_000_000_000})),
+            400,
+            "max_tokens",
+        ),
+        case(
+            "prompt past the context",
+            C,
+            json!({"prompt": long_prompt}),
+            400,
+            "prompt",
+        ),
+        case(
+            "temperature below 0",
+            C,
+            p(json!({"temperature": -0.1})),
+            400,
+            "temperature",
+        ),
+        case(
+            "temperature above 2",
+            C,
+            p(json!({"temperature": 2.5})),
+            400,
+            "temperature",
+        ),
+        case("top_p 0", C, p(json!({"top_p": 0.0})), 400, "top_p"),
+        case("top_p above 1", C, p(json!({"top_p": 1.5})), 400, "top_p"),
+        case("top_k below -1", C, p(json!({"top_k": -2})), 400, "top_k"),
+        case("min_p above 1", C, p(json!({"min_p": 1.5})), 400, "min_p"),
+        case("n 0", C, p(json!({"n": 0})), 400, "n"),
+        case("n too large", C, p(json!({"n": 1000})), 400, "n"),
+        case(
+            "logprobs above 20",
+            C,
+            p(json!({"logprobs": 21})),
+            400,
+            "logprobs",
+        ),
+        case(
+            "top_logprobs above 20",
+            H,
+            m(json!({"logprobs": true, "top_logprobs": 21})),
+            400,
+            "top_logprobs",
+        ),
+        case(
+            "top_logprobs without logprobs",
+            H,
+            m(json!({"top_logprobs": 2})),
+            400,
+            "top_logprobs",
+        ),
+        case(
+            "five stop strings",
+            C,
+            p(json!({"stop": ["a", "b", "c", "d", "e"]})),
+            400,
+            "stop",
+        ),
+        case(
+            "an empty stop string",
+            C,
+            p(json!({"stop": [""]})),
+            400,
+            "stop",
+        ),
+        case(
+            "frequency_penalty above 2",
+            C,
+            p(json!({"frequency_penalty": 3})),
+            400,
+            "frequency_penalty",
+        ),
+        case(
+            "presence_penalty below -2",
+            C,
+            p(json!({"presence_penalty": -3})),
+            400,
+            "presence_penalty",
+        ),
+        case(
+            "repetition_penalty 0",
+            C,
+            p(json!({"repetition_penalty": 0})),
+            400,
+            "repetition_penalty",
+        ),
+        case(
+            "stream_options without stream",
+            C,
+            p(json!({"stream_options": {"include_usage": true}})),
+            400,
+            "stream_options",
+        ),
+        case("seed a string", C, p(json!({"seed": "x"})), 400, "seed"),
+        case(
+            "prompt as token ids",
+            C,
+            json!({"prompt": [2, 651, 6037]}),
+            400,
+            "token ids are not supported",
+        ),
+        case(
+            "a streamed prompt past the context",
+            C,
+            json!({"prompt": "w ".repeat(9000), "stream": true}),
+            400,
+            "prompt",
+        ),
+    ]
+}
+
+#[test]
+fn bad_requests_get_a_4xx_naming_the_problem_and_harm_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("model");
+    TinyGemma::mqa_like_2b().write(&dir).expect("model");
+    add_tokenizer(&dir).expect("tokenizer");
+    let c =
+        CoordinatorProcess::start(&["--model", &dir.display().to_string()]).expect("coordinator");
+    let cases = cases();
+    assert!(cases.len() >= 40, "{} cases", cases.len());
+    let mut wrong = Vec::new();
+    for k in &cases {
+        let r = request_raw(
+            &c.addr,
+            "POST",
+            k.path,
+            Some(&k.body),
+            &[],
+            Duration::from_secs(60),
+        );
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                wrong.push(format!("{}: no answer: {e}", k.name));
+                continue;
+            }
+        };
+        let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let param = body["error"]["param"].as_str().unwrap_or_default();
+        let named = message.contains(k.says) || param == k.says;
+        if r.status != k.status || body["error"]["type"].is_null() || !named {
+            wrong.push(format!(
+                "{}: got {} {}, want {} naming {:?}",
+                k.name,
+                r.status,
+                String::from_utf8_lossy(&r.body),
+                k.status,
+                k.says
+            ));
+        }
+    }
+    // A body past the limit: 413, whatever the server managed to read of it.
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(3 << 20));
+    match request_raw(
+        &c.addr,
+        "POST",
+        C,
+        Some(big.as_bytes()),
+        &[],
+        Duration::from_secs(60),
+    ) {
+        Ok(r) if r.status == 413 => {}
+        Ok(r) => wrong.push(format!("body over the limit: got {}", r.status)),
+        Err(e) => wrong.push(format!("body over the limit: no answer: {e}")),
+    }
+    // Nothing above harmed the process: it still serves.
+    let r = post_json(&c.addr, C, &json!({"prompt": "Hello", "max_tokens": 3})).expect("serves");
+    assert_eq!(r.status, 200);
+    assert!(
+        wrong.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        wrong.len(),
+        cases.len() + 1,
+        wrong.join("\n")
+    );
+}
