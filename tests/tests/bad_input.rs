@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use gemma_cluster_tests::http::{post_json, request_raw};
 use gemma_cluster_tests::process::CoordinatorProcess;
-use gemma_testkit::{add_tokenizer, TinyGemma};
+use gemma_testkit::TinyGemma;
 use serde_json::{json, Value};
 
 const C: &str = "/v1/completions";
@@ -314,8 +314,9 @@ fn cases() -> Vec<Case> {
 fn bad_requests_get_a_4xx_naming_the_problem_and_harm_nothing() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("model");
-    TinyGemma::mqa_like_2b().write(&dir).expect("model");
-    add_tokenizer(&dir).expect("tokenizer");
+    TinyGemma::mqa_like_2b()
+        .write_servable(&dir)
+        .expect("model");
     let c =
         CoordinatorProcess::start(&["--model", &dir.display().to_string()]).expect("coordinator");
     let cases = cases();

@@ -407,6 +407,12 @@ impl TinyGemma {
         out
     }
 
+    /// Writes a folder a coordinator can serve: the model and the real Gemma tokenizer.
+    pub fn write_servable(&self, dir: &Path) -> Result<()> {
+        self.write(dir)?;
+        crate::add_tokenizer(dir)
+    }
+
     /// Writes the model folder (config.json and the weights) into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
