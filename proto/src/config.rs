@@ -492,18 +492,12 @@ impl RopeSettings {
                     )?,
                 )
             }
-            // One RoPE for every layer (Gemma 1 and 2, which have one).
+            // One flat entry: the global layers' RoPE (Gemma 1 and 2 have no other; a flat
+            // Gemma 3 entry leaves the local base to `rope_local_base_freq`).
             Some(v) => {
                 let scaling_allowed = arch == Architecture::Gemma3;
                 let entry = RopeEntry::parse(Some(v), "rope_parameters", scaling_allowed)?;
-                let local = match arch {
-                    Architecture::Gemma3 => None,
-                    _ => entry.as_ref().map(|e| RopeEntry {
-                        theta: e.theta,
-                        linear_factor: None,
-                    }),
-                };
-                (entry, local)
+                (entry, None)
             }
         };
         let legacy_factor = legacy_rope_scaling(raw.rope_scaling.as_ref(), arch)?;
