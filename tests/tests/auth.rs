@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use gemma_cluster_tests::http::{request_with_headers, HttpResponse};
 use gemma_cluster_tests::process::CoordinatorProcess;
-use gemma_testkit::TinyGemma;
+use gemma_cluster_tests::tiny_servable_model;
 use serde_json::json;
 
 fn call(addr: &str, method: &str, path: &str, key: Option<&str>) -> HttpResponse {
@@ -33,11 +33,7 @@ fn assert_refused(r: &HttpResponse, says: &str) {
 
 #[test]
 fn keys_guard_the_api_and_leave_the_probes_open() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let dir = tmp.path().join("model");
-    TinyGemma::mqa_like_2b()
-        .write_servable(&dir)
-        .expect("model");
+    let (tmp, dir) = tiny_servable_model();
     let keys = tmp.path().join("keys");
     std::fs::write(&keys, "# team A\nk-file-a\n\nk-file-b\n").expect("keys");
     let c = CoordinatorProcess::start_with_env(
@@ -79,11 +75,7 @@ fn keys_guard_the_api_and_leave_the_probes_open() {
 
 #[test]
 fn unusable_key_settings_stop_the_coordinator_before_workers_start() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let dir = tmp.path().join("model");
-    TinyGemma::mqa_like_2b()
-        .write_servable(&dir)
-        .expect("model");
+    let (tmp, dir) = tiny_servable_model();
     let empty = tmp.path().join("keys");
     std::fs::write(&empty, "# nothing yet\n").expect("keys");
     let model = dir.display().to_string();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use gemma_cluster_tests::http::{post_json, request_raw};
 use gemma_cluster_tests::process::CoordinatorProcess;
-use gemma_testkit::TinyGemma;
+use gemma_cluster_tests::tiny_servable_model;
 use serde_json::{json, Value};
 
 const C: &str = "/v1/completions";
@@ -312,11 +312,7 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn bad_requests_get_a_4xx_naming_the_problem_and_harm_nothing() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let dir = tmp.path().join("model");
-    TinyGemma::mqa_like_2b()
-        .write_servable(&dir)
-        .expect("model");
+    let (_tmp, dir) = tiny_servable_model();
     let c =
         CoordinatorProcess::start(&["--model", &dir.display().to_string()]).expect("coordinator");
     let cases = cases();

@@ -181,12 +181,7 @@ fn gemma2_within_candle_matches_candle_gemma2_and_hf() {
         &prompts(),
         NEW_TOKENS,
     );
-    let g = golden(variant);
-    assert_matches_golden(variant, "candle gemma2", &reference, &g);
-    for (who, runs) in ours(variant, &prompts()) {
-        assert_runs_agree(variant, &who, &runs, &reference);
-        assert_matches_golden(variant, &who, &runs, &g);
-    }
+    candle_and_ours_match_hf(variant, "candle gemma2", &reference);
 }
 
 #[test]
@@ -198,10 +193,15 @@ fn gemma3_unscaled_matches_candle_gemma3_and_hf() {
         &prompts(),
         NEW_TOKENS,
     );
+    candle_and_ours_match_hf(variant, "candle gemma3, token by token", &reference);
+}
+
+/// candle's runs (`reference`) match the HF golden file, and each of ours matches both.
+fn candle_and_ours_match_hf(variant: &str, candle_name: &str, reference: &[Run]) {
     let g = golden(variant);
-    assert_matches_golden(variant, "candle gemma3, token by token", &reference, &g);
+    assert_matches_golden(variant, candle_name, reference, &g);
     for (who, runs) in ours(variant, &prompts()) {
-        assert_runs_agree(variant, &who, &runs, &reference);
+        assert_runs_agree(variant, &who, &runs, reference);
         assert_matches_golden(variant, &who, &runs, &g);
     }
 }
