@@ -256,3 +256,28 @@ pub fn alive(pid: u32) -> bool {
         .map(|s| s.split_whitespace().nth(2).is_none_or(|state| state != "Z"))
         .unwrap_or(false)
 }
+
+/// Waits, at most `timeout`, for the process `pid` (any process, not only a child) to exit;
+/// true once it has (a zombie counts as exited). Uses a pidfd, which becomes readable when the
+/// process exits: a real wait, not a polling loop, and safe against pid reuse once opened.
+pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        // ESRCH: no such process any more.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    let fd = fd as libc::c_int;
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one valid pollfd; the fd is ours and closed right after.
+    let ready = unsafe { libc::poll(&mut poll, 1, ms) };
+    unsafe {
+        libc::close(fd);
+    }
+    ready == 1
+}

@@ -3,6 +3,7 @@
 //!
 //! Once serving it prints `gemma-coordinator listening on http://ADDR` on stdout.
 
+use std::future::IntoFuture;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -87,10 +88,18 @@ async fn serve(
         writeln!(out, "gemma-coordinator listening on http://{addr}")?;
         out.flush()?;
     }
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(gemma_proto::process::shutdown_signal())
-        .await
-        .context("serving HTTP")
+    // In-flight generations get a few seconds to finish; Kubernetes' default grace is 30 s, and
+    // the workers still have to be stopped after this.
+    gemma_proto::process::serve_with_drain_deadline(
+        |stop| {
+            axum::serve(listener, router(state))
+                .with_graceful_shutdown(stop)
+                .into_future()
+        },
+        Duration::from_secs(5),
+    )
+    .await
+    .context("serving HTTP")
 }
 
 /// Keeps /ready's answer current: probes every worker every 2 s; a failed step marks the cluster

@@ -112,8 +112,9 @@ impl Drop for LocalWorkers {
                 libc::kill(pid, libc::SIGTERM);
             }
         }
+        // One deadline for the whole group: the drop stays bounded however many workers hang.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
         for child in &mut self.children {
-            let deadline = std::time::Instant::now() + Duration::from_secs(3);
             loop {
                 match child.try_wait() {
                     Ok(Some(_)) | Err(_) => break,

@@ -26,6 +26,9 @@ struct Args {
     threads: Option<usize>,
 }
 
+/// How long open connections may drain after SIGTERM.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(n) = args.threads {
@@ -57,7 +60,7 @@ fn main() -> Result<()> {
             out.flush()?;
         }
         tracing::info!(%addr, data = service.data_addr(), "worker up");
-        tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             // Logits answers are megabytes: a 64 KiB HTTP/2 window would stall them.
             .initial_stream_window_size(64 << 20)
@@ -66,13 +69,15 @@ fn main() -> Result<()> {
                 WorkerServer::new(service)
                     .max_decoding_message_size(usize::MAX)
                     .max_encoding_message_size(usize::MAX),
-            )
-            .serve_with_incoming_shutdown(
-                incoming_nodelay(listener),
-                gemma_proto::process::shutdown_signal(),
-            )
-            .await
-            .context("serving")
+            );
+        // A step in flight finishes within a second on any shard we serve; the coordinator's
+        // HTTP/2 channel may stay open longer, and must not hold the exit.
+        gemma_proto::process::serve_with_drain_deadline(
+            |stop| server.serve_with_incoming_shutdown(incoming_nodelay(listener), stop),
+            DRAIN_DEADLINE,
+        )
+        .await
+        .context("serving")
     })
 }
 
