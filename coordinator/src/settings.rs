@@ -166,6 +166,10 @@ declare_settings! {
     /// Deadline of a data-plane wait between workers, ms.
     #[arg(value_name = "MS")]
     collective_timeout_ms: u64 = 30_000;
+    /// A worker releases its shard by itself once this coordinator has been silent this long
+    /// (no probe, step or assignment), so a successor can take it over.
+    #[arg(value_name = "MS")]
+    lease_ms: u64 = 30_000;
     /// Deadline of reaching a worker, ms.
     #[arg(value_name = "MS")]
     connect_timeout_ms: u64 = 5_000;

@@ -121,6 +121,8 @@ pub enum KvError {
 pub enum WireError {
     #[error("message lacks {0}")]
     Missing(&'static str),
+    #[error("a session's cluster id is 16 bytes; this one has {len}")]
+    SessionId { len: usize },
     #[error("{0}")]
     Invalid(String),
     #[error("the answer covers {sent} sequences; the step had {expected}, one answer each")]

@@ -10,6 +10,7 @@ pub mod model_files;
 pub mod plan;
 pub mod process;
 pub mod rng;
+pub mod session;
 pub mod step;
 pub mod wire;
 
@@ -21,6 +22,7 @@ pub use kv_blocks::{KvAllocation, KvBlockManager, DEFAULT_BLOCK_SIZE};
 pub use model_files::{ModelFiles, ModelFormat};
 pub use plan::{PlanRequest, ShardPlan, ShardSpec};
 pub use rng::SplitMix64;
+pub use session::{ClusterId, Session};
 pub use step::{SeqStep, StepBatch};
 
 /// Generated wire types and gRPC services (proto/gemma.proto).

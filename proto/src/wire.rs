@@ -88,10 +88,12 @@ impl From<pb::SeqStep> for SeqStep {
 }
 
 impl StepBatch {
-    pub fn to_wire(&self, step_id: u64) -> pb::StepRequest {
+    /// The step as the workers of `session` receive it.
+    pub fn to_wire(&self, step_id: u64, session: crate::Session) -> pb::StepRequest {
         pb::StepRequest {
             step_id,
             seqs: self.seqs.iter().map(pb::SeqStep::from).collect(),
+            session: Some(session.into()),
         }
     }
 

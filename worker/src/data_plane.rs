@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use futures_util::future::join_all;
-use gemma_proto::{pb, ShardSpec};
+use gemma_proto::{pb, Session, ShardSpec};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -90,7 +90,7 @@ impl DataPlane {
     /// the lower ones on `listener`, each side identifying itself with a `PeerHello`.
     pub fn connect(
         spec: &ShardSpec,
-        cluster_id: u64,
+        session: Session,
         addrs: &[String],
         listener: std::net::TcpListener,
         timeout: Duration,
@@ -118,9 +118,7 @@ impl DataPlane {
             .enable_all()
             .build()
             .map_err(|e| CollectiveError::Connect(format!("runtime: {e}")))?;
-        let links = rt.block_on(connect_mesh(
-            me, cluster_id, addrs, &peers, listener, timeout,
-        ))?;
+        let links = rt.block_on(connect_mesh(me, session, addrs, &peers, listener, timeout))?;
         Ok(Self {
             rt,
             state: Mutex::new(PlaneState {
@@ -404,7 +402,7 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> std::
 
 async fn connect_mesh(
     me: usize,
-    cluster_id: u64,
+    session: Session,
     addrs: &[String],
     peers: &[usize],
     listener: std::net::TcpListener,
@@ -415,8 +413,8 @@ async fn connect_mesh(
         let stream = dial(&addrs[p], deadline).await?;
         let mut link = new_link(stream)?;
         let hello = length_prefixed(&pb::PeerHello {
-            cluster_id,
             shard_index: me as u32,
+            session: Some(session.into()),
         });
         link.stream
             .write_all(&hello)
@@ -425,7 +423,7 @@ async fn connect_mesh(
         Ok::<_, CollectiveError>((p, link))
     });
     let lower: Vec<usize> = peers.iter().copied().filter(|&p| p < me).collect();
-    let accept = accept_peers(listener, cluster_id, lower, deadline);
+    let accept = accept_peers(listener, session, lower, deadline);
     let (dialed, accepted) = tokio::join!(join_all(dial), accept);
     let mut links = accepted?;
     for d in dialed {
@@ -472,7 +470,7 @@ fn new_link(stream: TcpStream) -> Result<Link, CollectiveError> {
 /// elsewhere (an older incarnation, a port scanner) are dropped.
 async fn accept_peers(
     listener: std::net::TcpListener,
-    cluster_id: u64,
+    session: Session,
     mut expected: Vec<usize>,
     deadline: Instant,
 ) -> Result<BTreeMap<usize, Link>, CollectiveError> {
@@ -499,7 +497,8 @@ async fn accept_peers(
             continue;
         };
         let from = hello.shard_index as usize;
-        if hello.cluster_id == cluster_id && expected.contains(&from) {
+        let theirs = gemma_proto::session::required(hello.session).ok();
+        if theirs == Some(session) && expected.contains(&from) {
             expected.retain(|&p| p != from);
             links.insert(from, link);
         }

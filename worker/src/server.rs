@@ -9,7 +9,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use gemma_proto::{candidates, pb, PlanRequest, SeqLogits, ShardPlan, ShardSpec, StepBatch};
+use gemma_proto::{
+    candidates, pb, PlanRequest, SeqLogits, Session, ShardPlan, ShardSpec, StepBatch,
+};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -80,13 +82,15 @@ struct Assignment {
     plan: PlanRequest,
     expected: ShardSpec,
     addrs: Vec<String>,
-    cluster_id: u64,
+    session: Session,
     opts: ShardOptions,
     kv_budget: u64,
     timeout: Duration,
 }
 
 fn parse_assignment(req: pb::AssignRequest) -> Result<Assignment, Status> {
+    let session = gemma_proto::session::required(req.session)
+        .map_err(|e| Status::invalid_argument(format!("assignment: {e}")))?;
     let expected: ShardSpec = req
         .shard
         .ok_or_else(|| Status::invalid_argument("assignment lacks the shard"))?
@@ -108,7 +112,7 @@ fn parse_assignment(req: pb::AssignRequest) -> Result<Assignment, Status> {
         plan,
         expected,
         addrs: req.data_addrs,
-        cluster_id: req.cluster_id,
+        session,
         opts: ShardOptions {
             dtype,
             device: Device::Cpu,
@@ -141,6 +145,8 @@ impl pb::worker_server::Worker for WorkerService {
             kv_blocks: st.kv_blocks,
             error: st.error.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            holder: None,
+            lease_left_ms: 0,
         }))
     }
 
@@ -175,6 +181,15 @@ impl pb::worker_server::Worker for WorkerService {
             .spawn(move || compute_thread(assignment, listener, events, jobs_rx, status, progress))
             .map_err(|e| Status::internal(format!("cannot start the compute thread: {e}")))?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn release(
+        &self,
+        _: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        Err(Status::unimplemented(
+            "this worker cannot release a shard yet; stop it to free it",
+        ))
     }
 
     type StepsStream = EventStream<pb::StepResponse>;
@@ -212,6 +227,7 @@ impl pb::worker_server::Worker for WorkerService {
 fn failed(step_id: u64, error: String) -> pb::StepResponse {
     pb::StepResponse {
         step_id,
+        epoch: 0,
         collective_us: 0,
         result: Some(pb::step_response::Result::Error(error)),
     }
@@ -250,6 +266,7 @@ fn compute_thread(
         event: Some(pb::load_event::Event::Ready(pb::Ready {
             kv_blocks: shard.kv_blocks() as u32,
             weight_bytes: shard.weight_bytes(),
+            weights_kept: false,
         })),
     }));
     drop(events);
@@ -271,6 +288,7 @@ fn respond(
     match result {
         Ok(result) => pb::StepResponse {
             step_id,
+            epoch: 0,
             collective_us: plane.take_wait_micros(),
             result: Some(result),
         },
@@ -322,7 +340,7 @@ fn load(
     // The data plane first: the shard's collective is its all-reduce.
     let plane = DataPlane::connect(
         &spec,
-        a.cluster_id,
+        a.session,
         &a.addrs,
         listener,
         a.timeout.max(Duration::from_secs(30)),

@@ -18,6 +18,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 use crate::settings::Settings;
+use gemma_proto::Session;
 pub use spawn::LocalWorkers;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,8 @@ pub enum ClusterError {
     },
     #[error("the last stage's answers do not fit together: {0}")]
     Join(WireError),
+    #[error("cannot draw this coordinator's session id: {0}")]
+    Session(String),
 }
 
 /// What is known before any worker is contacted; computing it refuses bad settings early.
@@ -192,6 +195,8 @@ pub struct Cluster {
     pub block_size: usize,
     workers: Vec<WorkerLink>,
     step_timeout: Duration,
+    /// This coordinator's hold on the workers; every step carries it.
+    session: Session,
     next_step: u64,
     /// Dropped after the links: stops the local workers.
     _local: Option<LocalWorkers>,
@@ -218,7 +223,7 @@ impl Cluster {
             .zip(&addrs)
             .map(|((_, info), grpc)| reachable_data_addr(&info.data_addr, grpc))
             .collect();
-        let cluster_id = cluster_id();
+        let session = Session::start().map_err(|e| ClusterError::Session(e.to_string()))?;
         let dtype = dtype_of(&settings.dtype)?;
         tracing::info!(
             tp = prepared.plan.tp,
@@ -249,7 +254,8 @@ impl Cluster {
                     kv_budget_bytes: settings.kv_budget_mib << 20,
                     block_size: settings.block_size as u32,
                     collective_timeout_ms: settings.collective_timeout_ms,
-                    cluster_id,
+                    session: Some(session.into()),
+                    lease_ms: settings.lease_ms,
                     dequantize: settings.dequantize,
                 };
                 assign(client, req, spec.clone(), addr.clone(), deadline)
@@ -276,6 +282,7 @@ impl Cluster {
             block_size: settings.block_size,
             workers,
             step_timeout: Duration::from_millis(settings.step_timeout_ms),
+            session,
             next_step: 0,
             _local: local,
         })
@@ -297,7 +304,7 @@ impl Cluster {
     pub async fn step(&mut self, batch: &StepBatch) -> Result<StepOutput, ClusterError> {
         let step_id = self.next_step;
         self.next_step += 1;
-        let request = batch.to_wire(step_id);
+        let request = batch.to_wire(step_id, self.session);
         let timeout = self.step_timeout;
         let results = join_all(self.workers.iter_mut().map(|w| {
             let request = request.clone();
@@ -366,7 +373,7 @@ impl HealthProbe {
                         spec.stage, spec.rank
                     )
                 };
-                let info = tokio::time::timeout(timeout, client.info(pb::InfoRequest {}))
+                let info = tokio::time::timeout(timeout, client.info(pb::InfoRequest::default()))
                     .await
                     .map_err(|_| why(format!("no answer within {timeout:?}")))?
                     .map_err(|s| why(format!("unreachable: {}", s.message())))?
@@ -416,7 +423,7 @@ async fn connect_worker(
     let mut client = WorkerClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
-    let info = tokio::time::timeout(timeout, client.info(pb::InfoRequest {}))
+    let info = tokio::time::timeout(timeout, client.info(pb::InfoRequest::default()))
         .await
         .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
         .map_err(|s| unreachable(s.message().to_string()))?
@@ -534,14 +541,6 @@ fn reachable_data_addr(data_addr: &str, grpc_addr: &str) -> String {
         }
         _ => data_addr.to_string(),
     }
-}
-
-/// A number that tells this cluster's data-plane connections from any older incarnation's.
-fn cluster_id() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    t ^ (u64::from(std::process::id()) << 32)
 }
 
 #[cfg(test)]

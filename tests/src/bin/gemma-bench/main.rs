@@ -319,9 +319,14 @@ fn allreduce_rank(args: &[String]) -> Result<()> {
         mlp_cols: index..index + 1,
         vocab_rows: index..index + 1,
     };
+    // Every rank of the bench's group presents the same fixed session.
+    let session = gemma_proto::Session {
+        cluster_id: gemma_proto::ClusterId::from_bytes([7; 16]),
+        epoch: 1,
+    };
     let plane = DataPlane::connect(
         &spec,
-        1,
+        session,
         &addrs,
         listener,
         Duration::from_secs(30),
