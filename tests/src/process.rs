@@ -281,3 +281,68 @@ pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
     }
     ready == 1
 }
+
+/// A `gemma-worker` started on its own, as a Kubernetes pod runs one (the coordinator is given
+/// its address with `--workers`); stopped on drop.
+pub struct WorkerProcess {
+    pub process: Spawned,
+    /// host:port of its gRPC service.
+    pub addr: String,
+}
+
+impl WorkerProcess {
+    /// Starts `gemma-worker --listen LISTEN --threads THREADS` and waits for its announcement.
+    /// `listen` may be `127.0.0.1:0`, or the address of a worker that died: a restarted pod.
+    pub fn start(listen: &str, threads: usize) -> Result<Self> {
+        let args = [
+            "--listen".to_string(),
+            listen.to_string(),
+            "--threads".to_string(),
+            threads.to_string(),
+        ];
+        let mut process = Spawned::start(&binary("gemma-worker"), &args)?;
+        let Some(line) = process.next_line(Duration::from_secs(30)) else {
+            let status = process.wait(Duration::from_secs(5));
+            return Err(anyhow!(
+                "worker did not start ({status:?}):\n{}",
+                process.stderr_text()
+            ));
+        };
+        let addr = line
+            .strip_prefix("gemma-worker listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .ok_or_else(|| anyhow!("unexpected first line {line:?}"))?
+            .to_string();
+        Ok(Self { process, addr })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
+    }
+}
+
+/// Resident memory of a process in bytes (VmRSS), None once it is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Sends `signal` to `pid` (SIGKILL, SIGSTOP, SIGCONT: the faults the soak and the failure
+/// tests inject).
+pub fn signal(pid: u32, signal: libc::c_int) -> Result<()> {
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
+        return Err(anyhow!(
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}

@@ -100,8 +100,11 @@ impl<E: Endpoint> Producer<E> {
                     E::delta(i, tail, None, Some(finish_reason))
                 }
                 Event::Error(e) => {
+                    // OpenAI's clients read to `[DONE]`: the error chunk is followed by it, so
+                    // a failed stream ends as clearly as a finished one.
                     let body = ErrorBody::new(e.to_string(), "server_error", None);
-                    return self.send(&body);
+                    self.send(&body)?;
+                    return self.done();
                 }
             };
             self.send_chunk(choice)?;
@@ -114,6 +117,10 @@ impl<E: Endpoint> Producer<E> {
             self.send(&last)?;
         }
         tracing::info!(completion_tokens, "streamed");
+        self.done()
+    }
+
+    fn done(&self) -> Result<(), Gone> {
         self.tx
             .send(Ok(SseEvent::default().data("[DONE]")))
             .map_err(|_| Gone)
