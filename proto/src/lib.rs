@@ -12,6 +12,7 @@ pub mod process;
 pub mod rng;
 pub mod session;
 pub mod step;
+pub mod tls;
 pub mod wire;
 
 pub use candidates::SeqLogits;

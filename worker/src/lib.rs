@@ -12,6 +12,7 @@ pub mod error;
 pub mod folder;
 pub mod kv_cache;
 pub mod model;
+pub mod peer_stream;
 pub mod server;
 pub mod weights;
 pub mod wire;

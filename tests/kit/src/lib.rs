@@ -19,6 +19,7 @@ pub mod compare;
 pub mod generate;
 pub mod gguf_writer;
 pub mod local;
+pub mod pki;
 pub mod reference;
 pub mod tiny_model;
 
