@@ -32,9 +32,11 @@ fn tokenizer_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GEMMA_TOKENIZER_DIR") {
         return dir.into();
     }
-    let cache = std::env::var_os("GEMMA_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gemma-cluster")
-    });
+    let cache = std::env::var_os("GEMMA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gemma-cluster")
+        });
     cache.join("tokenizer-gemma")
 }
 
@@ -59,11 +61,31 @@ fn content() -> impl Strategy<Value = String> {
     let piece = prop_oneof![
         ".{0,6}",
         prop::sample::select(vec![
-            "{{", "}}", "{%", "%}", "{#", "#}", "{{ 7 * 7 }}", "{{ bos_token }}",
-            "{% for m in messages %}x{% endfor %}", "{{ raise_exception('boom') }}",
-            "{% set role = 'model' %}", "messages[0]['content']", "<start_of_turn>",
-            "<end_of_turn>", "<bos>", "\n", " ", "\t", "\u{0}", "é", "🦀", "\u{202e}", "\\",
-            "'", "\"",
+            "{{",
+            "}}",
+            "{%",
+            "%}",
+            "{#",
+            "#}",
+            "{{ 7 * 7 }}",
+            "{{ bos_token }}",
+            "{% for m in messages %}x{% endfor %}",
+            "{{ raise_exception('boom') }}",
+            "{% set role = 'model' %}",
+            "messages[0]['content']",
+            "<start_of_turn>",
+            "<end_of_turn>",
+            "<bos>",
+            "\n",
+            " ",
+            "\t",
+            "\u{0}",
+            "é",
+            "🦀",
+            "\u{202e}",
+            "\\",
+            "'",
+            "\"",
         ])
         .prop_map(str::to_string),
     ];
@@ -105,7 +127,11 @@ fn expected(messages: &[ChatMessage]) -> String {
             (0, Some(system)) => format!("{system}\n\n{}", m.content),
             _ => m.content.clone(),
         };
-        let role = if m.role == "assistant" { "model" } else { "user" };
+        let role = if m.role == "assistant" {
+            "model"
+        } else {
+            "user"
+        };
         out.push_str(&format!(
             "<start_of_turn>{role}\n{}<end_of_turn>\n",
             text.trim()
@@ -117,8 +143,16 @@ fn expected(messages: &[ChatMessage]) -> String {
 
 fn any_conversation() -> impl Strategy<Value = Vec<ChatMessage>> {
     let role = prop_oneof![
-        prop::sample::select(vec!["user", "assistant", "system", "developer", "tool", "", "model"])
-            .prop_map(str::to_string),
+        prop::sample::select(vec![
+            "user",
+            "assistant",
+            "system",
+            "developer",
+            "tool",
+            "",
+            "model"
+        ])
+        .prop_map(str::to_string),
         ".{0,5}",
     ];
     vec(

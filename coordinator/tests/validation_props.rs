@@ -108,7 +108,9 @@ fn field_value(field: &'static str) -> BoxedStrategy<Value> {
         "n" => count(1..=16),
         "top_k" => count(-1..=50),
         "top_logprobs" | "logprobs_count" => count(0..=20),
-        "seed" => prop_oneof![8 => any::<u64>().prop_map(Value::from), 1 => Just(json!(-1))].boxed(),
+        "seed" => {
+            prop_oneof![8 => any::<u64>().prop_map(Value::from), 1 => Just(json!(-1))].boxed()
+        }
         "stop" => prop_oneof![
             4 => "[a-z]{1,4}".prop_map(Value::from),
             4 => vec("[a-z.!]{1,4}", 0..=4).prop_map(|v| json!(v)),
@@ -143,7 +145,11 @@ fn body(fields: &'static [&'static str]) -> impl Strategy<Value = Vec<u8>> {
         .map(|&f| {
             let name = f.strip_suffix("_count").unwrap_or(f).to_string();
             // The prompt or messages are nearly always sent: without them nothing is accepted.
-            let presence = if f == "prompt" || f == "messages" { 0.95 } else { 0.3 };
+            let presence = if f == "prompt" || f == "messages" {
+                0.95
+            } else {
+                0.3
+            };
             proptest::option::weighted(presence, field_value(f))
                 .prop_map(move |v| v.map(|v| (name.clone(), v)))
                 .boxed()
@@ -333,5 +339,8 @@ fn the_generated_bodies_are_often_accepted_and_often_refused() {
             None => refused += 1,
         }
     }
-    assert!(accepted >= 50 && refused >= 50, "{accepted} accepted, {refused} refused");
+    assert!(
+        accepted >= 50 && refused >= 50,
+        "{accepted} accepted, {refused} refused"
+    );
 }

@@ -43,7 +43,10 @@ fn get(addr: &str, path: &str, key: Option<&str>) -> HttpResponse {
 fn error_message(r: &HttpResponse) -> String {
     let v: Value = r.json().expect("OpenAI error JSON");
     assert!(v["error"]["type"].is_string(), "{v}");
-    v["error"]["message"].as_str().unwrap_or_default().to_string()
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]

@@ -762,7 +762,9 @@ mod tests {
         );
         // The default shrinks to the limit; the room still wins when it is smaller.
         let (_, fields) = completion(json!({"prompt": "x"})).expect("fields");
-        let r = limited.with_prompt(fields.clone(), vec![1; 4]).expect("valid");
+        let r = limited
+            .with_prompt(fields.clone(), vec![1; 4])
+            .expect("valid");
         assert_eq!(r.spec.max_tokens, 8);
         let r = limited.with_prompt(fields, vec![1; 61]).expect("valid");
         assert_eq!(r.spec.max_tokens, 3);

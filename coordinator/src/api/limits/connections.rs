@@ -58,7 +58,8 @@ impl ConnectionLimit {
         tracing::warn!(%peer, max = self.max, "connection past the limit refused");
         let response = refusal(self.max);
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(REFUSAL_DEADLINE, answer_and_close(stream, response)).await;
+            let _ =
+                tokio::time::timeout(REFUSAL_DEADLINE, answer_and_close(stream, response)).await;
             drop(slot);
         });
     }
