@@ -194,6 +194,12 @@ impl EngineHandle {
     pub fn kv_blocks_used(&self) -> usize {
         self.kv.used_blocks()
     }
+
+    /// Tokens the cluster's KV pool holds (blocks x block size): no sequence's prompt and output
+    /// together can grow past it, so the API refuses such a request before it is queued.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.kv.total_blocks() * self.kv.block_size()
+    }
 }
 
 /// What the engine needs of a cluster: the shape of its KV pool and one step at a time.

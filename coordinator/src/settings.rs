@@ -8,6 +8,7 @@
 //! setting is refused with the nearest valid name, never ignored.
 
 use std::ffi::{OsStr, OsString};
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, FromArgMatches, Parser};
@@ -185,6 +186,21 @@ declare_settings! {
     /// Most requests waiting for admission; past it, 429 with Retry-After.
     #[arg(value_name = "N")]
     max_waiting: usize = 256;
+    /// Most HTTP connections open at once; a connection past it is answered 503 and closed.
+    #[arg(value_name = "N")]
+    max_connections: NonZeroUsize = crate::api::limits::DEFAULT_MAX_CONNECTIONS;
+    /// Most tokens one request may ask to generate (max_tokens, per choice); a larger max_tokens
+    /// is refused with 400 (default: the model's context length).
+    #[arg(value_name = "N")]
+    max_tokens_per_request: NonZeroUsize, optional;
+    /// Requests per second each API key (without keys: each client address) may send to the /v1
+    /// routes; past it, 429 with Retry-After. Unset: no rate limit.
+    #[arg(value_name = "N")]
+    rate_limit_per_second: f64, optional;
+    /// Requests a key may send at once before the rate applies (the bucket's size; default: one
+    /// second's worth, at least 1).
+    #[arg(value_name = "N")]
+    rate_limit_burst: NonZeroU32, optional;
     /// An API key: every /v1 request must send `Authorization: Bearer KEY` (/health, /ready and
     /// /metrics stay open). Prefer GEMMA_API_KEY or api_key_file to a flag other users can see.
     #[arg(value_name = "KEY")]

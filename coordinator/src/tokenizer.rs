@@ -91,6 +91,24 @@ impl TextTokenizer {
         }
     }
 
+    /// Whether `id` is a byte-fallback piece that [`Self::decode`] shows: its text depends on
+    /// the byte pieces next to it, which are decoded together (a run that is not valid UTF-8 as
+    /// a whole becomes one U+FFFD per byte, even where a prefix of it was valid).
+    fn is_byte_piece(&self, id: u32) -> bool {
+        self.inner.id_to_token(id).is_some_and(|piece| {
+            fallback_byte(&piece).is_some()
+                && !self.inner.get_added_vocabulary().is_special_token(&piece)
+        })
+    }
+
+    /// Whether `id` shows in [`Self::decode`]'s text at all (unknown ids and special tokens do
+    /// not).
+    fn is_shown(&self, id: u32) -> bool {
+        self.inner
+            .id_to_token(id)
+            .is_some_and(|piece| !self.inner.get_added_vocabulary().is_special_token(&piece))
+    }
+
     /// Ids -> text, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner
@@ -109,8 +127,10 @@ fn fallback_byte(piece: &str) -> Option<u8> {
 }
 
 /// Turns generated ids into text as they arrive. Decodes a small window of recent ids and emits
-/// only what is new once it no longer ends in an incomplete character (byte-fallback tokens
-/// carry single UTF-8 bytes; an emoji may take four of them).
+/// only what is new once it can no longer change: not while the shown ids end in a byte-fallback
+/// piece (byte pieces carry single UTF-8 bytes, an emoji may take four, and a run is decoded as
+/// a whole), nor while the text ends in an incomplete character. So the pieces emitted, then
+/// flushed, are exactly the one-shot decode of every id.
 #[derive(Debug, Default, Clone)]
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
@@ -123,28 +143,42 @@ impl IncrementalDecoder {
     /// Adds one id; returns the text it completes (often empty for a partial character).
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
-        let before = tok.decode(&self.ids[self.prefix..self.read])?;
-        let now = tok.decode(&self.ids[self.prefix..])?;
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
-            let delta = match now.get(before.len()..) {
-                Some(d) if now.starts_with(&before) => d.to_string(),
-                // The window re-segmented; emit what differs after the common prefix.
-                _ => now.chars().skip(before.chars().count()).collect(),
-            };
-            self.prefix = self.read;
-            self.read = self.ids.len();
-            Ok(delta)
-        } else {
-            Ok(String::new())
+        let pending = &self.ids[self.read..];
+        let last_shown = pending.iter().rev().find(|&&id| tok.is_shown(id));
+        if last_shown.is_none_or(|&id| tok.is_byte_piece(id)) {
+            return Ok(String::new());
         }
+        let (before, now) = self.window(tok)?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        Ok(self.advance(&before, &now))
     }
 
-    /// Whatever is still held back (an incomplete character at the very end).
+    /// Whatever is still held back (a byte run or an incomplete character at the very end).
     pub fn flush(&mut self, tok: &TextTokenizer) -> Result<String, TokenizerError> {
+        let (before, now) = self.window(tok)?;
+        let rest = self.advance(&before, &now);
+        self.prefix = self.ids.len();
+        Ok(rest)
+    }
+
+    /// The window's text up to what was emitted, and with every id.
+    fn window(&self, tok: &TextTokenizer) -> Result<(String, String), TokenizerError> {
         let before = tok.decode(&self.ids[self.prefix..self.read])?;
         let now = tok.decode(&self.ids[self.prefix..])?;
-        self.prefix = self.ids.len();
+        Ok((before, now))
+    }
+
+    /// Emits what `now` adds to `before`; the window moves on to the ids after them.
+    fn advance(&mut self, before: &str, now: &str) -> String {
+        let delta = match now.strip_prefix(before) {
+            Some(d) => d.to_string(),
+            // The window re-segmented; emit what differs after the common prefix.
+            None => now.chars().skip(before.chars().count()).collect(),
+        };
+        self.prefix = self.read;
         self.read = self.ids.len();
-        Ok(now.get(before.len()..).unwrap_or_default().to_string())
+        delta
     }
 }

@@ -145,6 +145,10 @@ fn one_value_per_setting() -> Vec<(&'static str, &'static str, Value)> {
         ("max_batch_tokens", "15", json!(15)),
         ("max_running", "16", json!(16)),
         ("max_waiting", "18", json!(18)),
+        ("max_connections", "21", json!(21)),
+        ("max_tokens_per_request", "22", json!(22)),
+        ("rate_limit_per_second", "2.5", json!(2.5)),
+        ("rate_limit_burst", "23", json!(23)),
         ("api_key", "k-19", json!("k-19")),
         ("api_key_file", "/etc/keys", json!("/etc/keys")),
     ]

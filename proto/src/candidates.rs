@@ -68,8 +68,12 @@ pub fn top_candidates_by_column(
     wanted: &[usize],
     first_id: u32,
 ) -> Vec<Vec<(f32, u32)>> {
-    let mut best: Vec<Vec<(f32, u32)>> =
-        wanted.iter().map(|&n| Vec::with_capacity(n + 1)).collect();
+    // No column can keep more than the slice's rows, whatever was asked.
+    let rows = values.len() / seqs.max(1);
+    let mut best: Vec<Vec<(f32, u32)>> = wanted
+        .iter()
+        .map(|&n| Vec::with_capacity(n.min(rows) + 1))
+        .collect();
     // The weakest kept logit per column once it is full: most values fail this one comparison.
     let mut floor = vec![f32::NEG_INFINITY; seqs];
     for (v, row) in values.chunks_exact(seqs.max(1)).enumerate() {

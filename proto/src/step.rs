@@ -23,8 +23,10 @@ pub struct SeqStep {
 
 impl SeqStep {
     /// Positions covered once this step is done.
+    /// Saturating: a `start_pos` from the wire may be anything, and a position past every
+    /// model's is refused by the shard's check rather than wrapping around it.
     pub fn end_pos(&self) -> usize {
-        self.start_pos + self.tokens.len()
+        self.start_pos.saturating_add(self.tokens.len())
     }
 }
 

@@ -307,20 +307,37 @@ fn cases() -> Vec<Case> {
             400,
             "prompt",
         ),
+        case(
+            "streamed max_tokens past the context",
+            C,
+            p(json!({"max_tokens": 9000, "stream": true})),
+            400,
+            "context length",
+        ),
+        case(
+            "streamed chat max_tokens past the context",
+            H,
+            m(json!({"max_tokens": 9000, "stream": true})),
+            400,
+            "context length",
+        ),
+        case(
+            "a streamed conversation past the context",
+            H,
+            json!({"messages": user(&"w ".repeat(9000)), "stream": true}),
+            400,
+            "prompt",
+        ),
     ]
 }
 
-#[test]
-fn bad_requests_get_a_4xx_naming_the_problem_and_harm_nothing() {
-    let (_tmp, dir) = tiny_servable_model();
-    let c =
-        CoordinatorProcess::start(&["--model", &dir.display().to_string()]).expect("coordinator");
-    let cases = cases();
-    assert!(cases.len() >= 40, "{} cases", cases.len());
+/// Asks `c` each case; a line per case that did not get its status and a message naming what
+/// it must name.
+fn wrong_answers(addr: &str, cases: &[Case]) -> Vec<String> {
     let mut wrong = Vec::new();
-    for k in &cases {
+    for k in cases {
         let r = request_raw(
-            &c.addr,
+            addr,
             "POST",
             k.path,
             Some(&k.body),
@@ -352,6 +369,17 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_harm_nothing() {
             ));
         }
     }
+    wrong
+}
+
+#[test]
+fn bad_requests_get_a_4xx_naming_the_problem_and_harm_nothing() {
+    let (_tmp, dir) = tiny_servable_model();
+    let c =
+        CoordinatorProcess::start(&["--model", &dir.display().to_string()]).expect("coordinator");
+    let cases = cases();
+    assert!(cases.len() >= 40, "{} cases", cases.len());
+    let mut wrong = wrong_answers(&c.addr, &cases);
     // A body past the limit: 413, whatever the server managed to read of it.
     let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(3 << 20));
     match request_raw(
@@ -376,4 +404,67 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_harm_nothing() {
         cases.len() + 1,
         wrong.join("\n")
     );
+}
+
+/// A KV pool smaller than the context (1 MiB per worker holds 170 blocks of 16 tokens of the
+/// tiny model: 2720 tokens, against a context of 8192): a request that could never fit it is
+/// refused by the validator with 400 naming the pool, streamed or not, before any stream begins
+/// (the engine would otherwise fail it inside a 200 stream).
+#[test]
+fn requests_past_the_kv_pool_get_a_400_before_any_stream() {
+    let (_tmp, dir) = tiny_servable_model();
+    let c = CoordinatorProcess::start(&[
+        "--model",
+        &dir.display().to_string(),
+        "--kv-budget-mib",
+        "1",
+    ])
+    .expect("coordinator");
+    let mut cases = Vec::new();
+    for stream in [false, true] {
+        let with = |mut body: Value| {
+            body["stream"] = json!(stream);
+            body
+        };
+        cases.extend([
+            case(
+                "prompt + max_tokens past the pool",
+                C,
+                with(json!({"prompt": "Hello", "max_tokens": 5000})),
+                400,
+                "KV cache, 2720 tokens",
+            ),
+            case(
+                "a prompt past the pool",
+                C,
+                with(json!({"prompt": "w ".repeat(4000), "max_tokens": 1})),
+                400,
+                "KV cache, 2720 tokens",
+            ),
+            case(
+                "chat max_tokens past the pool",
+                H,
+                with(json!({"messages": user("Hello"), "max_completion_tokens": 3000})),
+                400,
+                "KV cache, 2720 tokens",
+            ),
+            case(
+                "max_tokens one past the room the prompt leaves in the pool",
+                C,
+                with(json!({"prompt": "Hello", "max_tokens": 2719})),
+                400,
+                "max_tokens",
+            ),
+        ]);
+    }
+    let wrong = wrong_answers(&c.addr, &cases);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // What does fit the pool is served, streamed too.
+    let r = post_json(
+        &c.addr,
+        C,
+        &json!({"prompt": "Hello", "max_tokens": 2, "stream": true}),
+    )
+    .expect("serves");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }

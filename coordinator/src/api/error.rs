@@ -16,6 +16,8 @@ pub struct ApiError {
     message: String,
     kind: &'static str,
     param: Option<&'static str>,
+    /// 429 only: whole seconds until a retry can succeed (`Retry-After`).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -26,6 +28,18 @@ impl ApiError {
             message: message.into(),
             kind: "server_error",
             param: None,
+            retry_after: None,
+        }
+    }
+
+    /// A client past its rate limit: 429, retry after `retry_after` seconds.
+    pub fn rate_limited(message: String, retry_after: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message,
+            kind: "rate_limit_error",
+            param: None,
+            retry_after: Some(retry_after),
         }
     }
 
@@ -36,6 +50,7 @@ impl ApiError {
             message: message.to_string(),
             kind: "invalid_request_error",
             param: None,
+            retry_after: None,
         }
     }
 
@@ -60,6 +75,7 @@ impl From<BytesRejection> for ApiError {
             message: format!("request body: {}", e.body_text()),
             kind: "invalid_request_error",
             param: None,
+            retry_after: None,
         }
     }
 }
@@ -84,6 +100,7 @@ impl ApiError {
             message: format!("invalid JSON body: `{path}`: {e}"),
             kind: "invalid_request_error",
             param: None,
+            retry_after: None,
         }
     }
 
@@ -94,6 +111,7 @@ impl ApiError {
             message: format!("invalid JSON body: {e}"),
             kind: "invalid_request_error",
             param: None,
+            retry_after: None,
         }
     }
 }
@@ -106,6 +124,7 @@ impl From<ValidationErrors> for ApiError {
             message: errors.to_string(),
             kind: "invalid_request_error",
             param: Some(errors.first().param()),
+            retry_after: None,
         }
     }
 }
@@ -128,6 +147,7 @@ impl From<EngineError> for ApiError {
             message: e.to_string(),
             kind,
             param: None,
+            retry_after: None,
         }
     }
 }
@@ -135,11 +155,13 @@ impl From<EngineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
-        // A full queue is temporary: tell clients when to retry.
+        // A full queue or an empty rate bucket is temporary: tell clients when to retry (a
+        // full queue: soon).
         if self.status == StatusCode::TOO_MANY_REQUESTS {
+            let seconds = self.retry_after.unwrap_or(1);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         // RFC 6750: say which scheme would be accepted.
         if self.status == StatusCode::UNAUTHORIZED {

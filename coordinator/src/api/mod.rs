@@ -1,21 +1,24 @@
 //! The OpenAI-compatible HTTP API: POST /v1/completions and /v1/chat/completions (streaming as
 //! server-sent events, or not), GET /v1/models, /health, /ready, /metrics. With API keys
-//! configured the /v1 routes want `Authorization: Bearer KEY` (`auth`); the probes and metrics
-//! stay open.
+//! configured the /v1 routes want `Authorization: Bearer KEY` (`auth`), and with a rate limit
+//! each key (or client address) gets so many requests per second (`limits`); the probes and
+//! metrics stay open and unlimited.
 //!
 //! As in TGI's router, one module per concern: `request` (what clients send), `validation`
-//! (nothing reaches the engine unchecked), `prompt` (tokenizing off the async runtime),
-//! `response` (OpenAI's shapes), `sse` (streaming), `error` (refusals). This module holds the
-//! routes and the glue between them.
+//! (nothing reaches the engine unchecked), `limits` (connections, request rate), `prompt`
+//! (tokenizing off the async runtime), `response` (OpenAI's shapes), `sse` (streaming), `error`
+//! (refusals). This module holds the routes and the glue between them.
 
 pub mod auth;
 mod error;
+pub mod limits;
 mod prompt;
 pub mod request;
 pub mod response;
 mod sse;
 pub mod validation;
 
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -47,6 +50,10 @@ pub struct AppState {
     pub unready: Arc<Mutex<Option<String>>>,
     /// None: the API is open.
     pub api_keys: Option<auth::ApiKeys>,
+    /// Most tokens one request may generate (`max_tokens_per_request`, default the context).
+    pub max_tokens_per_request: NonZeroUsize,
+    /// None: no rate limit.
+    pub rate_limiter: Option<limits::RateLimiter>,
 }
 
 impl AppState {
@@ -54,6 +61,8 @@ impl AppState {
         Validator {
             model_name: &self.model_name,
             max_context: self.max_context,
+            kv_capacity: self.engine.kv_capacity_tokens(),
+            max_tokens_limit: self.max_tokens_per_request,
             has_chat_template: self.chat.is_some(),
         }
     }
@@ -64,6 +73,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        // Layers run outside in: the key is checked before the rate limit keys on it.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::rate::limit_rate,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,

@@ -19,12 +19,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await?;
-        let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(ApiError::json)?;
-        match serde_path_to_error::deserialize(&json) {
-            Ok(value) => Ok(Self(value)),
-            Err(e) if e.path().to_string() == "." => Err(culprit::<T>(&json).unwrap_or(e.into())),
-            Err(e) => Err(e.into()),
-        }
+        parse_body(&bytes).map(Self)
+    }
+}
+
+/// A body's bytes as `T`, or the refusal naming the field at fault: what [`JsonBody`] does once
+/// the body is read (the property tests feed it arbitrary bodies).
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let json: serde_json::Value = serde_json::from_slice(bytes).map_err(ApiError::json)?;
+    match serde_path_to_error::deserialize(&json) {
+        Ok(value) => Ok(value),
+        Err(e) if e.path().to_string() == "." => Err(culprit::<T>(&json).unwrap_or(e.into())),
+        Err(e) => Err(e.into()),
     }
 }
 

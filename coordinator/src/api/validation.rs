@@ -2,9 +2,13 @@
 //! two because one rule needs the prompt's tokens: [`Validator::completion`] and
 //! [`Validator::chat`] check every other field and report every rule that fails (not only the
 //! first), so a request that is refused anyway is never tokenized; [`Validator::with_prompt`]
-//! then checks the prompt's room in the context and `max_tokens`.
+//! then checks the prompt and `max_tokens` against every bound on their tokens (the context, the
+//! cluster's KV pool, the server's `max_tokens_per_request`). Whatever the engine would refuse
+//! for the request's shape is refused here, so a streamed request never gets a 200 that ends in
+//! an error event for something its client sent.
 
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
@@ -72,22 +76,54 @@ pub enum ValidationError {
         source: TokenizerError,
     },
     #[error(
-        "the prompt has {prompt_tokens} tokens, leaving no room in the context of {max_context}"
+        "the prompt has {prompt_tokens} tokens, leaving no room for output in {limit}; allowed: \
+         a prompt of at most {} tokens",
+        limit.tokens().saturating_sub(1)
     )]
     NoRoom {
         prompt_tokens: usize,
-        max_context: usize,
+        limit: TokenLimit,
     },
     #[error(
-        "max_tokens is {value}; with a prompt of {prompt_tokens} tokens it must be 1 to {room} \
-         (context length {max_context})"
+        "max_tokens is {value}; with a prompt of {prompt_tokens} tokens it must be 1 to {allowed} \
+         ({limit})"
     )]
     MaxTokens {
         value: i64,
         prompt_tokens: usize,
-        room: usize,
-        max_context: usize,
+        allowed: usize,
+        limit: TokenLimit,
     },
+}
+
+/// A bound on a request's tokens, as a refusal names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenLimit {
+    /// The model's context length: prompt and output together.
+    Context(usize),
+    /// The cluster's KV pool in tokens: one sequence's prompt and output together can never
+    /// outgrow it (smaller than the context when `kv_budget_mib` is).
+    KvPool(usize),
+    /// The server's `max_tokens_per_request`: output only.
+    PerRequest(usize),
+}
+
+impl TokenLimit {
+    pub fn tokens(self) -> usize {
+        match self {
+            TokenLimit::Context(n) | TokenLimit::KvPool(n) | TokenLimit::PerRequest(n) => n,
+        }
+    }
+}
+
+impl fmt::Display for TokenLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenLimit::Context(n) => write!(f, "the context length, {n} tokens"),
+            TokenLimit::KvPool(n) => write!(f, "the cluster's KV cache, {n} tokens"),
+            TokenLimit::PerRequest(n) => write!(f, "this server's max_tokens_per_request, {n}"),
+        }
+    }
 }
 
 impl ValidationError {
@@ -212,11 +248,15 @@ impl ValidRequest {
     }
 }
 
-/// What a request is checked against: the served model and its context.
+/// What a request is checked against: the served model, its context and the server's limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Validator<'a> {
     pub model_name: &'a str,
     pub max_context: usize,
+    /// Tokens the cluster's KV pool holds (blocks x block size).
+    pub kv_capacity: usize,
+    /// Most tokens one request may generate (`max_tokens_per_request`).
+    pub max_tokens_limit: NonZeroUsize,
     pub has_chat_template: bool,
 }
 
@@ -275,32 +315,44 @@ impl Validator<'_> {
         }
     }
 
-    /// With the prompt tokenized: the prompt must leave room in the context, and `max_tokens`
-    /// (default 16, or what room there is) must fit in it.
+    /// With the prompt tokenized: the prompt must leave room for output in the context and in
+    /// the KV pool, and `max_tokens` (default 16, or less where the limits say so) must fit that
+    /// room and `max_tokens_per_request`.
     pub fn with_prompt(
         &self,
         fields: ValidFields,
         prompt: Vec<u32>,
     ) -> Result<ValidRequest, ValidationErrors> {
         let prompt_tokens = prompt.len();
-        let max_context = self.max_context;
-        let room = max_context.saturating_sub(prompt_tokens);
+        // The engine refuses a sequence whose prompt + max_tokens outgrows the pool; the
+        // context bounds every sequence.
+        let sequence = match self.kv_capacity < self.max_context {
+            true => TokenLimit::KvPool(self.kv_capacity),
+            false => TokenLimit::Context(self.max_context),
+        };
+        let room = sequence.tokens().saturating_sub(prompt_tokens);
         if room == 0 {
             return Err(ValidationError::NoRoom {
                 prompt_tokens,
-                max_context,
+                limit: sequence,
             }
             .into());
         }
+        let per_request = self.max_tokens_limit.get();
+        let limit = match per_request < room {
+            true => TokenLimit::PerRequest(per_request),
+            false => sequence,
+        };
+        let allowed = room.min(per_request);
         let max_tokens = match fields.max_tokens {
-            None => DEFAULT_MAX_TOKENS.min(room),
-            Some(m) if m >= 1 && (m as u64) <= room as u64 => m as usize,
+            None => DEFAULT_MAX_TOKENS.min(allowed),
+            Some(m) if m >= 1 && (m as u64) <= allowed as u64 => m as usize,
             Some(value) => {
                 return Err(ValidationError::MaxTokens {
                     value,
                     prompt_tokens,
-                    room,
-                    max_context,
+                    allowed,
+                    limit,
                 }
                 .into())
             }
@@ -435,6 +487,8 @@ mod tests {
     const SERVED: Validator<'static> = Validator {
         model_name: "gemma-tiny",
         max_context: 64,
+        kv_capacity: 1 << 20,
+        max_tokens_limit: NonZeroUsize::MIN.saturating_add(63),
         has_chat_template: true,
     };
 
@@ -637,7 +691,7 @@ mod tests {
             e.first(),
             ValidationError::NoRoom {
                 prompt_tokens: 64,
-                max_context: 64
+                limit: TokenLimit::Context(64)
             }
         ));
         assert_eq!(e.first().param(), "prompt");
@@ -663,6 +717,57 @@ mod tests {
         // The chat API's newer name wins.
         let r = valid(json!({"max_tokens": 99, "max_completion_tokens": 5})).expect("valid");
         assert_eq!(r.spec.max_tokens, 5);
+    }
+
+    #[test]
+    fn a_kv_pool_smaller_than_the_context_bounds_prompt_and_output() {
+        let small_pool = Validator {
+            kv_capacity: 32,
+            ..SERVED
+        };
+        let (_, fields) = completion(json!({"prompt": "x", "max_tokens": 29})).expect("fields");
+        let e = small_pool
+            .with_prompt(fields.clone(), vec![1; 4])
+            .expect_err("past the pool");
+        assert_eq!(e.first().param(), "max_tokens");
+        let message = e.to_string();
+        assert!(
+            message.contains("must be 1 to 28") && message.contains("KV cache, 32 tokens"),
+            "{message}"
+        );
+        assert!(small_pool.with_prompt(fields.clone(), vec![1; 3]).is_ok());
+        let e = small_pool
+            .with_prompt(fields, vec![1; 32])
+            .expect_err("prompt fills the pool");
+        assert_eq!(e.first().param(), "prompt");
+        assert!(
+            e.to_string().contains("at most 31 tokens") && e.to_string().contains("KV cache"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn max_tokens_per_request_bounds_the_output_alone() {
+        let limited = Validator {
+            max_tokens_limit: NonZeroUsize::MIN.saturating_add(7),
+            ..SERVED
+        };
+        let (_, fields) = completion(json!({"prompt": "x", "max_tokens": 9})).expect("fields");
+        let e = limited.with_prompt(fields, vec![1; 4]).expect_err("past 8");
+        assert_eq!(e.first().param(), "max_tokens");
+        let message = e.to_string();
+        assert!(
+            message.contains("must be 1 to 8") && message.contains("max_tokens_per_request, 8"),
+            "{message}"
+        );
+        // The default shrinks to the limit; the room still wins when it is smaller.
+        let (_, fields) = completion(json!({"prompt": "x"})).expect("fields");
+        let r = limited
+            .with_prompt(fields.clone(), vec![1; 4])
+            .expect("valid");
+        assert_eq!(r.spec.max_tokens, 8);
+        let r = limited.with_prompt(fields, vec![1; 61]).expect("valid");
+        assert_eq!(r.spec.max_tokens, 3);
     }
 
     #[test]

@@ -5,11 +5,13 @@
 
 use std::future::IntoFuture;
 use std::io::Write;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use gemma_coordinator::api::auth::ApiKeys;
+use gemma_coordinator::api::limits::{ClientAddr, ConnectionLimit, RateLimiter};
 use gemma_coordinator::api::{router, AppState};
 use gemma_coordinator::chat::ChatTemplate;
 use gemma_coordinator::cluster::{Cluster, HealthProbe, Prepared};
@@ -27,6 +29,8 @@ fn main() -> Result<()> {
         settings.api_key.as_deref(),
         settings.api_key_file.as_deref(),
     )?;
+    let rate_limiter =
+        RateLimiter::from_settings(settings.rate_limit_per_second, settings.rate_limit_burst)?;
     let prepared = Prepared::new(&settings)?;
     let tokenizer = Arc::new(TextTokenizer::from_dir(
         &prepared.tokenizer_dir,
@@ -40,7 +44,17 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(settings, prepared, local, tokenizer, chat, api_keys))
+    let guards = Guards {
+        api_keys,
+        rate_limiter,
+    };
+    rt.block_on(serve(settings, prepared, local, tokenizer, chat, guards))
+}
+
+/// What the API checks besides each request's fields: who may call it and how often.
+struct Guards {
+    api_keys: Option<ApiKeys>,
+    rate_limiter: Option<RateLimiter>,
 }
 
 async fn serve(
@@ -49,7 +63,7 @@ async fn serve(
     local: Option<gemma_coordinator::cluster::LocalWorkers>,
     tokenizer: Arc<TextTokenizer>,
     chat: Option<ChatTemplate>,
-    api_keys: Option<ApiKeys>,
+    guards: Guards,
 ) -> Result<()> {
     let max_context = prepared.config.max_position_embeddings;
     let cluster = Cluster::connect(prepared, &settings, local).await?;
@@ -76,12 +90,17 @@ async fn serve(
         model_name: settings.model_name(),
         max_context,
         unready,
-        api_keys,
+        api_keys: guards.api_keys,
+        max_tokens_per_request: settings
+            .max_tokens_per_request
+            .unwrap_or(NonZeroUsize::new(max_context).unwrap_or(NonZeroUsize::MIN)),
+        rate_limiter: guards.rate_limiter,
     });
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
         .with_context(|| format!("binding {}", settings.listen))?;
     let addr = listener.local_addr()?;
+    let listener = ConnectionLimit::new(listener, settings.max_connections);
     tracing::info!(%addr, model = %state.model_name, "serving");
     {
         let mut out = std::io::stdout().lock();
@@ -92,7 +111,8 @@ async fn serve(
     // the workers still have to be stopped after this.
     gemma_proto::process::serve_with_drain_deadline(
         |stop| {
-            axum::serve(listener, router(state))
+            let app = router(state).into_make_service_with_connect_info::<ClientAddr>();
+            axum::serve(listener, app)
                 .with_graceful_shutdown(stop)
                 .into_future()
         },

@@ -236,6 +236,15 @@ impl Shard {
                     seq.seq_id, self.cfg.vocab_size
                 ));
             }
+            // Candidate lists are allocated by the count asked for: more than the vocabulary
+            // could never be filled, and a stranger's u32::MAX would abort the process.
+            if seq.top_candidates as usize > self.cfg.vocab_size {
+                return invalid(format!(
+                    "sequence {}: {} top candidates asked for; allowed: 0 (every logit) to the \
+                     vocabulary size, {}",
+                    seq.seq_id, seq.top_candidates, self.cfg.vocab_size
+                ));
+            }
             if seq.end_pos() > self.rope.max_positions() {
                 return invalid(format!(
                     "sequence {}: positions up to {} exceed max_position_embeddings {}",
