@@ -135,8 +135,11 @@ impl From<EngineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
-        // A full queue is temporary: tell clients when to retry.
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        // A full queue, or a cluster that is healing, is temporary: tell clients when to retry.
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

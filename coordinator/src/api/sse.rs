@@ -1,6 +1,7 @@
 //! Streaming answers as server-sent events in OpenAI's chunk format: (chat) one opening chunk
 //! per choice with the role, one chunk per token and choice, a final chunk per choice with the
-//! finish reason, optionally a usage chunk, then `data: [DONE]`. A client that disconnects drops
+//! finish reason, optionally a usage chunk, then `data: [DONE]`; a request that fails ends with
+//! an error chunk in OpenAI's error shape, then `data: [DONE]`. A client that disconnects drops
 //! the response body, which ends the producer task and so drops the engine receivers: the engine
 //! cancels the requests and frees their KV blocks.
 
@@ -100,8 +101,10 @@ impl<E: Endpoint> Producer<E> {
                     E::delta(i, tail, None, Some(finish_reason))
                 }
                 Event::Error(e) => {
+                    // An error chunk, then the end of the stream as OpenAI's clients expect it.
                     let body = ErrorBody::new(e.to_string(), "server_error", None);
-                    return self.send(&body);
+                    self.send(&body)?;
+                    return self.done();
                 }
             };
             self.send_chunk(choice)?;
@@ -114,6 +117,10 @@ impl<E: Endpoint> Producer<E> {
             self.send(&last)?;
         }
         tracing::info!(completion_tokens, "streamed");
+        self.done()
+    }
+
+    fn done(&self) -> Result<(), Gone> {
         self.tx
             .send(Ok(SseEvent::default().data("[DONE]")))
             .map_err(|_| Gone)
