@@ -296,6 +296,7 @@ impl Cluster {
                 .iter()
                 .map(|w| (w.addr.clone(), w.spec.clone(), w.probe.clone()))
                 .collect(),
+            session: self.session,
         }
     }
 
@@ -359,6 +360,8 @@ impl Cluster {
 #[derive(Clone)]
 pub struct HealthProbe {
     workers: Vec<(String, ShardSpec, WorkerClient<Channel>)>,
+    /// Sent with every probe: it renews this coordinator's lease on the workers.
+    session: Session,
 }
 
 impl HealthProbe {
@@ -366,6 +369,9 @@ impl HealthProbe {
     pub async fn check(&self, timeout: Duration) -> Result<(), String> {
         let answers = join_all(self.workers.iter().map(|(addr, spec, client)| {
             let mut client = client.clone();
+            let request = pb::InfoRequest {
+                session: Some(self.session.into()),
+            };
             async move {
                 let why = |reason: String| {
                     format!(
@@ -373,7 +379,7 @@ impl HealthProbe {
                         spec.stage, spec.rank
                     )
                 };
-                let info = tokio::time::timeout(timeout, client.info(pb::InfoRequest::default()))
+                let info = tokio::time::timeout(timeout, client.info(request))
                     .await
                     .map_err(|_| why(format!("no answer within {timeout:?}")))?
                     .map_err(|s| why(format!("unreachable: {}", s.message())))?
