@@ -286,7 +286,8 @@ fn a_restarted_coordinator_takes_the_workers_over_after_the_lease() {
     let (w0, w1) = (Worker::start("127.0.0.1:0"), Worker::start("127.0.0.1:0"));
     let pids = (w0.pid(), w1.pid());
     let workers = format!("{},{}", w0.addr, w1.addr);
-    let first = start_coordinator(model, &["--workers", &workers, "--lease-ms", "3000"]);
+    // A lease longer than a coordinator takes to start (it loads the tokenizer first).
+    let first = start_coordinator(model, &["--workers", &workers, "--lease-ms", "10000"]);
     let before = greedy(&first.addr);
     // SAFETY: our own child process.
     unsafe {
@@ -297,7 +298,7 @@ fn a_restarted_coordinator_takes_the_workers_over_after_the_lease() {
     // out, then takes over the running workers.
     let second = start_coordinator(model, &["--workers", &workers, "--lease-ms", "60000"]);
     let took_over = killed.elapsed();
-    println!("coordinator SIGKILL -> successor serving in {took_over:?} (lease 3 s)");
+    println!("coordinator SIGKILL -> successor serving in {took_over:?} (lease 10 s)");
     assert!(
         second
             .process
@@ -316,6 +317,14 @@ fn a_restarted_coordinator_takes_the_workers_over_after_the_lease() {
     let took_over = stopped.elapsed();
     println!("coordinator SIGTERM -> successor serving in {took_over:?} (lease 60 s)");
     assert!(took_over < Duration::from_secs(20));
+    assert!(
+        !third
+            .process
+            .stderr_text()
+            .contains("held by another coordinator"),
+        "released workers are free at once: {}",
+        third.process.stderr_text()
+    );
     assert_eq!(greedy(&third.addr), before);
     assert_eq!((w0.pid(), w1.pid()), pids);
     assert!(alive(pids.0) && alive(pids.1), "no worker was restarted");
