@@ -56,8 +56,12 @@ impl Worker {
     }
 }
 
+/// A tp=2 coordinator (unless `extra` gives another plan).
 fn start_coordinator(model: &str, extra: &[&str]) -> CoordinatorProcess {
-    let mut args = vec!["--model", model, "--tp", "2", "--kv-budget-mib", "32"];
+    let mut args = vec!["--model", model, "--kv-budget-mib", "32"];
+    if !extra.contains(&"--pp") && !extra.contains(&"--tp") {
+        args.extend(["--tp", "2"]);
+    }
     args.extend_from_slice(extra);
     CoordinatorProcess::start(&args).expect("coordinator")
 }
@@ -188,19 +192,21 @@ fn check_down(addr: &str, shard: &str) {
     );
 }
 
-#[test]
-fn a_killed_worker_fails_requests_fast_and_a_restarted_one_heals_the_cluster() {
+/// Two workers in `plan`; the second is SIGKILLed mid-generation, then restarted at its address.
+fn kill_and_restart(plan: &[&str], lost: &str) {
     let (_tmp, dir) = tiny_servable_model();
     let (w0, w1) = (Worker::start("127.0.0.1:0"), Worker::start("127.0.0.1:0"));
     let workers = format!("{},{}", w0.addr, w1.addr);
-    let c = start_coordinator(dir.to_str().unwrap(), &["--workers", &workers]);
+    let mut args = vec!["--workers", workers.as_str()];
+    args.extend_from_slice(plan);
+    let c = start_coordinator(dir.to_str().unwrap(), &args);
     let before = greedy(&c.addr);
 
     let in_flight = start_in_flight(&c.addr);
     w1.signal(libc::SIGKILL);
     let killed = Instant::now();
-    in_flight.fail_naming(killed, "stage 0, rank 1");
-    check_down(&c.addr, "stage 0, rank 1");
+    in_flight.fail_naming(killed, lost);
+    check_down(&c.addr, lost);
     let w0_pid = w0.pid();
     let w1_addr = w1.addr.clone();
     drop(w1);
@@ -220,6 +226,16 @@ fn a_killed_worker_fails_requests_fast_and_a_restarted_one_heals_the_cluster() {
         "the surviving worker was not restarted"
     );
     assert!(alive(w1.pid()));
+}
+
+#[test]
+fn a_killed_worker_fails_requests_fast_and_a_restarted_one_heals_the_cluster() {
+    kill_and_restart(&["--tp", "2"], "stage 0, rank 1");
+}
+
+#[test]
+fn a_killed_pipeline_stage_heals_the_same_way() {
+    kill_and_restart(&["--pp", "2"], "stage 1, rank 0");
 }
 
 #[test]
