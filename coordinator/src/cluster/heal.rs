@@ -137,14 +137,14 @@ impl Cluster {
             self.session,
         )
         .await?;
-        if self.kv_blocks > 0 && assigned.kv_blocks < self.kv_blocks {
+        if !self.assigned_once {
+            self.kv_blocks = assigned.kv_blocks;
+            self.assigned_once = true;
+        } else if assigned.kv_blocks < self.kv_blocks {
             return Err(ClusterError::KvShrunk {
                 before: self.kv_blocks,
                 now: assigned.kv_blocks,
             });
-        }
-        if self.kv_blocks == 0 {
-            self.kv_blocks = assigned.kv_blocks;
         }
         self.streams = assigned.streams;
         self.status.set_serving(self.session.epoch);

@@ -181,8 +181,11 @@ fn dtype_of(name: &str) -> Result<pb::DType, ClusterError> {
 pub struct Cluster {
     pub config: ModelConfig,
     pub plan: ShardPlan,
-    /// KV blocks every shard holds (the smallest pool of any shard).
+    /// KV blocks every shard holds (the smallest pool of any shard), as first assigned: the
+    /// engine's pool; a re-assignment must hold at least as many.
     pub kv_blocks: usize,
+    /// Whether `kv_blocks` is known (the group was assigned once).
+    assigned_once: bool,
     pub block_size: usize,
     template: AssignTemplate,
     /// gRPC address of each shard's worker, plan order (a respawned local worker's is new).
@@ -234,6 +237,7 @@ impl Cluster {
             config: prepared.config,
             plan: prepared.plan,
             kv_blocks: 0,
+            assigned_once: false,
             block_size: settings.block_size,
             template,
             addrs,
@@ -248,7 +252,6 @@ impl Cluster {
             local,
         };
         cluster.assign_at_start(settings.load_timeout_s).await?;
-        cluster.kv_blocks = cluster.kv_blocks.max(1);
         Ok(cluster)
     }
 
