@@ -6,19 +6,22 @@
 //! - a sequence that cannot grow when the pool is full preempts the newest running sequence,
 //!   whose blocks are freed and whose tokens are recomputed when it is readmitted;
 //! - a request whose client went away is dropped between steps, and its blocks freed;
-//! - the waiting queue is bounded: past it, submissions are refused at once.
+//! - the waiting queue is bounded: past it, submissions are refused at once;
+//! - a cluster that loses a worker fails every request it holds and is healed by this loop,
+//!   which meanwhile refuses new requests at once (503) and keeps its heartbeat going, so that
+//!   `/health` tells a wedged engine from a cluster that is merely down.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use gemma_proto::{KvAllocation, KvBlockManager, SeqStep, StepBatch};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::cluster::{Cluster, ClusterError, StepOutput};
+use crate::cluster::{Cluster, ClusterError, ClusterStatus, StepOutput};
 use crate::metrics::{Metrics, Outcome};
 use crate::sampler::{SampleError, Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
@@ -49,6 +52,9 @@ pub enum EngineError {
     /// Shared by every request the failed step took down.
     #[error("cluster step failed: {0}")]
     Cluster(Arc<ClusterError>),
+    /// The cluster is down and healing: refused at once rather than queued.
+    #[error("the cluster cannot serve now; retry shortly: {0}")]
+    Unavailable(String),
     #[error("sampling: {0}")]
     Sample(#[from] SampleError),
     #[error("detokenizing: {0}")]
@@ -127,6 +133,59 @@ impl Events {
     }
 }
 
+/// How often the engine loop stamps its heartbeat while it waits (idle, or healing).
+const BEAT: Duration = Duration::from_secs(1);
+
+/// When the engine loop last made progress, and until when it may be busy in a step: what
+/// `/health` reads to tell a wedged engine (restart the coordinator) from a busy or idle one.
+#[derive(Clone)]
+pub struct Heartbeat(Arc<Mutex<Beat>>);
+
+#[derive(Clone, Copy)]
+struct Beat {
+    last: tokio::time::Instant,
+    /// The deadline of the step in progress: the loop may be silent until then.
+    busy_until: Option<tokio::time::Instant>,
+}
+
+impl Heartbeat {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(Beat {
+            last: tokio::time::Instant::now(),
+            busy_until: None,
+        })))
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Beat)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// The loop made progress.
+    fn beat(&self) {
+        self.update(|b| {
+            b.last = tokio::time::Instant::now();
+            b.busy_until = None;
+        });
+    }
+
+    /// The loop waits, for a step or the next beat, at most `deadline`.
+    fn busy_for(&self, deadline: Duration) {
+        self.update(|b| {
+            let now = tokio::time::Instant::now();
+            b.last = now;
+            b.busy_until = Some(now + deadline);
+        });
+    }
+
+    /// How long the loop has been silent, when that is more than `grace` past what it may take.
+    pub fn stalled(&self, grace: Duration) -> Option<Duration> {
+        let beat = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let due = beat.busy_until.unwrap_or(beat.last).max(beat.last);
+        (now.saturating_duration_since(due) > grace).then(|| now - beat.last)
+    }
+}
+
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::UnboundedSender<Request>,
@@ -134,12 +193,20 @@ pub struct EngineHandle {
     max_waiting: usize,
     pub metrics: Arc<Metrics>,
     kv: KvBlockManager,
+    status: ClusterStatus,
+    heartbeat: Heartbeat,
+    wedged_after: Duration,
 }
 
 impl EngineHandle {
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
-    /// cancels the request and frees its KV blocks.
+    /// cancels the request and frees its KV blocks. While the cluster is down the request is
+    /// refused at once: it would only wait for a healing of unknown length.
     pub fn submit(&self, spec: RequestSpec) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+        if let Some(reason) = self.status.outage() {
+            self.metrics.outcome(Outcome::Unavailable);
+            return Err(EngineError::Unavailable(reason));
+        }
         let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -200,18 +267,36 @@ impl EngineHandle {
     pub fn kv_capacity_tokens(&self) -> usize {
         self.kv.total_blocks() * self.kv.block_size()
     }
+
+    /// Whether the cluster serves, and why not.
+    pub fn cluster_status(&self) -> &ClusterStatus {
+        &self.status
+    }
+
+    /// Some(silence) when the engine loop is wedged: no progress for longer than a step's
+    /// deadline plus `wedged_after`. Idle, busy or healing engines are not.
+    pub fn wedged(&self) -> Option<Duration> {
+        self.heartbeat.stalled(self.wedged_after)
+    }
 }
 
-/// What the engine needs of a cluster: the shape of its KV pool and one step at a time.
-/// [`Cluster`] is the real one; the engine's tests step a stand-in.
+/// What the engine needs of a cluster: the shape of its KV pool, one step at a time, whether it
+/// serves, and healing when it does not. [`Cluster`] is the real one; the engine's tests step a
+/// stand-in.
 pub trait StepCluster: Send + 'static {
     /// KV blocks every shard holds.
     fn kv_blocks(&self) -> usize;
     fn block_size(&self) -> usize;
+    /// How long a step of `tokens` tokens may take before the cluster gives up on it.
+    fn deadline(&self, tokens: usize) -> Duration;
+    /// Whether the cluster serves; a failed step marks it down.
+    fn status(&self) -> &ClusterStatus;
     fn step(
         &mut self,
         batch: &StepBatch,
     ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send;
+    /// Brings a down cluster back; returns once it serves.
+    fn heal(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 impl StepCluster for Cluster {
@@ -223,11 +308,23 @@ impl StepCluster for Cluster {
         self.block_size
     }
 
+    fn deadline(&self, tokens: usize) -> Duration {
+        Cluster::deadline(self, tokens)
+    }
+
+    fn status(&self) -> &ClusterStatus {
+        Cluster::status(self)
+    }
+
     fn step(
         &mut self,
         batch: &StepBatch,
     ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
         Cluster::step(self, batch)
+    }
+
+    fn heal(&mut self) -> impl Future<Output = ()> + Send {
+        Cluster::heal(self)
     }
 }
 
@@ -236,27 +333,31 @@ pub struct EngineConfig {
     pub max_running: usize,
     pub max_waiting: usize,
     pub max_context: usize,
+    /// `/health` fails once the engine loop is this late past what it may take.
+    pub wedged_after: Duration,
 }
 
-/// Starts the engine task; it ends when every handle is dropped. `failed` receives the reason
-/// when a cluster step fails (the readiness endpoint reports it).
+/// Starts the engine task; it ends when every handle is dropped.
 pub fn spawn<C: StepCluster>(
     cluster: C,
     tokenizer: Arc<TextTokenizer>,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
-    failed: Option<oneshot::Sender<String>>,
 ) -> EngineHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let kv = KvBlockManager::new(cluster.kv_blocks(), cluster.block_size());
     metrics.kv_blocks_total.set(cluster.kv_blocks() as i64);
     let waiting = Arc::new(AtomicUsize::new(0));
+    let heartbeat = Heartbeat::new();
     let handle = EngineHandle {
         tx,
         waiting: waiting.clone(),
         max_waiting: cfg.max_waiting,
         metrics: metrics.clone(),
         kv: kv.clone(),
+        status: cluster.status().clone(),
+        heartbeat: heartbeat.clone(),
+        wedged_after: cfg.wedged_after,
     };
     let engine = Engine {
         cluster,
@@ -269,7 +370,7 @@ pub fn spawn<C: StepCluster>(
         waiting: VecDeque::new(),
         running: Vec::new(),
         next_id: 0,
-        failed,
+        heartbeat,
     };
     tokio::spawn(engine.run().instrument(tracing::info_span!("engine")));
     handle
@@ -418,17 +519,32 @@ struct Engine<C> {
     /// In admission order: the last is the newest (preempted first).
     running: Vec<Sequence>,
     next_id: u64,
-    failed: Option<oneshot::Sender<String>>,
+    heartbeat: Heartbeat,
 }
 
 impl<C: StepCluster> Engine<C> {
     async fn run(mut self) {
+        let mut tick = tokio::time::interval(BEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.heartbeat.beat();
+            if self.cluster.status().outage().is_some() {
+                self.heal().await;
+                continue;
+            }
             if self.running.is_empty() && self.waiting.is_empty() {
                 self.update_gauges();
-                match self.requests.recv().await {
-                    Some(r) => self.waiting.push_back(Waiting::Fresh(r)),
-                    None => return,
+                let status = self.cluster.status().clone();
+                // Back within a beat at the latest.
+                self.heartbeat.busy_for(BEAT);
+                tokio::select! {
+                    r = self.requests.recv() => match r {
+                        Some(r) => self.waiting.push_back(Waiting::Fresh(r)),
+                        None => return,
+                    },
+                    // The prober found a worker lost while nothing stepped: heal now.
+                    () = status.lost() => continue,
+                    _ = tick.tick() => continue,
                 }
             }
             while let Ok(r) = self.requests.try_recv() {
@@ -573,10 +689,13 @@ impl<C: StepCluster> Engine<C> {
         self.metrics.step_tokens.observe(batch.num_tokens() as f64);
         let span =
             tracing::debug_span!("step", seqs = batch.seqs.len(), tokens = batch.num_tokens());
+        self.heartbeat
+            .busy_for(self.cluster.deadline(batch.num_tokens()));
         let output = match self.cluster.step(&batch).instrument(span).await {
             Ok(o) => o,
             Err(e) => return self.fail_all(e),
         };
+        self.heartbeat.beat();
         self.metrics
             .step_duration
             .observe(started.elapsed().as_secs_f64());
@@ -625,23 +744,61 @@ impl<C: StepCluster> Engine<C> {
     /// that just failed, each costing another failed step.
     fn fail_all(&mut self, error: ClusterError) {
         tracing::error!(%error, "step failed; failing every running and waiting request");
+        let error = Arc::new(error);
+        self.fail_everything(|| EngineError::Cluster(error.clone()));
+    }
+
+    /// Ends every request the engine holds with `error()`; their blocks return first.
+    fn fail_everything(&mut self, error: impl Fn() -> EngineError) {
         let mut waiting: Vec<Waiting> = self.waiting.drain(..).collect();
         while let Ok(r) = self.requests.try_recv() {
             waiting.push(Waiting::Fresh(r));
         }
         self.waiting_count
             .fetch_sub(waiting.len(), Ordering::SeqCst);
-        let error = Arc::new(error);
-        let failed = || EngineError::Cluster(error.clone());
         for seq in self.running.drain(..) {
-            seq.finish(Err(failed()), &self.metrics);
+            seq.finish(Err(error()), &self.metrics);
         }
         for w in waiting {
-            w.fail(failed(), &self.metrics);
+            w.fail(error(), &self.metrics);
         }
-        if let Some(tx) = self.failed.take() {
-            let _ = tx.send(error.to_string());
+        self.update_gauges();
+    }
+
+    /// Heals the down cluster. Meanwhile every request is refused at once with the reason, and
+    /// the heartbeat goes on: a healing engine is not a wedged one.
+    async fn heal(&mut self) {
+        let status = self.cluster.status().clone();
+        let reason = || {
+            status
+                .outage()
+                .unwrap_or_else(|| "the cluster is healing".into())
+        };
+        self.fail_everything(|| EngineError::Unavailable(reason()));
+        let Engine {
+            cluster,
+            requests,
+            metrics,
+            waiting_count,
+            heartbeat,
+            ..
+        } = self;
+        let healing = cluster.heal();
+        tokio::pin!(healing);
+        let mut tick = tokio::time::interval(BEAT);
+        loop {
+            heartbeat.busy_for(BEAT);
+            tokio::select! {
+                () = &mut healing => break,
+                Some(r) = requests.recv() => {
+                    waiting_count.fetch_sub(1, Ordering::SeqCst);
+                    metrics.outcome(Outcome::Unavailable);
+                    r.events.finish(Event::Error(EngineError::Unavailable(reason())));
+                }
+                _ = tick.tick() => {}
+            }
         }
+        heartbeat.beat();
     }
 }
 
@@ -733,6 +890,7 @@ mod tests {
     struct ScriptedCluster {
         answers: VecDeque<Result<StepOutput, ClusterError>>,
         steps: Arc<AtomicUsize>,
+        status: ClusterStatus,
     }
 
     impl StepCluster for ScriptedCluster {
@@ -742,6 +900,14 @@ mod tests {
 
         fn block_size(&self) -> usize {
             16
+        }
+
+        fn deadline(&self, _: usize) -> Duration {
+            Duration::from_millis(100)
+        }
+
+        fn status(&self) -> &ClusterStatus {
+            &self.status
         }
 
         fn step(
@@ -754,6 +920,45 @@ mod tests {
                 .pop_front()
                 .unwrap_or_else(|| Err(step_error("the script has no answer for this step")));
             std::future::ready(answer)
+        }
+
+        fn heal(&mut self) -> impl Future<Output = ()> + Send {
+            std::future::ready(())
+        }
+    }
+
+    /// A cluster that never answers a step (a wedged step future), or one that is down and
+    /// never heals: the two cases `/health` must tell apart.
+    struct SilentCluster {
+        status: ClusterStatus,
+    }
+
+    impl StepCluster for SilentCluster {
+        fn kv_blocks(&self) -> usize {
+            64
+        }
+
+        fn block_size(&self) -> usize {
+            16
+        }
+
+        fn deadline(&self, _: usize) -> Duration {
+            Duration::from_millis(100)
+        }
+
+        fn status(&self) -> &ClusterStatus {
+            &self.status
+        }
+
+        fn step(
+            &mut self,
+            _: &StepBatch,
+        ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
+            std::future::pending()
+        }
+
+        fn heal(&mut self) -> impl Future<Output = ()> + Send {
+            std::future::pending()
         }
     }
 
@@ -771,6 +976,20 @@ mod tests {
     fn engine(
         answers: Vec<Result<StepOutput, ClusterError>>,
     ) -> (EngineHandle, Arc<AtomicUsize>, tempfile::TempDir) {
+        let steps = Arc::new(AtomicUsize::new(0));
+        let cluster = ScriptedCluster {
+            answers: answers.into(),
+            steps: steps.clone(),
+            status: ClusterStatus::serving(1),
+        };
+        let (handle, dir) = engine_over(cluster);
+        (handle, steps, dir)
+    }
+
+    /// `WEDGED_AFTER`: the grace the engines of these tests get past a step's deadline.
+    const WEDGED_AFTER: Duration = Duration::from_millis(500);
+
+    fn engine_over(cluster: impl StepCluster) -> (EngineHandle, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("temp dir");
         let tokenizer = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
             "normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,
@@ -778,25 +997,15 @@ mod tests {
             "unk_token":"<pad>"}}"#;
         std::fs::write(dir.path().join("tokenizer.json"), tokenizer).expect("tokenizer.json");
         let tokenizer = TextTokenizer::from_dir(dir.path(), 2, 1).expect("tokenizer");
-        let steps = Arc::new(AtomicUsize::new(0));
-        let cluster = ScriptedCluster {
-            answers: answers.into(),
-            steps: steps.clone(),
-        };
         let cfg = EngineConfig {
             max_batch_tokens: 64,
             max_running: 1,
             max_waiting: 16,
             max_context: 1024,
+            wedged_after: WEDGED_AFTER,
         };
-        let handle = spawn(
-            cluster,
-            Arc::new(tokenizer),
-            cfg,
-            Arc::new(Metrics::new()),
-            None,
-        );
-        (handle, steps, dir)
+        let handle = spawn(cluster, Arc::new(tokenizer), cfg, Arc::new(Metrics::new()));
+        (handle, dir)
     }
 
     fn greedy_request() -> RequestSpec {
@@ -920,6 +1129,51 @@ mod tests {
         assert!(generation.tokens.iter().all(|t| t.token == 1));
         assert_eq!(steps.load(Ordering::SeqCst), 4);
         assert_eq!(engine.kv_blocks_used(), 0);
+    }
+
+    /// A step that never returns wedges the engine loop: `wedged` says so once the step's
+    /// deadline and the grace have passed, and not before. (Paused time: tokio advances the
+    /// clock only when every task waits, so the test is exact and instant.)
+    #[tokio::test(start_paused = true)]
+    async fn a_step_that_never_returns_is_a_wedged_engine() {
+        let cluster = SilentCluster {
+            status: ClusterStatus::serving(1),
+        };
+        let (engine, _dir) = engine_over(cluster);
+        tokio::time::sleep(3 * WEDGED_AFTER).await;
+        assert_eq!(engine.wedged(), None, "an idle engine is not wedged");
+        let _rx = engine.submit(greedy_request()).expect("queued");
+        // Deadline 100 ms + grace 500 ms: still in time at 550 ms, wedged past 600 ms.
+        tokio::time::sleep(Duration::from_millis(550)).await;
+        assert_eq!(
+            engine.wedged(),
+            None,
+            "within the step's deadline and grace"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let silent = engine.wedged().expect("wedged past deadline + grace");
+        assert!(silent >= Duration::from_millis(600), "{silent:?}");
+    }
+
+    /// A cluster that is down and healing for ever: the engine refuses requests at once with the
+    /// reason, and its heartbeat goes on, so `/health` stays ok.
+    #[tokio::test(start_paused = true)]
+    async fn a_healing_engine_is_not_wedged_and_refuses_at_once() {
+        let cluster = SilentCluster {
+            status: ClusterStatus::down(1, "lost worker 127.0.0.1:1 (stage 0, rank 1)".into()),
+        };
+        let (engine, _dir) = engine_over(cluster);
+        for _ in 0..10 {
+            tokio::time::sleep(WEDGED_AFTER).await;
+            assert_eq!(engine.wedged(), None, "a healing engine beats");
+        }
+        match engine.submit(greedy_request()) {
+            Err(e @ EngineError::Unavailable(_)) => {
+                assert!(e.to_string().contains("stage 0, rank 1"), "{e}")
+            }
+            other => panic!("{:?}", other.map(|_| "queued")),
+        }
+        assert_eq!(engine.waiting.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub enum Outcome {
     Rejected,
     /// Failed inside the cluster.
     Failed,
+    /// Refused at once: the cluster was down (healing).
+    Unavailable,
 }
 
 impl Outcome {
@@ -26,6 +28,7 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::Rejected => "rejected",
             Outcome::Failed => "failed",
+            Outcome::Unavailable => "unavailable",
         }
     }
 }

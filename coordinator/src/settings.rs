@@ -161,9 +161,10 @@ declare_settings! {
     /// The model name the API reports (default: the model's folder or file name).
     #[arg(value_name = "NAME")]
     served_model_name: String, optional;
-    /// Deadline of one step across the cluster, ms.
+    /// Deadline of one step across the cluster, ms. Default: derived from the recent step times
+    /// (8x what a step of its size took lately, at least 3 s; 60 s before any step was timed).
     #[arg(value_name = "MS")]
-    step_timeout_ms: u64 = 60_000;
+    step_timeout_ms: u64, optional;
     /// Deadline of a data-plane wait between workers, ms.
     #[arg(value_name = "MS")]
     collective_timeout_ms: u64 = 30_000;
@@ -171,6 +172,10 @@ declare_settings! {
     /// (no probe, step or assignment), so a successor can take it over.
     #[arg(value_name = "MS")]
     lease_ms: u64 = 30_000;
+    /// /health answers 503 (wedged) once the engine loop is this late past what its step or its
+    /// idle wait may take, ms; a cluster that is down and healing is not wedged.
+    #[arg(value_name = "MS")]
+    wedged_after_ms: u64 = 30_000;
     /// Deadline of reaching a worker, ms.
     #[arg(value_name = "MS")]
     connect_timeout_ms: u64 = 5_000;

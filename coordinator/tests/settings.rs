@@ -140,6 +140,7 @@ fn one_value_per_setting() -> Vec<(&'static str, &'static str, Value)> {
         ("step_timeout_ms", "11", json!(11)),
         ("collective_timeout_ms", "12", json!(12)),
         ("lease_ms", "20", json!(20)),
+        ("wedged_after_ms", "21", json!(21)),
         ("connect_timeout_ms", "13", json!(13)),
         ("load_timeout_s", "14", json!(14)),
         ("max_batch_tokens", "15", json!(15)),

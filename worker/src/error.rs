@@ -1,6 +1,6 @@
 //! Errors of the worker library. Loading errors name the file, the tensor, and expected vs found.
 
-use gemma_proto::{ConfigError, PlanError, ShardSpec};
+use gemma_proto::{ConfigError, PlanError, Session, ShardSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -97,6 +97,33 @@ pub enum AssignError {
     DataPlane(#[from] CollectiveError),
 }
 
+/// Why a session may not do what it asked: the worker is held by another one. Each names the
+/// holder, so the caller knows whom it is waiting for (and, for a live lease, for how long).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum HoldError {
+    #[error(
+        "this worker holds epoch {} of cluster {}; epoch {} is older",
+        held.epoch, held.cluster_id, offered.epoch
+    )]
+    StaleEpoch { held: Session, offered: Session },
+    #[error(
+        "this worker already holds epoch {} of cluster {}; a re-assignment needs a newer epoch",
+        held.epoch, held.cluster_id
+    )]
+    SameEpoch { held: Session },
+    #[error(
+        "this worker is held by {holder}; its lease expires in {left_ms} ms (then any \
+         coordinator may assign it)"
+    )]
+    Leased { holder: Session, left_ms: u64 },
+    #[error("this worker is held by {holder}, not by {offered}; only its holder may release it")]
+    NotHolder { holder: Session, offered: Session },
+    #[error("the step carries {offered}; this worker holds {held} and takes only its steps")]
+    WrongStepSession { held: Session, offered: Session },
+    #[error("the step carries {offered}; this worker holds no assignment (Assign it first)")]
+    NotHeld { offered: Session },
+}
+
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum CollectiveError {
     #[error("all-reduce on rank {rank}: no partial from {missing:?} within {waited_ms} ms")]
@@ -113,6 +140,24 @@ pub enum CollectiveError {
     Link { peer: usize, reason: String },
     #[error("data plane: {0}")]
     Connect(String),
+}
+
+/// A data-plane frame that could not be read: the connection broke, or what the peer sent is not
+/// what this rank expects (it is never allocated for).
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("a {what} of {len} bytes exceeds the limit of {limit}")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        limit: usize,
+    },
+    #[error("malformed {0}")]
+    Malformed(String),
+    #[error("expected a frame of {expected}, got {found}")]
+    Unexpected { expected: String, found: String },
 }
 
 /// A tensor that cannot be put on or taken off the wire.

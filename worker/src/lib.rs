@@ -20,4 +20,4 @@ pub mod wire;
 pub use collective::{Collective, InProcessCollective, SoloCollective};
 pub use error::{CollectiveError, LoadError, StepError};
 pub use folder::ModelFolder;
-pub use model::{Shard, ShardOptions, StageOutput};
+pub use model::{Shard, ShardOptions, ShardWeights, StageOutput};

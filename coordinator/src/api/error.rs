@@ -155,9 +155,12 @@ impl From<EngineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
-        // A full queue or an empty rate bucket is temporary: tell clients when to retry (a
-        // full queue: soon).
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        // A full queue, an empty rate bucket or a cluster that is healing is temporary: tell
+        // clients when to retry (by default: soon).
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
             let seconds = self.retry_after.unwrap_or(1);
             response
                 .headers_mut()

@@ -19,7 +19,7 @@ mod sse;
 pub mod validation;
 
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -46,8 +46,6 @@ pub struct AppState {
     pub chat: Option<ChatTemplate>,
     pub model_name: String,
     pub max_context: usize,
-    /// None when every worker is loaded and reachable; else why not.
-    pub unready: Arc<Mutex<Option<String>>>,
     /// None: the API is open.
     pub api_keys: Option<auth::ApiKeys>,
     /// Most tokens one request may generate (`max_tokens_per_request`, default the context).
@@ -84,7 +82,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .merge(v1)
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -161,12 +159,24 @@ async fn models(State(state): State<Arc<AppState>>) -> Response {
     Json(ModelList::single(&state.model_name)).into_response()
 }
 
+/// Liveness: fails only when the coordinator itself is wedged (its engine loop stopped making
+/// progress), so an orchestrator restarts it only when a restart helps. A cluster that is down
+/// and healing is alive: `/ready` says it cannot serve.
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine.wedged() {
+        None => "ok".into_response(),
+        Some(silent) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("wedged: the engine loop has made no progress for {silent:?}"),
+        )
+            .into_response(),
+    }
+}
+
+/// Readiness: 200 while every shard serves; else 503 with the reason (the lost shard's stage,
+/// rank and address, and what healing found last).
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    let reason = state
-        .unready
-        .lock()
-        .map(|r| r.clone())
-        .unwrap_or_else(|e| e.into_inner().clone());
+    let reason = state.engine.cluster_status().outage();
     let (status, body) = match reason {
         None => (
             StatusCode::OK,

@@ -1,6 +1,7 @@
 //! Streaming answers as server-sent events in OpenAI's chunk format: (chat) one opening chunk
 //! per choice with the role, one chunk per token and choice, a final chunk per choice with the
-//! finish reason, optionally a usage chunk, then `data: [DONE]`. A client that disconnects drops
+//! finish reason, optionally a usage chunk, then `data: [DONE]`; a request that fails ends with
+//! an error chunk in OpenAI's error shape, then `data: [DONE]`. A client that disconnects drops
 //! the response body, which ends the producer task and so drops the engine receivers: the engine
 //! cancels the requests and frees their KV blocks.
 

@@ -6,7 +6,7 @@
 use std::future::IntoFuture;
 use std::io::Write;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -14,7 +14,7 @@ use gemma_coordinator::api::auth::ApiKeys;
 use gemma_coordinator::api::limits::{ClientAddr, ConnectionLimit, RateLimiter};
 use gemma_coordinator::api::{router, AppState};
 use gemma_coordinator::chat::ChatTemplate;
-use gemma_coordinator::cluster::{Cluster, HealthProbe, Prepared};
+use gemma_coordinator::cluster::{Cluster, LocalWorkers, Prepared, Prober};
 use gemma_coordinator::engine::{self, EngineConfig};
 use gemma_coordinator::metrics::Metrics;
 use gemma_coordinator::settings::{Args, Settings};
@@ -38,8 +38,8 @@ fn main() -> Result<()> {
         prepared.config.eos_token_id,
     )?);
     let chat = ChatTemplate::from_dir(&prepared.tokenizer_dir)?;
-    // Spawned from the main thread, which lives as long as the process: the workers' parent-death
-    // signal is tied to the spawning thread.
+    // Local workers are started (and respawned) by a thread of their own, which lives as long
+    // as they should: their parent-death signal is tied to it.
     let local = prepared.spawn_local_workers(&settings)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -57,18 +57,23 @@ struct Guards {
     rate_limiter: Option<RateLimiter>,
 }
 
+/// How long the workers get to acknowledge `Release` at shutdown.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
+
 async fn serve(
     settings: Settings,
     prepared: Prepared,
-    local: Option<gemma_coordinator::cluster::LocalWorkers>,
+    local: Option<LocalWorkers>,
     tokenizer: Arc<TextTokenizer>,
     chat: Option<ChatTemplate>,
     guards: Guards,
 ) -> Result<()> {
     let max_context = prepared.config.max_position_embeddings;
     let cluster = Cluster::connect(prepared, &settings, local).await?;
-    let probe = cluster.health_probe();
-    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
+    let roster = cluster.roster();
+    // Every worker, every second, also while idle: the lease stays renewed and a lost worker is
+    // noticed before a request needs it.
+    tokio::spawn(Prober::new(roster.clone(), cluster.status().clone()).run());
     let engine = engine::spawn(
         cluster,
         tokenizer.clone(),
@@ -77,19 +82,16 @@ async fn serve(
             max_running: settings.max_running,
             max_waiting: settings.max_waiting,
             max_context,
+            wedged_after: Duration::from_millis(settings.wedged_after_ms),
         },
         Arc::new(Metrics::new()),
-        Some(failed_tx),
     );
-    let unready = Arc::new(Mutex::new(None));
-    tokio::spawn(watch_readiness(probe, failed_rx, unready.clone()));
     let state = Arc::new(AppState {
         engine,
         tokenizer,
         chat,
         model_name: settings.model_name(),
         max_context,
-        unready,
         api_keys: guards.api_keys,
         max_tokens_per_request: settings
             .max_tokens_per_request
@@ -109,7 +111,7 @@ async fn serve(
     }
     // In-flight generations get a few seconds to finish; Kubernetes' default grace is 30 s, and
     // the workers still have to be stopped after this.
-    gemma_proto::process::serve_with_drain_deadline(
+    let served = gemma_proto::process::serve_with_drain_deadline(
         |stop| {
             let app = router(state).into_make_service_with_connect_info::<ClientAddr>();
             axum::serve(listener, app)
@@ -119,40 +121,9 @@ async fn serve(
         Duration::from_secs(5),
     )
     .await
-    .context("serving HTTP")
-}
-
-/// Keeps /ready's answer current: probes every worker every 2 s; a failed step marks the cluster
-/// unready for good (its data plane is torn down).
-async fn watch_readiness(
-    probe: HealthProbe,
-    mut failed: tokio::sync::oneshot::Receiver<String>,
-    unready: Arc<Mutex<Option<String>>>,
-) {
-    let set = |v: Option<String>| {
-        *unready.lock().unwrap_or_else(|e| e.into_inner()) = v;
-    };
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    let mut engine_running = true;
-    loop {
-        tokio::select! {
-            reason = &mut failed, if engine_running => {
-                match reason {
-                    Ok(reason) => {
-                        set(Some(format!("a cluster step failed: {reason}")));
-                        return;
-                    }
-                    // The engine stopped without failing: keep probing the workers.
-                    Err(_) => engine_running = false,
-                }
-            }
-            _ = tick.tick() => {
-                let status = probe.check(Duration::from_secs(1)).await;
-                if let Err(reason) = &status {
-                    tracing::warn!(%reason, "cluster not ready");
-                }
-                set(status.err());
-            }
-        }
-    }
+    .context("serving HTTP");
+    // A successor (a rolling update) can assign the workers at once instead of waiting for
+    // this coordinator's lease to run out.
+    roster.release_all(RELEASE_TIMEOUT).await;
+    served
 }

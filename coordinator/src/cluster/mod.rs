@@ -1,25 +1,40 @@
-//! The cluster as the coordinator sees it: the plan, one gRPC connection and step stream per
-//! worker, and the local worker processes when it started them itself.
+//! The cluster as the coordinator sees it: the plan, one connection and one step stream per
+//! worker, the session that holds them, and the local worker processes when it started them
+//! itself. It notices a lost worker (a step's deadline, a closed stream, the prober) and heals:
+//! it re-dials every worker and re-assigns the whole group under the next epoch.
+//!
+//! - `link`: one worker's connection (dialled, version-checked) and one epoch's step stream;
+//! - `assign`: assigning the whole group under one session;
+//! - `deadline`: how long a step may take;
+//! - `heal`: re-dialling with backoff and re-assigning;
+//! - `probe`: the every-second Info on every worker (lease renewal, idle detection), `Release`;
+//! - `status`: whether the cluster serves, shared with the engine and the API;
+//! - `spawn`: local workers, respawned when they die.
 
+mod assign;
+pub mod deadline;
+mod heal;
+pub mod link;
+pub mod probe;
 pub mod spawn;
+pub mod status;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use gemma_proto::pb::worker_client::WorkerClient;
 use gemma_proto::{
-    candidates, pb, ModelConfig, ModelFiles, PlanRequest, SeqLogits, ShardPlan, ShardSpec,
-    StepBatch, WireError,
+    candidates, pb, ModelConfig, ModelFiles, PlanRequest, SeqLogits, Session, ShardPlan, StepBatch,
+    WireError,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use crate::settings::Settings;
-use gemma_proto::Session;
+use assign::AssignTemplate;
+use deadline::StepDeadline;
+use link::{shard_name, Miss, StepStream, WorkerLink};
+pub use probe::{Prober, Roster};
 pub use spawn::LocalWorkers;
+pub use status::{Availability, ClusterStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -47,6 +62,30 @@ pub enum ClusterError {
     Announce { index: usize, reason: String },
     #[error("cannot reach worker {addr}: {reason}")]
     Unreachable { addr: String, reason: String },
+    #[error(
+        "worker {addr} runs gemma-worker {theirs}, but this coordinator is {ours}; run the same \
+         release on both sides"
+    )]
+    Version {
+        addr: String,
+        theirs: String,
+        ours: &'static str,
+    },
+    #[error("worker {addr} (stage {stage}, rank {rank}) is held by another coordinator: {reason}")]
+    Held {
+        addr: String,
+        stage: usize,
+        rank: usize,
+        reason: String,
+    },
+    #[error(
+        "the re-assigned workers hold {now} KV blocks, fewer than the {before} the engine \
+         schedules; give them the same kv_budget_mib as before"
+    )]
+    KvShrunk { before: usize, now: usize },
+    /// The cluster was already down (or went down during the step): why.
+    #[error("{0}")]
+    Lost(String),
     #[error("worker {addr} (stage {stage}, rank {rank}) failed to load its shard: {reason}")]
     Load {
         addr: String,
@@ -137,73 +176,40 @@ fn dtype_of(name: &str) -> Result<pb::DType, ClusterError> {
     }
 }
 
-/// HTTP/2 flow-control windows of the coordinator-worker connections.
-pub const STREAM_WINDOW: u32 = 64 << 20;
-pub const CONNECTION_WINDOW: u32 = 128 << 20;
-
-struct WorkerLink {
-    addr: String,
-    /// A second handle on the connection for health probes.
-    probe: WorkerClient<Channel>,
-    spec: ShardSpec,
-    steps: mpsc::Sender<pb::StepRequest>,
-    responses: tonic::Streaming<pb::StepResponse>,
-}
-
-impl WorkerLink {
-    /// This worker's vocabulary slice of the step's logits, checked against the step: a last
-    /// stage must answer with one, any other stage without.
-    fn last_stage_logits(
-        &self,
-        output: Option<pb::LastStageOutput>,
-        batch: &StepBatch,
-    ) -> Result<Option<Vec<SeqLogits>>, ClusterError> {
-        let spec = &self.spec;
-        let wrong = |reason: &str| ClusterError::Step {
-            addr: self.addr.clone(),
-            stage: spec.stage,
-            rank: spec.rank,
-            reason: reason.to_string(),
-        };
-        match (output, spec.is_last_stage()) {
-            (Some(o), true) => o
-                .into_logits(batch, &spec.vocab_rows)
-                .map(Some)
-                .map_err(|source| ClusterError::Answer {
-                    addr: self.addr.clone(),
-                    stage: spec.stage,
-                    rank: spec.rank,
-                    source,
-                }),
-            (None, false) => Ok(None),
-            (Some(_), false) => Err(wrong(
-                "answered with logits, but only the last stage computes them",
-            )),
-            (None, true) => Err(wrong(
-                "answered without logits, but the last stage must send its vocabulary slice",
-            )),
-        }
-    }
-}
-
-/// A loaded, connected cluster, ready to step.
+/// A loaded, connected cluster, ready to step; when a worker is lost it stays down until
+/// `heal` has re-assigned the group.
 pub struct Cluster {
     pub config: ModelConfig,
     pub plan: ShardPlan,
-    /// KV blocks every shard holds (the smallest pool of any shard).
+    /// KV blocks every shard holds (the smallest pool of any shard), as first assigned: the
+    /// engine's pool; a re-assignment must hold at least as many.
     pub kv_blocks: usize,
+    /// Whether `kv_blocks` is known (the group was assigned once).
+    assigned_once: bool,
     pub block_size: usize,
-    workers: Vec<WorkerLink>,
-    step_timeout: Duration,
+    template: AssignTemplate,
+    /// gRPC address of each shard's worker, plan order (a respawned local worker's is new).
+    addrs: Vec<String>,
+    /// The session and links, shared with the prober.
+    roster: Roster,
+    /// One per worker while serving; empty while down.
+    streams: Vec<StepStream>,
     /// This coordinator's hold on the workers; every step carries it.
     session: Session,
+    deadline: StepDeadline,
     next_step: u64,
-    /// Dropped after the links: stops the local workers.
-    _local: Option<LocalWorkers>,
+    status: ClusterStatus,
+    /// The loss that took the cluster down, kept while healing reports its progress.
+    lost: Option<String>,
+    connect_timeout: Duration,
+    /// Dropped after the streams: stops the local workers.
+    local: Option<LocalWorkers>,
 }
 
 impl Cluster {
     /// Connects to every worker, assigns the shards, waits until all are loaded and meshed.
+    /// A worker that cannot be reached, or runs another version, ends it here; one held by
+    /// another coordinator (a predecessor that died) is waited for until its lease runs out.
     pub async fn connect(
         prepared: Prepared,
         settings: &Settings,
@@ -214,138 +220,112 @@ impl Cluster {
             None => settings.workers.clone(),
         };
         let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
-        let clients = join_all(addrs.iter().map(|a| connect_worker(a, connect_timeout)))
+        let template = AssignTemplate::new(&prepared, settings)?;
+        // Epoch 0 is never assigned: the first assignment is epoch 1.
+        let session = Session {
+            epoch: 0,
+            ..Session::start().map_err(|e| ClusterError::Session(e.to_string()))?
+        };
+        let links = dial_all(&addrs, &prepared.plan, connect_timeout)
             .await
             .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
-        let data_addrs: Vec<String> = clients
-            .iter()
-            .zip(&addrs)
-            .map(|((_, info), grpc)| reachable_data_addr(&info.data_addr, grpc))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(|(link, _)| link)
             .collect();
-        let session = Session::start().map_err(|e| ClusterError::Session(e.to_string()))?;
-        let dtype = dtype_of(&settings.dtype)?;
-        tracing::info!(
-            tp = prepared.plan.tp,
-            pp = prepared.plan.pp,
-            shards = ?prepared.plan.shards.iter().map(|s| format!("stage {} rank {}: layers {:?} heads {:?} kv {:?} mlp {:?} vocab {:?}", s.stage, s.rank, s.layers, s.q_heads, s.kv_heads, s.mlp_cols, s.vocab_rows)).collect::<Vec<_>>(),
-            "shard plan"
-        );
-        let deadline = Instant::now() + Duration::from_secs(settings.load_timeout_s);
-        let assigns = clients
-            .into_iter()
-            .zip(&prepared.plan.shards)
-            .zip(&addrs)
-            .map(|(((client, _), spec), addr)| {
-                let req = pb::AssignRequest {
-                    model_path: prepared.model_path.display().to_string(),
-                    tp: prepared.plan.tp as u32,
-                    pp: prepared.plan.pp as u32,
-                    layers_per_stage: prepared
-                        .request
-                        .layers_per_stage
-                        .iter()
-                        .flatten()
-                        .map(|&l| l as u32)
-                        .collect(),
-                    shard: Some(spec.into()),
-                    data_addrs: data_addrs.clone(),
-                    dtype: dtype as i32,
-                    kv_budget_bytes: settings.kv_budget_mib << 20,
-                    block_size: settings.block_size as u32,
-                    collective_timeout_ms: settings.collective_timeout_ms,
-                    session: Some(session.into()),
-                    lease_ms: settings.lease_ms,
-                    dequantize: settings.dequantize,
-                };
-                assign(client, req, spec.clone(), addr.clone(), deadline)
-            });
-        let assigned = join_all(assigns)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
-        let kv_blocks = assigned
-            .iter()
-            .map(|(_, blocks)| *blocks)
-            .min()
-            .unwrap_or(0);
-        let workers = assigned.into_iter().map(|(link, _)| link).collect();
-        tracing::info!(
-            kv_blocks,
-            block_size = settings.block_size,
-            "every worker is ready"
-        );
-        Ok(Self {
+        let mut cluster = Self {
             config: prepared.config,
             plan: prepared.plan,
-            kv_blocks,
+            kv_blocks: 0,
+            assigned_once: false,
             block_size: settings.block_size,
-            workers,
-            step_timeout: Duration::from_millis(settings.step_timeout_ms),
+            template,
+            addrs,
+            roster: Roster::new(session, links),
+            streams: Vec::new(),
             session,
+            deadline: StepDeadline::new(settings.step_timeout_ms.map(Duration::from_millis)),
             next_step: 0,
-            _local: local,
-        })
+            status: ClusterStatus::down(0, "starting: assigning the shards".into()),
+            lost: None,
+            connect_timeout,
+            local,
+        };
+        cluster.assign_at_start(settings.load_timeout_s).await?;
+        Ok(cluster)
     }
 
-    /// A probe that can check the workers while the engine owns the cluster.
-    pub fn health_probe(&self) -> HealthProbe {
-        HealthProbe {
-            workers: self
-                .workers
-                .iter()
-                .map(|w| (w.addr.clone(), w.spec.clone(), w.probe.clone()))
-                .collect(),
-        }
+    /// Whether the cluster serves, for the engine, the prober and the API.
+    pub fn status(&self) -> &ClusterStatus {
+        &self.status
+    }
+
+    /// The session and links the prober checks (and `Release` gives up at shutdown).
+    pub fn roster(&self) -> Roster {
+        self.roster.clone()
+    }
+
+    /// How long the engine may wait for a step of `tokens` tokens.
+    pub fn deadline(&self, tokens: usize) -> Duration {
+        self.deadline.for_tokens(tokens)
     }
 
     /// Runs one step on every worker; returns, per sequence, what its sampler asked for (every
-    /// logit, or the global top candidates) joined from the last stage's ranks.
+    /// logit, or the global top candidates) joined from the last stage's ranks. A worker that
+    /// fails, closes its stream or misses the deadline takes the cluster down (see `heal`).
     pub async fn step(&mut self, batch: &StepBatch) -> Result<StepOutput, ClusterError> {
+        if self.streams.is_empty() {
+            let why = self
+                .status
+                .outage()
+                .unwrap_or_else(|| "the cluster is down".into());
+            return Err(ClusterError::Lost(why));
+        }
         let step_id = self.next_step;
         self.next_step += 1;
         let request = batch.to_wire(step_id, self.session);
-        let timeout = self.step_timeout;
-        let results = join_all(self.workers.iter_mut().map(|w| {
-            let request = request.clone();
-            async move {
-                let err = |reason: String| ClusterError::Step {
-                    addr: w.addr.clone(),
-                    stage: w.spec.stage,
-                    rank: w.spec.rank,
-                    reason,
-                };
-                w.steps
-                    .send(request)
-                    .await
-                    .map_err(|_| err("the step stream is closed".into()))?;
-                let response = tokio::time::timeout(timeout, w.responses.next())
-                    .await
-                    .map_err(|_| err(format!("no answer within {timeout:?}")))?
-                    .ok_or_else(|| err("the worker closed its step stream".into()))?
-                    .map_err(|s| err(s.message().to_string()))?;
-                if response.step_id != step_id {
-                    return Err(err(format!(
-                        "answered step {} for step {step_id}",
-                        response.step_id
-                    )));
-                }
-                let waited = response.collective_us;
-                match response.result {
-                    Some(pb::step_response::Result::Output(o)) => Ok((Some(o), waited)),
-                    Some(pb::step_response::Result::Done(_)) => Ok((None, waited)),
-                    Some(pb::step_response::Result::Error(e)) => Err(err(e)),
-                    None => Err(err("empty answer".into())),
-                }
+        let epoch = self.session.epoch;
+        let deadline = self.deadline.for_tokens(batch.num_tokens());
+        let started = Instant::now();
+        let status = self.status.clone();
+        let exchanges = join_all(
+            self.streams
+                .iter_mut()
+                .map(|s| s.exchange(request.clone(), epoch, deadline)),
+        );
+        // The prober may find a worker lost before the deadline does (a hung process).
+        let answers = tokio::select! {
+            answers = exchanges => Some(answers),
+            () = status.lost() => None,
+        };
+        let Some(answers) = answers else {
+            let why = self.status.outage().unwrap_or_default();
+            self.streams.clear();
+            self.lost = Some(why.clone());
+            return Err(ClusterError::Lost(why));
+        };
+        let links = self.roster.links();
+        let mut misses = Vec::new();
+        let mut outputs = Vec::with_capacity(answers.len());
+        for (i, answer) in answers.into_iter().enumerate() {
+            match answer.and_then(into_result) {
+                Ok(output) => outputs.push(output),
+                Err(miss) => misses.push((i, miss)),
             }
-        }))
-        .await;
+        }
+        if !misses.is_empty() {
+            let error = self.diagnose(&links, misses).await;
+            return Err(self.go_down(error));
+        }
+        self.deadline.record(batch.num_tokens(), started.elapsed());
         let mut ranks = Vec::new();
         let mut collective_us = 0;
-        for (w, r) in self.workers.iter().zip(results) {
-            let (output, waited) = r?;
+        for (link, (output, waited)) in links.iter().zip(outputs) {
             collective_us = collective_us.max(waited);
-            ranks.extend(w.last_stage_logits(output, batch)?);
+            match last_stage_logits(link, output, batch) {
+                Ok(logits) => ranks.extend(logits),
+                Err(e) => return Err(self.go_down(e)),
+            }
         }
         let logits = candidates::join_ranks(ranks, batch).map_err(ClusterError::Join)?;
         Ok(StepOutput {
@@ -353,41 +333,119 @@ impl Cluster {
             collective: Duration::from_micros(collective_us),
         })
     }
-}
 
-/// Checks every worker of a running cluster: loaded and reachable, or why not.
-#[derive(Clone)]
-pub struct HealthProbe {
-    workers: Vec<(String, ShardSpec, WorkerClient<Channel>)>,
-}
-
-impl HealthProbe {
-    /// Ok when every worker answers Info within `timeout` and reports Ready.
-    pub async fn check(&self, timeout: Duration) -> Result<(), String> {
-        let answers = join_all(self.workers.iter().map(|(addr, spec, client)| {
-            let mut client = client.clone();
-            async move {
-                let why = |reason: String| {
-                    format!(
-                        "worker {addr} (stage {}, rank {}): {reason}",
-                        spec.stage, spec.rank
-                    )
-                };
-                let info = tokio::time::timeout(timeout, client.info(pb::InfoRequest::default()))
-                    .await
-                    .map_err(|_| why(format!("no answer within {timeout:?}")))?
-                    .map_err(|s| why(format!("unreachable: {}", s.message())))?
-                    .into_inner();
-                match pb::WorkerState::try_from(info.state) {
-                    Ok(pb::WorkerState::Ready) => Ok(()),
-                    _ if !info.error.is_empty() => Err(why(info.error)),
-                    Ok(state) => Err(why(format!("not ready ({state})"))),
-                    Err(_) => Err(why(format!("not ready (unknown state {})", info.state))),
-                }
+    /// Names the worker that broke a step. A vanished worker outranks a late one, and a late
+    /// one a worker whose own step failed (usually because its peer vanished). Among late
+    /// workers, those that do not answer Info either are the hung ones: a worker merely
+    /// waiting on a hung peer still answers.
+    async fn diagnose(&self, links: &[WorkerLink], mut misses: Vec<(usize, Miss)>) -> ClusterError {
+        let late: Vec<usize> = misses
+            .iter()
+            .filter(|(_, m)| matches!(m, Miss::Late(_)))
+            .map(|(i, _)| *i)
+            .collect();
+        if late.len() > 1 {
+            let probes = join_all(
+                late.iter()
+                    .map(|&i| links[i].info(Some(self.session), Duration::from_millis(500))),
+            )
+            .await;
+            let silent: Vec<usize> = late
+                .iter()
+                .zip(probes)
+                .filter(|(_, p)| p.is_err())
+                .map(|(&i, _)| i)
+                .collect();
+            if !silent.is_empty() {
+                misses.retain(|(i, m)| !matches!(m, Miss::Late(_)) || silent.contains(i));
             }
-        }))
-        .await;
-        answers.into_iter().collect()
+        }
+        let worst = misses.iter().map(|(_, m)| m).max().cloned();
+        let named: Vec<String> = misses
+            .iter()
+            .filter(|(_, m)| Some(m) == worst.as_ref())
+            .map(|(i, m)| format!("{}: {}", links[*i].name(), m.reason()))
+            .collect();
+        if let [(i, m)] = misses.as_slice() {
+            let link = &links[*i];
+            return ClusterError::Step {
+                addr: link.addr.clone(),
+                stage: link.spec.stage,
+                rank: link.spec.rank,
+                reason: m.reason(),
+            };
+        }
+        ClusterError::Lost(named.join("; "))
+    }
+
+    /// Drops every step stream and marks this epoch lost, naming why; returns the error.
+    fn go_down(&mut self, error: ClusterError) -> ClusterError {
+        let reason = format!("lost {error}");
+        tracing::error!(%reason, session = %self.session, "the cluster is down; healing");
+        self.streams.clear();
+        self.status.lose(self.session.epoch, &reason);
+        self.lost = self.status.outage();
+        error
+    }
+}
+
+/// Dials every worker at once.
+async fn dial_all(
+    addrs: &[String],
+    plan: &ShardPlan,
+    timeout: Duration,
+) -> Vec<Result<(WorkerLink, pb::InfoResponse), ClusterError>> {
+    join_all(
+        addrs
+            .iter()
+            .zip(&plan.shards)
+            .map(|(addr, spec)| link::dial(addr, spec, timeout)),
+    )
+    .await
+}
+
+/// A worker's answer to a step: the last stage's output, if any, and its collective wait.
+fn into_result(response: pb::StepResponse) -> Result<(Option<pb::LastStageOutput>, u64), Miss> {
+    let waited = response.collective_us;
+    match response.result {
+        Some(pb::step_response::Result::Output(o)) => Ok((Some(o), waited)),
+        Some(pb::step_response::Result::Done(_)) => Ok((None, waited)),
+        Some(pb::step_response::Result::Error(e)) => Err(Miss::Failed(e)),
+        None => Err(Miss::Failed("an empty answer".into())),
+    }
+}
+
+/// This worker's vocabulary slice of the step's logits, checked against the step: a last stage
+/// must answer with one, any other stage without.
+fn last_stage_logits(
+    link: &WorkerLink,
+    output: Option<pb::LastStageOutput>,
+    batch: &StepBatch,
+) -> Result<Option<Vec<SeqLogits>>, ClusterError> {
+    let spec = &link.spec;
+    let wrong = |reason: &str| ClusterError::Step {
+        addr: link.addr.clone(),
+        stage: spec.stage,
+        rank: spec.rank,
+        reason: reason.to_string(),
+    };
+    match (output, spec.is_last_stage()) {
+        (Some(o), true) => o
+            .into_logits(batch, &spec.vocab_rows)
+            .map(Some)
+            .map_err(|source| ClusterError::Answer {
+                addr: link.addr.clone(),
+                stage: spec.stage,
+                rank: spec.rank,
+                source,
+            }),
+        (None, false) => Ok(None),
+        (Some(_), false) => Err(wrong(
+            "answered with logits, but only the last stage computes them",
+        )),
+        (None, true) => Err(wrong(
+            "answered without logits, but the last stage must send its vocabulary slice",
+        )),
     }
 }
 
@@ -398,137 +456,6 @@ pub struct StepOutput {
     pub logits: Vec<SeqLogits>,
     /// The longest time any worker spent in all-reduces and hand-offs.
     pub collective: Duration,
-}
-
-async fn connect_worker(
-    addr: &str,
-    timeout: Duration,
-) -> Result<(WorkerClient<Channel>, pb::InfoResponse), ClusterError> {
-    let unreachable = |reason: String| ClusterError::Unreachable {
-        addr: addr.to_string(),
-        reason,
-    };
-    let endpoint = Channel::from_shared(format!("http://{addr}"))
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        // Logits of a batch are megabytes: HTTP/2's default 64 KiB window would stall every
-        // step on window updates.
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
-    let channel = tokio::time::timeout(timeout, endpoint.connect())
-        .await
-        .map_err(|_| unreachable(format!("no connection within {timeout:?}")))?
-        .map_err(|e| unreachable(source_chain(&e)))?;
-    let mut client = WorkerClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
-    let info = tokio::time::timeout(timeout, client.info(pb::InfoRequest::default()))
-        .await
-        .map_err(|_| unreachable(format!("no answer within {timeout:?}")))?
-        .map_err(|s| unreachable(s.message().to_string()))?
-        .into_inner();
-    match pb::WorkerState::try_from(info.state) {
-        Ok(pb::WorkerState::Idle) => {}
-        Ok(state) => {
-            return Err(unreachable(format!(
-                "it is {state}, not idle; give the cluster fresh workers"
-            )))
-        }
-        Err(_) => {
-            return Err(unreachable(format!(
-                "it reports an unknown state {}, not idle; give the cluster fresh workers",
-                info.state
-            )))
-        }
-    }
-    Ok((client, info))
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
-/// Assigns one shard, logs its loading progress, and opens its step stream once it is ready.
-async fn assign(
-    mut client: WorkerClient<Channel>,
-    req: pb::AssignRequest,
-    spec: ShardSpec,
-    addr: String,
-    deadline: Instant,
-) -> Result<(WorkerLink, usize), ClusterError> {
-    let load_err = |reason: String| ClusterError::Load {
-        addr: addr.clone(),
-        stage: spec.stage,
-        rank: spec.rank,
-        reason,
-    };
-    // The assignment stream lives as long as loading; no per-call deadline on it.
-    let mut events = client
-        .assign(req)
-        .await
-        .map_err(|s| load_err(s.message().to_string()))?
-        .into_inner();
-    let mut last_log = Instant::now();
-    let kv_blocks = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let event = tokio::time::timeout(left, events.next())
-            .await
-            .map_err(|_| load_err("loading did not finish before the load timeout".into()))?
-            .ok_or_else(|| load_err("the worker ended the assignment without Ready".into()))?
-            .map_err(|s| load_err(s.message().to_string()))?;
-        match event.event {
-            Some(pb::load_event::Event::Progress(p))
-                if last_log.elapsed() >= Duration::from_secs(1) =>
-            {
-                last_log = Instant::now();
-                tracing::info!(
-                    worker = %addr,
-                    stage = spec.stage,
-                    rank = spec.rank,
-                    loaded_mib = p.bytes_loaded >> 20,
-                    total_mib = p.bytes_total >> 20,
-                    "loading shard"
-                );
-            }
-            Some(pb::load_event::Event::Ready(r)) => {
-                tracing::info!(
-                    worker = %addr,
-                    stage = spec.stage,
-                    rank = spec.rank,
-                    weight_mib = r.weight_bytes >> 20,
-                    kv_blocks = r.kv_blocks,
-                    "shard ready"
-                );
-                break r.kv_blocks as usize;
-            }
-            _ => {}
-        }
-    };
-    let (steps, rx) = mpsc::channel(4);
-    let responses = client
-        .clone()
-        .steps(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| load_err(format!("opening the step stream: {}", s.message())))?
-        .into_inner();
-    Ok((
-        WorkerLink {
-            probe: client,
-            addr,
-            spec,
-            steps,
-            responses,
-        },
-        kv_blocks,
-    ))
 }
 
 /// The data-plane address peers should dial: a worker listening on every interface (0.0.0.0 or

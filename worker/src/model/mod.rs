@@ -73,8 +73,10 @@ impl<'a> ValidBatch<'a> {
     }
 }
 
-/// A shard that exists only loaded: there is no way to step one that is not.
-pub struct Shard {
+/// A shard's weights and the tables derived from them: everything of a loaded shard that does not
+/// depend on its assignment. A worker re-assigned to the very same shard keeps these and rebuilds
+/// only the KV cache and the collective ([`ShardWeights::attach`]).
+pub struct ShardWeights {
     cfg: ModelConfig,
     spec: ShardSpec,
     dtype: DType,
@@ -87,19 +89,23 @@ pub struct Shard {
     rope: Rope,
     /// The sliding layers' RoPE, where its base differs (Gemma 3).
     local_rope: Option<Rope>,
-    kv: KvCache,
-    group: Box<dyn Collective>,
     weight_bytes: u64,
 }
 
-impl Shard {
-    /// Loads `spec`'s slices of the model; `group` connects it to the other ranks of its stage.
+/// A shard that exists only loaded: there is no way to step one that is not.
+pub struct Shard {
+    weights: ShardWeights,
+    kv: KvCache,
+    group: Box<dyn Collective>,
+}
+
+impl ShardWeights {
+    /// Loads `spec`'s slices of the model.
     pub fn load(
         files: &WeightFiles,
         cfg: &ModelConfig,
         spec: &ShardSpec,
         opts: &ShardOptions,
-        group: Box<dyn Collective>,
     ) -> Result<Self, LoadError> {
         let (dtype, device) = (opts.dtype, &opts.device);
         let before = files.bytes_read();
@@ -165,16 +171,6 @@ impl Shard {
             ),
             false => None,
         };
-        let kv = KvCache::new(
-            layers.len(),
-            opts.kv_blocks,
-            opts.block_size,
-            spec.kv_heads.len(),
-            cfg.head_dim,
-            dtype,
-            device,
-        )
-        .map_err(LoadError::KvCache)?;
         Ok(Self {
             cfg: cfg.clone(),
             spec: spec.clone(),
@@ -185,8 +181,6 @@ impl Shard {
             final_norm,
             rope,
             local_rope,
-            kv,
-            group,
             weight_bytes: files.bytes_read() - before,
         })
     }
@@ -199,9 +193,70 @@ impl Shard {
         &self.cfg
     }
 
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Bytes of weights this shard read from the model files.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+
+    /// A servable shard: these weights with a fresh (empty) KV pool of `kv_blocks` blocks and
+    /// `group`, the collective of the stage's ranks.
+    pub fn attach(
+        self,
+        kv_blocks: usize,
+        block_size: usize,
+        group: Box<dyn Collective>,
+    ) -> Result<Shard, LoadError> {
+        let kv = KvCache::new(
+            self.layers.len(),
+            kv_blocks,
+            block_size,
+            self.spec.kv_heads.len(),
+            self.cfg.head_dim,
+            self.dtype,
+            &self.device,
+        )
+        .map_err(LoadError::KvCache)?;
+        Ok(Shard {
+            weights: self,
+            kv,
+            group,
+        })
+    }
+}
+
+impl Shard {
+    /// Loads `spec`'s slices of the model; `group` connects it to the other ranks of its stage.
+    pub fn load(
+        files: &WeightFiles,
+        cfg: &ModelConfig,
+        spec: &ShardSpec,
+        opts: &ShardOptions,
+        group: Box<dyn Collective>,
+    ) -> Result<Self, LoadError> {
+        ShardWeights::load(files, cfg, spec, opts)?.attach(opts.kv_blocks, opts.block_size, group)
+    }
+
+    /// Gives up the KV cache and the collective and keeps the weights, for a later
+    /// [`ShardWeights::attach`] to the same shard.
+    pub fn into_weights(self) -> ShardWeights {
+        self.weights
+    }
+
+    pub fn spec(&self) -> &ShardSpec {
+        &self.weights.spec
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.weights.cfg
+    }
+
+    /// Bytes of weights this shard read from the model files.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weights.weight_bytes
     }
 
     pub fn kv_blocks(&self) -> usize {
@@ -209,7 +264,7 @@ impl Shard {
     }
 
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.weights.dtype
     }
 
     /// Checks a batch against this shard's model: what would corrupt the cache or index out of
@@ -229,28 +284,28 @@ impl Shard {
             if let Some(t) = seq
                 .tokens
                 .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
+                .find(|&&t| t as usize >= self.weights.cfg.vocab_size)
             {
                 return invalid(format!(
                     "sequence {}: token id {t} is outside the vocabulary of {}",
-                    seq.seq_id, self.cfg.vocab_size
+                    seq.seq_id, self.weights.cfg.vocab_size
                 ));
             }
             // Candidate lists are allocated by the count asked for: more than the vocabulary
             // could never be filled, and a stranger's u32::MAX would abort the process.
-            if seq.top_candidates as usize > self.cfg.vocab_size {
+            if seq.top_candidates as usize > self.weights.cfg.vocab_size {
                 return invalid(format!(
                     "sequence {}: {} top candidates asked for; allowed: 0 (every logit) to the \
                      vocabulary size, {}",
-                    seq.seq_id, seq.top_candidates, self.cfg.vocab_size
+                    seq.seq_id, seq.top_candidates, self.weights.cfg.vocab_size
                 ));
             }
-            if seq.end_pos() > self.rope.max_positions() {
+            if seq.end_pos() > self.weights.rope.max_positions() {
                 return invalid(format!(
                     "sequence {}: positions up to {} exceed max_position_embeddings {}",
                     seq.seq_id,
                     seq.end_pos(),
-                    self.rope.max_positions()
+                    self.weights.rope.max_positions()
                 ));
             }
             for &b in &seq.block_table {
@@ -275,23 +330,24 @@ impl Shard {
         let batch = batch.batch();
         let _span = tracing::debug_span!(
             "shard_step",
-            stage = self.spec.stage,
-            rank = self.spec.rank,
+            stage = self.weights.spec.stage,
+            rank = self.weights.spec.rank,
             seqs = batch.seqs.len(),
             tokens = batch.num_tokens()
         )
         .entered();
         self.validate_input(batch, input)?;
         let window = self
+            .weights
             .cfg
             .sliding_window
-            .filter(|_| self.cfg.layer_kinds.contains(&LayerKind::Sliding));
+            .filter(|_| self.weights.cfg.layer_kinds.contains(&LayerKind::Sliding));
         let ctx = StepContext::new(
             batch,
-            (&self.rope, self.local_rope.as_ref()),
+            (&self.weights.rope, self.weights.local_rope.as_ref()),
             window,
             &self.kv,
-            &self.device,
+            &self.weights.device,
         )?;
         let result = self.forward(batch, input, &ctx);
         if let Err(e) = &result {
@@ -307,23 +363,23 @@ impl Shard {
         input: Option<&Tensor>,
         ctx: &StepContext,
     ) -> Result<StageOutput, StepError> {
-        let mut x = match (&self.embedding, input) {
-            (Some(emb), _) if self.spec.is_first_stage() => self.embed(emb, batch)?,
+        let mut x = match (&self.weights.embedding, input) {
+            (Some(emb), _) if self.weights.spec.is_first_stage() => self.embed(emb, batch)?,
             (_, Some(hidden)) => hidden.clone(),
             _ => return Err(StepError::Invalid("no input hidden states".to_string())),
         };
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.weights.layers.iter().enumerate() {
             let kv = self
                 .kv
                 .layer(i)
                 .ok_or_else(|| StepError::Invalid(format!("no KV cache for layer {i}")))?;
             x = layer.forward(&x, ctx, kv, self.group.as_ref())?;
         }
-        match (&self.final_norm, &self.embedding) {
+        match (&self.weights.final_norm, &self.weights.embedding) {
             (Some(norm), Some(emb)) => {
                 let last = x.index_select(&ctx.last_rows, 0)?;
                 let logits = emb.logits(&norm.forward(&last)?)?;
-                let logits = match self.cfg.final_logit_softcapping {
+                let logits = match self.weights.cfg.final_logit_softcapping {
                     Some(cap) => ((logits / cap)?.tanh()? * cap)?,
                     None => logits,
                 };
@@ -342,23 +398,26 @@ impl Shard {
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
         let x = self.group.all_reduce_sum(&emb.embed_partial(&tokens)?)?;
-        let normalizer = Tensor::new((self.cfg.hidden_size as f32).sqrt(), &self.device)?
-            .to_dtype(self.dtype)?;
+        let normalizer = Tensor::new(
+            (self.weights.cfg.hidden_size as f32).sqrt(),
+            &self.weights.device,
+        )?
+        .to_dtype(self.weights.dtype)?;
         Ok(x.broadcast_mul(&normalizer)?)
     }
 
     /// The previous stage's hidden states, for a stage that is not the first.
     fn validate_input(&self, batch: &StepBatch, input: Option<&Tensor>) -> Result<(), StepError> {
         let invalid = |m: String| Err(StepError::Invalid(m));
-        if !self.spec.is_first_stage() {
-            let expected = [batch.num_tokens(), self.cfg.hidden_size];
+        if !self.weights.spec.is_first_stage() {
+            let expected = [batch.num_tokens(), self.weights.cfg.hidden_size];
             match input {
-                Some(h) if h.dims() == expected && h.dtype() == self.dtype => {}
+                Some(h) if h.dims() == expected && h.dtype() == self.weights.dtype => {}
                 Some(h) => {
                     return invalid(format!(
                         "stage {} expects hidden states {expected:?} {:?}, got {:?} {:?}",
-                        self.spec.stage,
-                        self.dtype,
+                        self.weights.spec.stage,
+                        self.weights.dtype,
                         h.dims(),
                         h.dtype()
                     ))
@@ -366,7 +425,7 @@ impl Shard {
                 None => {
                     return invalid(format!(
                         "stage {} needs the previous stage's hidden states",
-                        self.spec.stage
+                        self.weights.spec.stage
                     ))
                 }
             }

@@ -21,7 +21,7 @@ use gemma_proto::candidates::argmax;
 use gemma_proto::{KvBlockManager, PlanRequest, SeqStep, ShardSpec, StepBatch};
 use gemma_testkit::{LocalCluster, TinyGemma};
 use gemma_worker::collective::Collective;
-use gemma_worker::data_plane::{DataPlane, PlaneCollective};
+use gemma_worker::data_plane::{DataPlane, PlaneAbort, PlaneCollective};
 use gemma_worker::{ModelFolder, ShardOptions};
 
 mod real_model;
@@ -331,6 +331,7 @@ fn allreduce_rank(args: &[String]) -> Result<()> {
         listener,
         Duration::from_secs(30),
         Device::Cpu,
+        PlaneAbort::default(),
     )?;
     let group = PlaneCollective(std::sync::Arc::new(plane));
     let x = Tensor::ones((rows, HIDDEN), candle_core::DType::F32, &Device::Cpu)?;

@@ -1,0 +1,191 @@
+//! Joining a group: this shard dials every peer with a higher shard index and accepts the lower
+//! ones, each connecting side presenting a `PeerHello` (its shard index and the session of the
+//! assignment). Only a hello with exactly this shard's session and an expected index makes a link;
+//! any other connection (an older incarnation of the group, another cluster, a port scanner) is
+//! dropped. Hellos are read concurrently, each within [`HELLO_DEADLINE`], so one silent connection
+//! cannot hold up the peers that come after it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use gemma_proto::{pb, Session};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::frame;
+use crate::error::CollectiveError;
+
+/// How long an accepted connection has to say hello.
+const HELLO_DEADLINE: Duration = Duration::from_secs(2);
+/// Connections whose hello is awaited at once; past it, accepting waits for one to finish.
+const MAX_PENDING_HELLOS: usize = 64;
+/// Socket buffers large enough that a whole prefill chunk's frame is in flight at once instead
+/// of trickling through the default 16 KiB send buffer (the kernel caps it at wmem_max).
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// One connection to a peer shard.
+pub(super) struct Link {
+    pub stream: TcpStream,
+    /// Reused for every frame header read on this link.
+    pub rbuf: Vec<u8>,
+}
+
+/// Connects to `peers` (shard indices) before `deadline`: links by peer index.
+pub(super) async fn connect(
+    me: usize,
+    session: Session,
+    addrs: &[String],
+    peers: &[usize],
+    listener: std::net::TcpListener,
+    deadline: Instant,
+) -> Result<BTreeMap<usize, Link>, CollectiveError> {
+    let hello = frame::encode_hello(&pb::PeerHello {
+        shard_index: me as u32,
+        session: Some(session.into()),
+    });
+    let dials = peers
+        .iter()
+        .filter(|&&p| p > me)
+        .map(|&p| dial_and_greet(p, &addrs[p], &hello, deadline));
+    let lower: Vec<usize> = peers.iter().copied().filter(|&p| p < me).collect();
+    let (dialed, accepted) = tokio::join!(
+        join_all(dials),
+        accept_peers(listener, session, lower, deadline)
+    );
+    let mut links = accepted?;
+    for d in dialed {
+        let (p, link) = d?;
+        links.insert(p, link);
+    }
+    Ok(links)
+}
+
+async fn dial_and_greet(
+    peer: usize,
+    addr: &str,
+    hello: &[u8],
+    deadline: Instant,
+) -> Result<(usize, Link), CollectiveError> {
+    let mut link = new_link(dial(addr, deadline).await?)?;
+    link.stream
+        .write_all(hello)
+        .await
+        .map_err(|e| CollectiveError::Connect(format!("hello to {addr}: {e}")))?;
+    Ok((peer, link))
+}
+
+async fn dial(addr: &str, deadline: Instant) -> Result<TcpStream, CollectiveError> {
+    loop {
+        // A literal address needs no resolver (tokio resolves names on a blocking thread).
+        let attempt = match addr.parse::<SocketAddr>() {
+            Ok(a) => TcpStream::connect(a).await,
+            Err(_) => TcpStream::connect(addr).await,
+        };
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(CollectiveError::Connect(format!(
+                    "cannot reach peer {addr}: {e}"
+                )))
+            }
+            // The peer may still be starting; try again shortly.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn new_link(stream: TcpStream) -> Result<Link, CollectiveError> {
+    stream
+        .set_nodelay(true)
+        .map_err(|e| CollectiveError::Connect(format!("TCP_NODELAY: {e}")))?;
+    let sock = socket2::SockRef::from(&stream);
+    // Best effort: a smaller buffer is slower, not wrong.
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    Ok(Link {
+        stream,
+        rbuf: Vec::new(),
+    })
+}
+
+/// A connection that said hello within the deadline, or why it did not.
+type Greeted = (SocketAddr, Result<(pb::PeerHello, TcpStream), String>);
+
+async fn await_hello(mut stream: TcpStream, from: SocketAddr) -> Greeted {
+    let hello = tokio::time::timeout(HELLO_DEADLINE, frame::read_hello(&mut stream)).await;
+    let result = match hello {
+        Ok(Ok(hello)) => Ok((hello, stream)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no hello within {HELLO_DEADLINE:?}")),
+    };
+    (from, result)
+}
+
+/// Accepts until every lower-indexed peer of this assignment has said hello.
+async fn accept_peers(
+    listener: std::net::TcpListener,
+    session: Session,
+    mut expected: Vec<usize>,
+    deadline: Instant,
+) -> Result<BTreeMap<usize, Link>, CollectiveError> {
+    let mut links = BTreeMap::new();
+    if expected.is_empty() {
+        return Ok(links);
+    }
+    let listener = listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|e| CollectiveError::Connect(format!("data-plane listener: {e}")))?;
+    let mut pending = FuturesUnordered::new();
+    let timeout = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(timeout);
+    while !expected.is_empty() {
+        tokio::select! {
+            accepted = listener.accept(), if pending.len() < MAX_PENDING_HELLOS => match accepted {
+                Ok((stream, from)) => pending.push(await_hello(stream, from)),
+                Err(e) => tracing::debug!(error = %e, "data-plane accept failed"),
+            },
+            Some((from, greeted)) = pending.next() => {
+                let admitted = greeted.and_then(|(hello, stream)| {
+                    admit(&hello, session, &expected).map(|index| (index, stream))
+                });
+                match admitted {
+                    Ok((index, stream)) => {
+                        expected.retain(|&p| p != index);
+                        links.insert(index, new_link(stream)?);
+                    }
+                    Err(why) => {
+                        tracing::warn!(%from, %why, "dropped a data-plane connection")
+                    }
+                }
+            },
+            () = &mut timeout => {
+                return Err(CollectiveError::Connect(format!(
+                    "peers {expected:?} never connected"
+                )))
+            }
+        }
+    }
+    Ok(links)
+}
+
+/// The shard index of a hello that belongs to this assignment, or why it does not.
+fn admit(hello: &pb::PeerHello, session: Session, expected: &[usize]) -> Result<usize, String> {
+    let theirs = gemma_proto::session::required(hello.session.clone())
+        .map_err(|e| format!("hello without a valid session: {e}"))?;
+    if theirs != session {
+        return Err(format!(
+            "the hello presents {theirs}; this shard's assignment is {session}"
+        ));
+    }
+    let index = hello.shard_index as usize;
+    if !expected.contains(&index) {
+        return Err(format!(
+            "shard {index} is not a peer this shard awaits (waiting for {expected:?})"
+        ));
+    }
+    Ok(index)
+}
