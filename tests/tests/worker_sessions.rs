@@ -51,7 +51,9 @@ impl Worker {
     fn start() -> Self {
         let args = ["--threads".to_string(), "1".to_string()];
         let process = Spawned::start(&binary("gemma-worker"), &args).unwrap();
-        let line = process.next_line(WAIT).expect("the worker announces itself");
+        let line = process
+            .next_line(WAIT)
+            .expect("the worker announces itself");
         let rest = line
             .strip_prefix("gemma-worker listening on ")
             .unwrap_or_else(|| panic!("unexpected announcement {line:?}"));
@@ -258,7 +260,10 @@ async fn a_newer_epoch_reassigns_keeping_the_weights_and_old_sessions_are_refuse
     let a1 = session(1, 1);
     let ready = assign_group(&workers, &clients, &model, a1).await;
     assert!(ready.iter().all(|(r, _)| !r.weights_kept));
-    let mut old_streams = [Steps::open(&mut clients[0]).await, Steps::open(&mut clients[1]).await];
+    let mut old_streams = [
+        Steps::open(&mut clients[0]).await,
+        Steps::open(&mut clients[1]).await,
+    ];
     let prefill = batch(&PROMPT, 0);
     let want = reference(&model, std::slice::from_ref(&prefill));
     let first = step(&mut old_streams, &prefill, 0, a1).await;
@@ -277,7 +282,10 @@ async fn a_newer_epoch_reassigns_keeping_the_weights_and_old_sessions_are_refuse
         assert_eq!(i.holder, Some(a2.into()));
         assert!(w.log_has("weights_kept=true"));
     }
-    let mut streams = [Steps::open(&mut clients[0]).await, Steps::open(&mut clients[1]).await];
+    let mut streams = [
+        Steps::open(&mut clients[0]).await,
+        Steps::open(&mut clients[1]).await,
+    ];
     let again = step(&mut streams, &prefill, 0, a2).await;
     assert!(again == first, "the kept weights give other logits");
 
@@ -288,7 +296,10 @@ async fn a_newer_epoch_reassigns_keeping_the_weights_and_old_sessions_are_refuse
     // A step of the old epoch, or of another cluster, never reaches the shard: block 0 holds
     // the prompt's keys, and a decode step after the refused ones reads them.
     let intruder = batch(&[9, 9, 9, 9, 9], 0);
-    for (s, what) in [(a1, "epoch 1 is refused"), (session(2, 2), "another cluster")] {
+    for (s, what) in [
+        (a1, "epoch 1 is refused"),
+        (session(2, 2), "another cluster"),
+    ] {
         for st in streams.iter_mut() {
             st.send(intruder.to_wire(1, s)).await;
         }
@@ -311,9 +322,12 @@ async fn a_newer_epoch_reassigns_keeping_the_weights_and_old_sessions_are_refuse
 
     // A stale epoch's Assign is refused, naming the holder and why.
     let addrs = [workers[0].data.clone(), workers[1].data.clone()];
-    let stale = assign(&mut clients[0], assign_request(&model, 2, 0, &addrs, a1, 30_000))
-        .await
-        .unwrap_err();
+    let stale = assign(
+        &mut clients[0],
+        assign_request(&model, 2, 0, &addrs, a1, 30_000),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
     assert_eq!(
         stale.message(),
@@ -339,16 +353,26 @@ async fn a_stranger_waits_for_the_lease_and_only_the_holder_releases() {
     let addrs = [w.data.clone()];
     let (holder, stranger) = (session(1, 1), session(2, 1));
     const LEASE_MS: u64 = 700;
-    assign(&mut client, assign_request(&model, 1, 0, &addrs, holder, LEASE_MS))
-        .await
-        .unwrap();
+    assign(
+        &mut client,
+        assign_request(&model, 1, 0, &addrs, holder, LEASE_MS),
+    )
+    .await
+    .unwrap();
 
-    let refused = assign(&mut client, assign_request(&model, 1, 0, &addrs, stranger, 30_000))
-        .await
-        .unwrap_err();
+    let refused = assign(
+        &mut client,
+        assign_request(&model, 1, 0, &addrs, stranger, 30_000),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     let prefix = format!("this worker is held by {holder}; its lease expires in ");
-    assert!(refused.message().starts_with(&prefix), "{}", refused.message());
+    assert!(
+        refused.message().starts_with(&prefix),
+        "{}",
+        refused.message()
+    );
     let release = client
         .release(pb::ReleaseRequest {
             session: Some(stranger.into()),
@@ -358,7 +382,9 @@ async fn a_stranger_waits_for_the_lease_and_only_the_holder_releases() {
     assert_eq!(release.code(), Code::FailedPrecondition);
     assert_eq!(
         release.message(),
-        format!("this worker is held by {holder}, not by {stranger}; only its holder may release it")
+        format!(
+            "this worker is held by {holder}, not by {stranger}; only its holder may release it"
+        )
     );
 
     // The holder's Info renews the lease: held through three leases' time.
@@ -367,7 +393,11 @@ async fn a_stranger_waits_for_the_lease_and_only_the_holder_releases() {
     while Instant::now() < held_until {
         pace.tick().await;
         let i = info(&w, Some(holder.next_epoch())).await;
-        assert_eq!(i.state, pb::WorkerState::Ready as i32, "released while renewed");
+        assert_eq!(
+            i.state,
+            pb::WorkerState::Ready as i32,
+            "released while renewed"
+        );
         assert_eq!(i.holder, Some(holder.into()));
         assert!(i.lease_left_ms <= LEASE_MS);
     }
@@ -386,9 +416,12 @@ async fn a_stranger_waits_for_the_lease_and_only_the_holder_releases() {
     assert!(w.log_has("lease expired"));
 
     // Now the stranger may assign it; the released worker kept its weights warm.
-    let (r, _) = assign(&mut client, assign_request(&model, 1, 0, &addrs, stranger, 30_000))
-        .await
-        .unwrap();
+    let (r, _) = assign(
+        &mut client,
+        assign_request(&model, 1, 0, &addrs, stranger, 30_000),
+    )
+    .await
+    .unwrap();
     assert!(r.weights_kept);
     let old = client
         .release(pb::ReleaseRequest {
@@ -457,7 +490,10 @@ async fn strangers_on_the_data_plane_do_not_stop_the_group_from_meshing() {
     let mut clients = [workers[0].client().await, workers[1].client().await];
     assign_group(&workers, &clients, &model, s).await;
     assert!(workers[1].log_has("dropped a data-plane connection"));
-    let mut streams = [Steps::open(&mut clients[0]).await, Steps::open(&mut clients[1]).await];
+    let mut streams = [
+        Steps::open(&mut clients[0]).await,
+        Steps::open(&mut clients[1]).await,
+    ];
     let prefill = batch(&PROMPT, 0);
     let got = step(&mut streams, &prefill, 0, s).await;
     assert!(got == reference(&model, &[prefill]));
@@ -479,7 +515,9 @@ fn threads_and_fds(pid: u32) -> (usize, usize) {
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
     (threads, fds)
 }
 
@@ -497,11 +535,15 @@ async fn repeated_reassignments_leak_no_thread_and_no_descriptor() {
         let ready = assign_group(&workers, &clients, &model, s).await;
         assert!(ready.iter().all(|(r, _)| r.weights_kept == (round > 0)));
         times.extend(ready.iter().skip_while(|_| round == 0).map(|(_, t)| *t));
-        let mut streams = [Steps::open(&mut clients[0]).await, Steps::open(&mut clients[1]).await];
+        let mut streams = [
+            Steps::open(&mut clients[0]).await,
+            Steps::open(&mut clients[1]).await,
+        ];
         let logits = step(&mut streams, &prefill, 0, s).await;
         assert!(*first_logits.get_or_insert_with(|| logits.clone()) == logits);
         drop(streams);
-        let counts: Vec<(usize, usize)> = workers.iter().map(|w| threads_and_fds(w.pid())).collect();
+        let counts: Vec<(usize, usize)> =
+            workers.iter().map(|w| threads_and_fds(w.pid())).collect();
         // Round 1 is the first with a previous assignment to clean up after.
         if round == 1 {
             baseline = Some(counts.clone());
@@ -519,4 +561,3 @@ async fn repeated_reassignments_leak_no_thread_and_no_descriptor() {
         times.len()
     );
 }
-

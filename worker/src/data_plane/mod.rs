@@ -338,9 +338,9 @@ async fn within(
 ) -> Result<Tensor, CollectiveError> {
     match tokio::time::timeout(timeout, read).await {
         Ok(Ok(tensor)) => Ok(tensor),
-        Ok(Err(e @ FrameError::Unexpected { .. })) => Err(CollectiveError::Mismatch(format!(
-            "shard {peer}: {e}"
-        ))),
+        Ok(Err(e @ FrameError::Unexpected { .. })) => {
+            Err(CollectiveError::Mismatch(format!("shard {peer}: {e}")))
+        }
         Ok(Err(e)) => Err(link_err(peer, &e.to_string())),
         Err(_) => Err(CollectiveError::Timeout {
             rank: peer,

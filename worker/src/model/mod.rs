@@ -389,8 +389,11 @@ impl Shard {
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
         let x = self.group.all_reduce_sum(&emb.embed_partial(&tokens)?)?;
-        let normalizer = Tensor::new((self.weights.cfg.hidden_size as f32).sqrt(), &self.weights.device)?
-            .to_dtype(self.weights.dtype)?;
+        let normalizer = Tensor::new(
+            (self.weights.cfg.hidden_size as f32).sqrt(),
+            &self.weights.device,
+        )?
+        .to_dtype(self.weights.dtype)?;
         Ok(x.broadcast_mul(&normalizer)?)
     }
 

@@ -277,7 +277,12 @@ fn serve(shard: &Shard, plane: &DataPlane, orders: &mpsc::Receiver<Order>, sessi
         let response = match job.session == session {
             true => {
                 let batch = StepBatch::from_wire(job.request);
-                respond(step_id, session.epoch, run_step(shard, plane, &batch), plane)
+                respond(
+                    step_id,
+                    session.epoch,
+                    run_step(shard, plane, &batch),
+                    plane,
+                )
             }
             false => {
                 let refusal = HoldError::WrongStepSession {

@@ -165,7 +165,12 @@ mod tests {
         let t0 = Instant::now();
         let h = Holder::new(session(1, 1), LEASE, t0);
         let ready = pb::WorkerState::Ready;
-        let err = admit(Some(&h), ready, session(2, 1), t0 + Duration::from_millis(200));
+        let err = admit(
+            Some(&h),
+            ready,
+            session(2, 1),
+            t0 + Duration::from_millis(200),
+        );
         assert_eq!(
             err,
             Err(HoldError::Leased {
@@ -181,7 +186,10 @@ mod tests {
             admit(Some(&h), pb::WorkerState::Failed, session(2, 1), t0),
             Ok(Admission::AfterFailure)
         );
-        assert_eq!(admit(None, pb::WorkerState::Idle, session(2, 9), t0), Ok(Admission::Free));
+        assert_eq!(
+            admit(None, pb::WorkerState::Idle, session(2, 9), t0),
+            Ok(Admission::Free)
+        );
     }
 
     #[test]

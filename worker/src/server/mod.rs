@@ -124,10 +124,7 @@ impl Shared {
     /// Whether a step of `offered` may reach the shard; renews the lease when it may.
     fn admit_step(&self, offered: Session) -> Result<(), HoldError> {
         let mut slot = self.lock();
-        let holder = slot
-            .holder
-            .as_mut()
-            .ok_or(HoldError::NotHeld { offered })?;
+        let holder = slot.holder.as_mut().ok_or(HoldError::NotHeld { offered })?;
         holder.check_step(offered)?;
         holder.renew(Instant::now());
         Ok(())
@@ -337,7 +334,11 @@ async fn forward(
         Err(e) => return failed(step_id, 0, format!("step {step_id} refused: {e}")),
     };
     if let Err(e) = shared.admit_step(session) {
-        return failed(step_id, session.epoch, format!("step {step_id} refused: {e}"));
+        return failed(
+            step_id,
+            session.epoch,
+            format!("step {step_id} refused: {e}"),
+        );
     }
     let (reply, answer) = oneshot::channel();
     let job = Job {
