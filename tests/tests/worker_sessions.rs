@@ -142,11 +142,22 @@ async fn assign_group(
     model: &Model,
     s: Session,
 ) -> Vec<(pb::Ready, Duration)> {
+    assign_group_with(workers, clients, model, s, 10_000).await
+}
+
+async fn assign_group_with(
+    workers: &[Worker],
+    clients: &[WorkerClient<Channel>],
+    model: &Model,
+    s: Session,
+    collective_timeout_ms: u64,
+) -> Vec<(pb::Ready, Duration)> {
     let addrs: Vec<String> = workers.iter().map(|w| w.data.clone()).collect();
     let mut tasks = Vec::new();
     for (i, client) in clients.iter().enumerate() {
         let mut client = client.clone();
-        let req = assign_request(model, workers.len(), i, &addrs, s, 30_000);
+        let mut req = assign_request(model, workers.len(), i, &addrs, s, 30_000);
+        req.collective_timeout_ms = collective_timeout_ms;
         tasks.push(tokio::spawn(async move { assign(&mut client, req).await }));
     }
     let mut ready = Vec::new();
@@ -445,6 +456,111 @@ async fn a_stranger_waits_for_the_lease_and_only_the_holder_releases() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reassignment_frees_a_step_blocked_in_a_collective() {
+    let model = tiny_model();
+    let workers = [Worker::start(), Worker::start()];
+    let clients = [workers[0].client().await, workers[1].client().await];
+    // Collectives wait longer than this test waits for anything: only the abort can end one.
+    const PATIENT_MS: u64 = 120_000;
+    let a1 = session(4, 1);
+    assign_group_with(&workers, &clients, &model, a1, PATIENT_MS).await;
+    // Rank 0 alone gets the step: it waits in its first all-reduce for rank 1.
+    let prefill = batch(&PROMPT, 0);
+    let mut rank0 = Steps::open(&mut clients[0].clone()).await;
+    rank0.send(prefill.to_wire(0, a1)).await;
+    let deadline = Instant::now() + WAIT;
+    while !waiting_on_sockets(workers[0].pid(), "compute-1") {
+        assert!(
+            Instant::now() < deadline,
+            "rank 0 never waited for its peer"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Rank 0 alone is re-assigned (the whole model at tp=1): rank 1 keeps its links open, so
+    // only the abort of rank 0's plane can end the wait.
+    let a2 = a1.next_epoch();
+    let solo = assign_request(&model, 1, 0, &[workers[0].data.clone()], a2, 30_000);
+    assign(&mut clients[0].clone(), solo).await.unwrap();
+    let blocked = rank0.answer().await;
+    let text = step_error(&blocked);
+    assert!(text.contains(&format!("re-assigned to {a2}")), "{text}");
+    let a3 = a2.next_epoch();
+    assign_group_with(&workers, &clients, &model, a3, PATIENT_MS).await;
+    let mut streams = [
+        Steps::open(&mut clients[0].clone()).await,
+        Steps::open(&mut clients[1].clone()).await,
+    ];
+    let got = step(&mut streams, &prefill, 0, a3).await;
+    assert!(got == reference(&model, &[prefill]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_still_in_its_previous_assignment_is_dialled_again() {
+    let model = tiny_model();
+    let workers = [Worker::start(), Worker::start()];
+    let clients = [workers[0].client().await, workers[1].client().await];
+    let addrs = [workers[0].data.clone(), workers[1].data.clone()];
+    let (e1, e2) = (session(5, 1), session(5, 2));
+    // Rank 1 (which accepts rank 0) waits for its peer under epoch 1, which never comes.
+    let mut c = clients[1].clone();
+    let req = assign_request(&model, 2, 1, &addrs, e1, 30_000);
+    let stale = tokio::spawn(async move { assign(&mut c, req).await });
+    wait_for_state(&workers[1], pb::WorkerState::Loading).await;
+    // Rank 0 takes epoch 2 and dials rank 1, whose epoch-1 accept loop drops the hello.
+    let mut c = clients[0].clone();
+    let req = assign_request(&model, 2, 0, &addrs, e2, 30_000);
+    let rank0 = tokio::spawn(async move { assign(&mut c, req).await });
+    assert!(workers[1].log_has(&format!("the hello presents {e2}")));
+    // Rank 1 takes epoch 2 too: rank 0 dials again and the group meshes.
+    let req = assign_request(&model, 2, 1, &addrs, e2, 30_000);
+    assign(&mut clients[1].clone(), req).await.unwrap();
+    rank0.await.unwrap().unwrap();
+    let ended = stale.await.unwrap().unwrap_err();
+    assert!(
+        ended.message().contains(&format!("re-assigned to {e2}")),
+        "{ended:?}"
+    );
+    let mut streams = [
+        Steps::open(&mut clients[0].clone()).await,
+        Steps::open(&mut clients[1].clone()).await,
+    ];
+    let prefill = batch(&PROMPT, 0);
+    let got = step(&mut streams, &prefill, 0, e2).await;
+    assert!(got == reference(&model, &[prefill]));
+}
+
+/// Whether the thread `name` of process `pid` is blocked in epoll (its data plane's runtime
+/// waiting for a peer), rather than on a channel (futex) or computing.
+fn waiting_on_sockets(pid: u32, name: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let epoll = [
+        libc::SYS_epoll_pwait,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_epoll_wait,
+    ];
+    tasks.flatten().any(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let syscall = std::fs::read_to_string(task.path().join("syscall")).unwrap_or_default();
+        let number = syscall
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok());
+        comm.trim() == name && number.is_some_and(|n: libc::c_long| epoll.contains(&n))
+    })
+}
+
+async fn wait_for_state(w: &Worker, state: pb::WorkerState) {
+    let deadline = Instant::now() + WAIT;
+    while info(w, None).await.state != state as i32 {
+        assert!(Instant::now() < deadline, "never {state:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Connections a stranger opens to a data-plane address: silent ones, garbage, a huge length

@@ -1,9 +1,14 @@
 //! Joining a group: this shard dials every peer with a higher shard index and accepts the lower
 //! ones, each connecting side presenting a `PeerHello` (its shard index and the session of the
-//! assignment). Only a hello with exactly this shard's session and an expected index makes a link;
-//! any other connection (an older incarnation of the group, another cluster, a port scanner) is
-//! dropped. Hellos are read concurrently, each within [`HELLO_DEADLINE`], so one silent connection
-//! cannot hold up the peers that come after it.
+//! assignment). Only a hello with exactly this shard's session and an expected index makes a link,
+//! and the accepting side answers it with its own hello; any other connection (an older
+//! incarnation of the group, another cluster, a port scanner) is dropped. Hellos are read
+//! concurrently, each within [`HELLO_DEADLINE`], so one silent connection cannot hold up the peers
+//! that come after it.
+//!
+//! The answer matters while a group is re-assigned: the peer may still be in its previous
+//! assignment, whose accept loop drops the new session's hello. The dialling side takes a link only
+//! once answered, and dials again until the deadline otherwise.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -49,11 +54,11 @@ pub(super) async fn connect(
     let dials = peers
         .iter()
         .filter(|&&p| p > me)
-        .map(|&p| dial_and_greet(p, &addrs[p], &hello, deadline));
+        .map(|&p| dial_until_answered(p, &addrs[p], session, &hello, deadline));
     let lower: Vec<usize> = peers.iter().copied().filter(|&p| p < me).collect();
     let (dialed, accepted) = tokio::join!(
         join_all(dials),
-        accept_peers(listener, session, lower, deadline)
+        accept_peers(listener, session, &hello, lower, deadline)
     );
     let mut links = accepted?;
     for d in dialed {
@@ -63,18 +68,39 @@ pub(super) async fn connect(
     Ok(links)
 }
 
-async fn dial_and_greet(
+/// Dials `peer` and says hello until it answers with the same session (a peer still in its
+/// previous assignment drops the connection; dialled again, its next assignment answers).
+async fn dial_until_answered(
     peer: usize,
     addr: &str,
+    session: Session,
     hello: &[u8],
     deadline: Instant,
 ) -> Result<(usize, Link), CollectiveError> {
-    let mut link = new_link(dial(addr, deadline).await?)?;
-    link.stream
-        .write_all(hello)
-        .await
-        .map_err(|e| CollectiveError::Connect(format!("hello to {addr}: {e}")))?;
-    Ok((peer, link))
+    loop {
+        let mut link = new_link(dial(addr, deadline).await?)?;
+        let answer = async {
+            link.stream.write_all(hello).await?;
+            frame::read_hello(&mut link.stream)
+                .await
+                .map_err(std::io::Error::other)
+        };
+        let why = match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(answer)) => match admit(&answer, session, &[peer]) {
+                Ok(_) => return Ok((peer, link)),
+                Err(why) => why,
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer".to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(CollectiveError::Connect(format!(
+                "peer {addr} never answered this assignment's hello: {why}"
+            )));
+        }
+        tracing::debug!(%addr, %why, "data-plane hello not answered; dialling again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn dial(addr: &str, deadline: Instant) -> Result<TcpStream, CollectiveError> {
@@ -128,6 +154,7 @@ async fn await_hello(mut stream: TcpStream, from: SocketAddr) -> Greeted {
 async fn accept_peers(
     listener: std::net::TcpListener,
     session: Session,
+    hello: &[u8],
     mut expected: Vec<usize>,
     deadline: Instant,
 ) -> Result<BTreeMap<usize, Link>, CollectiveError> {
@@ -149,13 +176,20 @@ async fn accept_peers(
                 Err(e) => tracing::debug!(error = %e, "data-plane accept failed"),
             },
             Some((from, greeted)) = pending.next() => {
-                let admitted = greeted.and_then(|(hello, stream)| {
-                    admit(&hello, session, &expected).map(|index| (index, stream))
+                let admitted = greeted.and_then(|(theirs, stream)| {
+                    admit(&theirs, session, &expected).map(|index| (index, stream))
                 });
                 match admitted {
                     Ok((index, stream)) => {
-                        expected.retain(|&p| p != index);
-                        links.insert(index, new_link(stream)?);
+                        let mut link = new_link(stream)?;
+                        // The answer fits any socket buffer: this write does not wait.
+                        match link.stream.write_all(hello).await {
+                            Ok(()) => {
+                                expected.retain(|&p| p != index);
+                                links.insert(index, link);
+                            }
+                            Err(e) => tracing::warn!(%from, error = %e, "a peer left before its answer"),
+                        }
                     }
                     Err(why) => {
                         tracing::warn!(%from, %why, "dropped a data-plane connection")
@@ -184,7 +218,7 @@ fn admit(hello: &pb::PeerHello, session: Session, expected: &[usize]) -> Result<
     let index = hello.shard_index as usize;
     if !expected.contains(&index) {
         return Err(format!(
-            "shard {index} is not a peer this shard awaits (waiting for {expected:?})"
+            "shard {index} is not the peer expected here ({expected:?})"
         ));
     }
     Ok(index)

@@ -324,48 +324,41 @@ fn assemble(
     let key = WeightsKey::of(a)?;
     // Another shard's weights are dropped here, before this one's load.
     match kept.take().filter(|k| k.key == key) {
-        Some(KeptWeights { weights, .. }) => match reattach(a, weights, listener, ctx) {
-            Ok((shard, plane)) => Ok((shard, plane, key, true)),
-            Err((e, weights)) => {
-                *kept = weights.map(|weights| KeptWeights { key, weights });
-                Err(e)
-            }
-        },
         None => {
             let (shard, plane) = load(a, listener, ctx)?;
             Ok((shard, plane, key, false))
         }
+        Some(k) => match rejoin(a, &k.weights, listener, ctx) {
+            Ok((blocks, plane)) => {
+                let group = Box::new(PlaneCollective(plane.clone()));
+                let shard = k.weights.attach(blocks, a.opts.block_size, group)?;
+                Ok((shard, plane, key, true))
+            }
+            // A failed re-assignment keeps the weights for the next one.
+            Err(e) => {
+                *kept = Some(k);
+                Err(e)
+            }
+        },
     }
 }
 
-/// The kept weights with a new plane and a fresh KV cache; on failure the weights come back
-/// (unless the failure was attaching them).
-fn reattach(
+/// For weights kept from the previous assignment: the KV blocks of the new budget and a new
+/// plane (the KV cache is then built afresh by `attach`).
+fn rejoin(
     a: &Assignment,
-    weights: ShardWeights,
+    weights: &ShardWeights,
     listener: TcpListener,
     ctx: &Context,
-) -> Result<(Shard, Arc<DataPlane>), (AssignError, Option<ShardWeights>)> {
-    let prepared = planned_spec(a, weights.config())
-        .and_then(|spec| Ok((kv_blocks(a, weights.config(), &spec)?, spec)));
-    let (blocks, spec) = match prepared {
-        Ok(p) => p,
-        Err(e) => return Err((e, Some(weights))),
-    };
+) -> Result<(usize, Arc<DataPlane>), AssignError> {
+    let spec = planned_spec(a, weights.config())?;
+    let blocks = kv_blocks(a, weights.config(), &spec)?;
     let bytes = weights.weight_bytes();
     ctx.shared.if_current(ctx.serial, |slot| {
         slot.status.bytes_total = bytes;
         slot.status.progress = Arc::new(AtomicU64::new(bytes));
     });
-    let plane = match connect_plane(a, &spec, listener, ctx) {
-        Ok(p) => p,
-        Err(e) => return Err((e, Some(weights))),
-    };
-    let group = Box::new(PlaneCollective(plane.clone()));
-    match weights.attach(blocks, a.opts.block_size, group) {
-        Ok(shard) => Ok((shard, plane)),
-        Err(e) => Err((e.into(), None)),
-    }
+    Ok((blocks, connect_plane(a, &spec, listener, ctx)?))
 }
 
 /// Opens the model, then connects the plane and loads this shard's slices.
