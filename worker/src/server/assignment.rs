@@ -220,6 +220,7 @@ fn compute(
     let _span = tracing::info_span!("assignment", session = %a.session).entered();
     // Joined before connecting: the previous plane's links and its KV cache are gone by now.
     let mut kept = previous.and_then(|t| t.join().ok().flatten());
+    release_freed_memory();
     let (shard, plane, key, weights_kept) = match assemble(&a, &mut kept, listener, &ctx) {
         Ok(assembled) => assembled,
         Err(e) => {
@@ -481,5 +482,16 @@ impl ProgressReporter {
         if let Some(t) = self.thread {
             let _ = t.join();
         }
+    }
+}
+
+/// Gives the memory freed by ended assignments back to the kernel. Each compute thread
+/// allocates from its own glibc arena, which keeps freed pages: without this, every
+/// re-assignment would leave its predecessor's KV cache and activations resident.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the kernel; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

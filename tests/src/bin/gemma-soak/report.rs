@@ -13,6 +13,58 @@ use crate::faults::Timeline;
 pub struct Memory {
     pub start: Vec<Option<u64>>,
     pub end: Vec<Option<u64>>,
+    /// Every 5 s, each process as started (a restarted worker's series ends at its death).
+    pub series: Vec<Vec<Option<u64>>>,
+}
+
+/// Samples the resident memory of `pids` every 5 s until the clients stop: whether memory
+/// climbs steadily (a leak) or levels off (pools warming up) shows in the series.
+pub fn sample_memory(shared: &crate::client::Shared, pids: &[u32]) -> Vec<Vec<Option<u64>>> {
+    let mut series = Vec::new();
+    while !shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
+        series.push(
+            pids.iter()
+                .map(|&p| gemma_cluster_tests::process::rss_bytes(p))
+                .collect(),
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    series
+}
+
+/// Samples the resident memory of `pids` every second until `until`.
+pub fn sample_until(pids: &[u32], until: std::time::Instant) -> Vec<Vec<Option<u64>>> {
+    let mut samples = Vec::new();
+    while std::time::Instant::now() < until {
+        samples.push(
+            pids.iter()
+                .map(|&p| gemma_cluster_tests::process::rss_bytes(p))
+                .collect(),
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    samples
+}
+
+/// Per process, the median of the first `n` samples and of the last `n`.
+pub fn first_and_last_medians(
+    samples: &[Vec<Option<u64>>],
+    n: usize,
+) -> (Vec<Option<u64>>, Vec<Option<u64>>) {
+    let processes = samples.first().map_or(0, Vec::len);
+    let median = |rows: &[Vec<Option<u64>>], i: usize| {
+        let mut v: Vec<u64> = rows
+            .iter()
+            .filter_map(|r| r.get(i).copied().flatten())
+            .collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
+    };
+    let first = &samples[..n.min(samples.len())];
+    let last = &samples[samples.len().saturating_sub(n)..];
+    (0..processes)
+        .map(|i| (median(first, i), median(last, i)))
+        .unzip()
 }
 
 /// Most a process's memory may grow from start to end.
@@ -171,6 +223,19 @@ fn print_fault_times(records: &[Record], tl: &Timeline, failures: &mut Vec<Strin
 
 fn print_memory(memory: &Memory, failures: &mut Vec<String>) {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for i in 0..memory.start.len() {
+        let row: Vec<String> = memory
+            .series
+            .iter()
+            .map(|s| {
+                s.get(i)
+                    .copied()
+                    .flatten()
+                    .map_or("-".into(), |b| format!("{:.0}", mib(b)))
+            })
+            .collect();
+        println!("RSS every 5 s, process {i} (MiB): {}", row.join(" "));
+    }
     for (i, (start, end)) in memory.start.iter().zip(&memory.end).enumerate() {
         let name = match i {
             0 => "coordinator".to_string(),
@@ -180,7 +245,7 @@ fn print_memory(memory: &Memory, failures: &mut Vec<String>) {
             (Some(s), Some(e)) => {
                 let growth = *e as f64 / (*s).max(1) as f64 - 1.0;
                 println!(
-                    "RSS {name:<12} {:>8.1} MiB -> {:>8.1} MiB ({:+.1} %)",
+                    "RSS {name:<12} {:>8.1} MiB after recovery -> {:>8.1} MiB at the end ({:+.1} %, medians of 5 s)",
                     mib(*s),
                     mib(*e),
                     growth * 100.0
