@@ -213,6 +213,16 @@ declare_settings! {
     /// A file of API keys, one per line (blank lines and # comments skipped), accepted as well.
     #[arg(value_name = "PATH")]
     api_key_file: PathBuf, optional;
+    /// This coordinator's certificate (PEM, leaf first). With tls_key and tls_ca: mutual TLS to
+    /// the workers, which must present certificates from the same CA naming their hosts.
+    #[arg(value_name = "PEM")]
+    tls_cert: PathBuf, optional;
+    /// The private key of tls_cert (PEM).
+    #[arg(value_name = "PEM")]
+    tls_key: PathBuf, optional;
+    /// The CA that signs every certificate of the cluster (PEM).
+    #[arg(value_name = "PEM")]
+    tls_ca: PathBuf, optional;
 }
 
 const AFTER_HELP: &str = "Every setting can also come from a TOML file (--config FILE, key \

@@ -152,6 +152,9 @@ fn one_value_per_setting() -> Vec<(&'static str, &'static str, Value)> {
         ("rate_limit_burst", "23", json!(23)),
         ("api_key", "k-19", json!("k-19")),
         ("api_key_file", "/etc/keys", json!("/etc/keys")),
+        ("tls_cert", "/etc/c.pem", json!("/etc/c.pem")),
+        ("tls_key", "/etc/k.pem", json!("/etc/k.pem")),
+        ("tls_ca", "/etc/ca.pem", json!("/etc/ca.pem")),
     ]
 }
 

@@ -226,14 +226,19 @@ impl TlsIdentity {
     }
 }
 
-/// The name a dialled `host:port` (or `[v6]:port`) must carry in its certificate.
-pub fn server_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
+/// The host of a dialled `host:port` (or `[v6]:port`).
+pub fn host_of(addr: &str) -> &str {
     let host = match addr.rsplit_once(':') {
         Some((host, port)) if port.parse::<u16>().is_ok() => host,
         _ => addr,
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(addr.to_string()))
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The name a dialled `host:port` must carry in its certificate.
+pub fn server_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(host_of(addr).to_string())
+        .map_err(|_| TlsError::ServerName(addr.to_string()))
 }
 
 #[cfg(test)]

@@ -288,18 +288,26 @@ pub struct WorkerProcess {
     pub process: Spawned,
     /// host:port of its gRPC service.
     pub addr: String,
+    /// host:port of its data plane.
+    pub data_addr: String,
 }
 
 impl WorkerProcess {
     /// Starts `gemma-worker --listen LISTEN --threads THREADS` and waits for its announcement.
     /// `listen` may be `127.0.0.1:0`, or the address of a worker that died: a restarted pod.
     pub fn start(listen: &str, threads: usize) -> Result<Self> {
-        let args = [
+        Self::start_with(listen, threads, &[])
+    }
+
+    /// [`Self::start`] with more arguments (its TLS files).
+    pub fn start_with(listen: &str, threads: usize, extra: &[String]) -> Result<Self> {
+        let mut args = vec![
             "--listen".to_string(),
             listen.to_string(),
             "--threads".to_string(),
             threads.to_string(),
         ];
+        args.extend_from_slice(extra);
         let mut process = Spawned::start(&binary("gemma-worker"), &args)?;
         let Some(line) = process.next_line(Duration::from_secs(30)) else {
             let status = process.wait(Duration::from_secs(5));
@@ -308,12 +316,19 @@ impl WorkerProcess {
                 process.stderr_text()
             ));
         };
-        let addr = line
+        // gemma-worker listening on ADDR data ADDR
+        let words: Vec<&str> = line
             .strip_prefix("gemma-worker listening on ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .ok_or_else(|| anyhow!("unexpected first line {line:?}"))?
-            .to_string();
-        Ok(Self { process, addr })
+            .map(|rest| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let [addr, "data", data_addr] = words[..] else {
+            return Err(anyhow!("unexpected first line {line:?}"));
+        };
+        Ok(Self {
+            addr: addr.to_string(),
+            data_addr: data_addr.to_string(),
+            process,
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {

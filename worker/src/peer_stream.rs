@@ -158,3 +158,71 @@ impl AsyncWrite for PeerStream {
         }
     }
 }
+
+impl PeerStream {
+    /// Read and write halves that work at the same time (an all-reduce writes its partial
+    /// while reading the peer's). Plain TCP splits without a lock; TLS, whose reads and writes
+    /// share one session, through tokio's split.
+    pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        match self {
+            Self::Plain(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            tls => {
+                let (r, w) = tokio::io::split(tls);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+}
+
+pub enum ReadHalf<'a> {
+    Plain(tokio::net::tcp::ReadHalf<'a>),
+    Tls(tokio::io::ReadHalf<&'a mut PeerStream>),
+}
+
+pub enum WriteHalf<'a> {
+    Plain(tokio::net::tcp::WriteHalf<'a>),
+    Tls(tokio::io::WriteHalf<&'a mut PeerStream>),
+}
+
+impl AsyncRead for ReadHalf<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(r) => Pin::new(r).poll_read(cx, buf),
+            Self::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(w) => Pin::new(w).poll_write(cx, buf),
+            Self::Tls(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(w) => Pin::new(w).poll_flush(cx),
+            Self::Tls(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            Self::Tls(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}

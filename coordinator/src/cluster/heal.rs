@@ -99,7 +99,7 @@ impl Cluster {
     /// the next epoch.
     async fn reassign(&mut self) -> Result<(), ClusterError> {
         self.respawn_dead_local().await?;
-        let dialled = dial_all(&self.addrs, &self.plan, self.connect_timeout).await;
+        let dialled = dial_all(&self.addrs, &self.plan, &self.dialer).await;
         let mut links = Vec::with_capacity(dialled.len());
         let mut infos = Vec::with_capacity(dialled.len());
         let mut missing = Vec::new();

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use gemma_proto::pb::worker_client::WorkerClient;
+use gemma_proto::tls::TlsIdentity;
 use gemma_proto::{pb, Session, ShardSpec};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -55,18 +56,40 @@ pub fn shard_name(addr: &str, spec: &ShardSpec) -> String {
     format!("worker {addr} (stage {}, rank {})", spec.stage, spec.rank)
 }
 
+/// How the coordinator reaches its workers.
+#[derive(Clone, Debug)]
+pub struct Dialer {
+    /// Deadline of a connection and of its first Info.
+    pub timeout: Duration,
+    /// Mutual TLS: present this identity and require the worker's certificate from the same
+    /// CA, naming the host dialled. None: plain HTTP/2.
+    pub tls: Option<TlsIdentity>,
+}
+
 /// Connects to `addr` and asks its Info; refuses a worker of another version, naming both.
 pub async fn dial(
     addr: &str,
     spec: &ShardSpec,
-    timeout: Duration,
+    dialer: &Dialer,
 ) -> Result<(WorkerLink, pb::InfoResponse), ClusterError> {
+    let timeout = dialer.timeout;
     let unreachable = |reason: String| ClusterError::Unreachable {
         addr: addr.to_string(),
         reason,
     };
-    let endpoint = Channel::from_shared(format!("http://{addr}"))
-        .map_err(|e| unreachable(e.to_string()))?
+    let scheme = if dialer.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| unreachable(e.to_string()))?;
+    if let Some(identity) = &dialer.tls {
+        endpoint = endpoint
+            .tls_config(identity.grpc_client(gemma_proto::tls::host_of(addr)))
+            .map_err(|e| unreachable(format!("TLS: {}", source_chain(&e))))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         // Logits of a batch are megabytes: HTTP/2's default 64 KiB window would stall every

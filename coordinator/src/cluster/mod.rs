@@ -31,6 +31,8 @@ use gemma_proto::{
 use crate::settings::Settings;
 use assign::AssignTemplate;
 use deadline::StepDeadline;
+use gemma_proto::tls::TlsIdentity;
+pub use link::Dialer;
 use link::{shard_name, Miss, StepStream, WorkerLink};
 pub use probe::{Prober, Roster};
 pub use spawn::LocalWorkers;
@@ -109,6 +111,8 @@ pub enum ClusterError {
     },
     #[error("the last stage's answers do not fit together: {0}")]
     Join(WireError),
+    #[error(transparent)]
+    Tls(#[from] gemma_proto::tls::TlsError),
     #[error("cannot draw this coordinator's session id: {0}")]
     Session(String),
 }
@@ -122,6 +126,9 @@ pub struct Prepared {
     pub config: ModelConfig,
     pub plan: ShardPlan,
     pub request: PlanRequest,
+    /// How the workers are reached: the connection deadline, and mutual TLS when configured
+    /// (its files are read and checked here, before any process starts).
+    pub dialer: Dialer,
 }
 
 impl Prepared {
@@ -148,6 +155,14 @@ impl Prepared {
             config,
             plan,
             request,
+            dialer: Dialer {
+                timeout: Duration::from_millis(settings.connect_timeout_ms),
+                tls: TlsIdentity::from_options(
+                    settings.tls_cert.as_deref(),
+                    settings.tls_key.as_deref(),
+                    settings.tls_ca.as_deref(),
+                )?,
+            },
         })
     }
 
@@ -163,7 +178,15 @@ impl Prepared {
         let bin = spawn::worker_binary(settings.worker_bin.as_deref())?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = (cores / self.plan.world_size()).max(1);
-        LocalWorkers::spawn(&bin, self.plan.world_size(), threads).map(Some)
+        // Local workers present the coordinator's own certificate: one identity on one host.
+        let tls_flags = match (&settings.tls_cert, &settings.tls_key, &settings.tls_ca) {
+            (Some(c), Some(k), Some(ca)) => [("--tls-cert", c), ("--tls-key", k), ("--tls-ca", ca)]
+                .iter()
+                .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+                .collect(),
+            _ => Vec::new(),
+        };
+        LocalWorkers::spawn(&bin, self.plan.world_size(), threads, tls_flags).map(Some)
     }
 }
 
@@ -201,7 +224,7 @@ pub struct Cluster {
     status: ClusterStatus,
     /// The loss that took the cluster down, kept while healing reports its progress.
     lost: Option<String>,
-    connect_timeout: Duration,
+    dialer: Dialer,
     /// Dropped after the streams: stops the local workers.
     local: Option<LocalWorkers>,
 }
@@ -219,14 +242,14 @@ impl Cluster {
             Some(l) => l.addrs.clone(),
             None => settings.workers.clone(),
         };
-        let connect_timeout = Duration::from_millis(settings.connect_timeout_ms);
+        let dialer = prepared.dialer.clone();
         let template = AssignTemplate::new(&prepared, settings)?;
         // Epoch 0 is never assigned: the first assignment is epoch 1.
         let session = Session {
             epoch: 0,
             ..Session::start().map_err(|e| ClusterError::Session(e.to_string()))?
         };
-        let links = dial_all(&addrs, &prepared.plan, connect_timeout)
+        let links = dial_all(&addrs, &prepared.plan, &dialer)
             .await
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?
@@ -248,7 +271,7 @@ impl Cluster {
             next_step: 0,
             status: ClusterStatus::down(0, "starting: assigning the shards".into()),
             lost: None,
-            connect_timeout,
+            dialer,
             local,
         };
         cluster.assign_at_start(settings.load_timeout_s).await?;
@@ -393,13 +416,13 @@ impl Cluster {
 async fn dial_all(
     addrs: &[String],
     plan: &ShardPlan,
-    timeout: Duration,
+    dialer: &Dialer,
 ) -> Vec<Result<(WorkerLink, pb::InfoResponse), ClusterError>> {
     join_all(
         addrs
             .iter()
             .zip(&plan.shards)
-            .map(|(addr, spec)| link::dial(addr, spec, timeout)),
+            .map(|(addr, spec)| link::dial(addr, spec, dialer)),
     )
     .await
 }

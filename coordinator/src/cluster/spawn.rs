@@ -40,13 +40,20 @@ impl LocalWorkers {
     /// so one dedicated thread, which lives exactly as long as this value, spawns every worker
     /// and every respawn. A worker started from a short-lived thread (tokio's blocking pool)
     /// would be killed when that thread retires.
-    pub fn spawn(bin: &Path, n: usize, threads: usize) -> Result<Self, ClusterError> {
+    /// `extra` goes to every worker's command line (its TLS files).
+    pub fn spawn(
+        bin: &Path,
+        n: usize,
+        threads: usize,
+        extra: Vec<String>,
+    ) -> Result<Self, ClusterError> {
         let (commands, inbox) = mpsc::channel();
         let (started_tx, started) = mpsc::channel();
         let pids = Arc::new(Mutex::new(Vec::new()));
         let mut group = Group {
             bin: bin.to_path_buf(),
             threads,
+            extra,
             children: Vec::with_capacity(n),
             pids: pids.clone(),
         };
@@ -97,6 +104,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The children, owned by the dedicated thread.
 struct Group {
+    /// Arguments every worker gets besides its address and threads.
+    extra: Vec<String>,
     bin: PathBuf,
     threads: usize,
     children: Vec<Child>,
@@ -136,6 +145,7 @@ impl Group {
             "--threads",
             &self.threads.to_string(),
         ])
+        .args(&self.extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

@@ -10,6 +10,8 @@ use std::net::{SocketAddr, TcpListener};
 use anyhow::{Context, Result};
 use clap::Parser;
 use gemma_proto::pb::worker_server::WorkerServer;
+use gemma_proto::tls::TlsIdentity;
+use gemma_worker::peer_stream::PlaneTls;
 use gemma_worker::server::WorkerService;
 
 #[derive(Parser, Debug)]
@@ -24,6 +26,16 @@ struct Args {
     /// Compute threads (candle's pool); default: all cores. Give each local worker its share.
     #[arg(long)]
     threads: Option<usize>,
+    /// This worker's certificate (PEM, leaf first). With --tls-key and --tls-ca: mutual TLS on
+    /// gRPC and on the data plane, and only peers with a certificate from the CA get through.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA that signs every certificate of the cluster (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 /// How long open connections may drain after SIGTERM.
@@ -40,7 +52,15 @@ fn main() -> Result<()> {
         .data_listen
         .unwrap_or_else(|| SocketAddr::new(args.listen.ip(), 0));
     let data = TcpListener::bind(data_addr).with_context(|| format!("binding {data_addr}"))?;
-    let service = WorkerService::new(data)?;
+    let tls = TlsIdentity::from_options(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_ca.as_deref(),
+    )?;
+    let mut service = WorkerService::new(data)?;
+    if let Some(identity) = &tls {
+        service = service.with_tls(std::sync::Arc::new(PlaneTls::new(identity)?));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -60,7 +80,13 @@ fn main() -> Result<()> {
             out.flush()?;
         }
         tracing::info!(%addr, data = service.data_addr(), "worker up");
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(identity) = &tls {
+            builder = builder
+                .tls_config(identity.grpc_server())
+                .context("the gRPC server's TLS")?;
+        }
+        let server = builder
             .tcp_nodelay(true)
             // Logits answers are megabytes: a 64 KiB HTTP/2 window would stall them.
             .initial_stream_window_size(64 << 20)

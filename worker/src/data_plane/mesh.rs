@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::frame;
 use crate::error::CollectiveError;
+use crate::peer_stream::{self, PeerStream, PlaneTls};
 
 /// How long an accepted connection has to say hello.
 const HELLO_DEADLINE: Duration = Duration::from_secs(2);
@@ -33,7 +34,8 @@ const SOCKET_BUFFER: usize = 8 << 20;
 
 /// One connection to a peer shard.
 pub(super) struct Link {
-    pub stream: TcpStream,
+    /// Plain TCP, or TLS when the cluster runs with mutual TLS.
+    pub stream: PeerStream,
     /// Reused for every frame header read on this link.
     pub rbuf: Vec<u8>,
 }
@@ -45,6 +47,7 @@ pub(super) async fn connect(
     addrs: &[String],
     peers: &[usize],
     listener: std::net::TcpListener,
+    tls: Option<&std::sync::Arc<PlaneTls>>,
     deadline: Instant,
 ) -> Result<BTreeMap<usize, Link>, CollectiveError> {
     let hello = frame::encode_hello(&pb::PeerHello {
@@ -54,11 +57,11 @@ pub(super) async fn connect(
     let dials = peers
         .iter()
         .filter(|&&p| p > me)
-        .map(|&p| dial_until_answered(p, &addrs[p], session, &hello, deadline));
+        .map(|&p| dial_until_answered(p, &addrs[p], session, &hello, tls, deadline));
     let lower: Vec<usize> = peers.iter().copied().filter(|&p| p < me).collect();
     let (dialed, accepted) = tokio::join!(
         join_all(dials),
-        accept_peers(listener, session, &hello, lower, deadline)
+        accept_peers(listener, session, &hello, lower, tls, deadline)
     );
     let mut links = accepted?;
     for d in dialed {
@@ -75,18 +78,21 @@ async fn dial_until_answered(
     addr: &str,
     session: Session,
     hello: &[u8],
+    tls: Option<&std::sync::Arc<PlaneTls>>,
     deadline: Instant,
 ) -> Result<(usize, Link), CollectiveError> {
     loop {
-        let mut link = new_link(dial(addr, deadline).await?)?;
+        let tcp = tuned(dial(addr, deadline).await?)?;
         let answer = async {
+            let mut link = new_link(peer_stream::dial(tls, addr, tcp).await?);
             link.stream.write_all(hello).await?;
-            frame::read_hello(&mut link.stream)
+            let answer = frame::read_hello(&mut link.stream)
                 .await
-                .map_err(std::io::Error::other)
+                .map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>((answer, link))
         };
         let why = match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(answer)) => match admit(&answer, session, &[peer]) {
+            Ok(Ok((answer, link))) => match admit(&answer, session, &[peer]) {
                 Ok(_) => return Ok((peer, link)),
                 Err(why) => why,
             },
@@ -123,7 +129,8 @@ async fn dial(addr: &str, deadline: Instant) -> Result<TcpStream, CollectiveErro
     }
 }
 
-fn new_link(stream: TcpStream) -> Result<Link, CollectiveError> {
+/// The socket options of every data-plane connection.
+fn tuned(stream: TcpStream) -> Result<TcpStream, CollectiveError> {
     stream
         .set_nodelay(true)
         .map_err(|e| CollectiveError::Connect(format!("TCP_NODELAY: {e}")))?;
@@ -131,20 +138,37 @@ fn new_link(stream: TcpStream) -> Result<Link, CollectiveError> {
     // Best effort: a smaller buffer is slower, not wrong.
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-    Ok(Link {
+    Ok(stream)
+}
+
+fn new_link(stream: PeerStream) -> Link {
+    Link {
         stream,
         rbuf: Vec::new(),
-    })
+    }
 }
 
 /// A connection that said hello within the deadline, or why it did not.
-type Greeted = (SocketAddr, Result<(pb::PeerHello, TcpStream), String>);
+type Greeted = (SocketAddr, Result<(pb::PeerHello, PeerStream), String>);
 
-async fn await_hello(mut stream: TcpStream, from: SocketAddr) -> Greeted {
-    let hello = tokio::time::timeout(HELLO_DEADLINE, frame::read_hello(&mut stream)).await;
-    let result = match hello {
-        Ok(Ok(hello)) => Ok((hello, stream)),
-        Ok(Err(e)) => Err(e.to_string()),
+/// The TLS handshake (when configured) and the hello, both within [`HELLO_DEADLINE`]: a
+/// stranger without the CA's certificate is dropped here.
+async fn await_hello(
+    tcp: TcpStream,
+    from: SocketAddr,
+    tls: Option<std::sync::Arc<PlaneTls>>,
+) -> Greeted {
+    let greet = async {
+        let mut stream = peer_stream::accept(tls.as_ref(), tuned(tcp).map_err(|e| e.to_string())?)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let hello = frame::read_hello(&mut stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((hello, stream))
+    };
+    let result = match tokio::time::timeout(HELLO_DEADLINE, greet).await {
+        Ok(r) => r,
         Err(_) => Err(format!("no hello within {HELLO_DEADLINE:?}")),
     };
     (from, result)
@@ -156,6 +180,7 @@ async fn accept_peers(
     session: Session,
     hello: &[u8],
     mut expected: Vec<usize>,
+    tls: Option<&std::sync::Arc<PlaneTls>>,
     deadline: Instant,
 ) -> Result<BTreeMap<usize, Link>, CollectiveError> {
     let mut links = BTreeMap::new();
@@ -172,7 +197,7 @@ async fn accept_peers(
     while !expected.is_empty() {
         tokio::select! {
             accepted = listener.accept(), if pending.len() < MAX_PENDING_HELLOS => match accepted {
-                Ok((stream, from)) => pending.push(await_hello(stream, from)),
+                Ok((stream, from)) => pending.push(await_hello(stream, from, tls.cloned())),
                 Err(e) => tracing::debug!(error = %e, "data-plane accept failed"),
             },
             Some((from, greeted)) = pending.next() => {
@@ -181,7 +206,7 @@ async fn accept_peers(
                 });
                 match admitted {
                     Ok((index, stream)) => {
-                        let mut link = new_link(stream)?;
+                        let mut link = new_link(stream);
                         // The answer fits any socket buffer: this write does not wait.
                         match link.stream.write_all(hello).await {
                             Ok(()) => {

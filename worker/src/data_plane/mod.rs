@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 use crate::collective::{sum_in_rank_order, Collective};
 use crate::error::{CollectiveError, FrameError};
+use crate::peer_stream::PlaneTls;
 use frame::Expected;
 use mesh::Link;
 
@@ -101,18 +102,27 @@ pub struct DataPlane {
     wait_micros: AtomicU64,
 }
 
+/// Where a plane accepts its lower-indexed peers, and how every link is secured.
+pub struct PlaneEndpoint {
+    pub listener: std::net::TcpListener,
+    /// Mutual TLS on every link; None: plain TCP.
+    pub tls: Option<Arc<PlaneTls>>,
+}
+
 impl DataPlane {
     /// Connects to every peer `spec` needs under `session`: it dials peers with a higher shard
-    /// index and accepts the lower ones on `listener`. `abort` ends the connecting early.
+    /// index and accepts the lower ones on the endpoint's listener. `abort` ends the connecting
+    /// early.
     pub fn connect(
         spec: &ShardSpec,
         session: Session,
         addrs: &[String],
-        listener: std::net::TcpListener,
+        endpoint: PlaneEndpoint,
         timeout: Duration,
         device: Device,
         abort: PlaneAbort,
     ) -> Result<Self, CollectiveError> {
+        let PlaneEndpoint { listener, tls } = endpoint;
         let me = spec.index();
         if addrs.len() != spec.tp * spec.pp {
             return Err(CollectiveError::Connect(format!(
@@ -137,7 +147,13 @@ impl DataPlane {
             .map_err(|e| CollectiveError::Connect(format!("runtime: {e}")))?;
         let deadline = Instant::now() + timeout;
         let links = rt.block_on(abort.unless_aborted(mesh::connect(
-            me, session, addrs, &peers, listener, deadline,
+            me,
+            session,
+            addrs,
+            &peers,
+            listener,
+            tls.as_ref(),
+            deadline,
         )))?;
         Ok(Self {
             rt,

@@ -19,11 +19,12 @@ use tonic::Status;
 
 use super::step::{failed, respond, run_step};
 use super::Shared;
-use crate::data_plane::{DataPlane, PlaneAbort, PlaneCollective};
+use crate::data_plane::{DataPlane, PlaneAbort, PlaneCollective, PlaneEndpoint};
 use crate::error::{AssignError, HoldError, LoadError};
 use crate::folder::ModelFolder;
 use crate::kv_cache::KvCache;
 use crate::model::{Shard, ShardOptions, ShardWeights};
+use crate::peer_stream::PlaneTls;
 use crate::weights::QuantizedWeights;
 use crate::wire::dtype_from_wire;
 
@@ -174,6 +175,7 @@ pub fn start(
     a: Assignment,
     serial: u64,
     listener: TcpListener,
+    tls: Option<Arc<PlaneTls>>,
     previous: Option<ComputeThread>,
     shared: Arc<Shared>,
     events: Events,
@@ -187,6 +189,7 @@ pub fn start(
         .spawn(move || {
             let ctx = Context {
                 serial,
+                tls,
                 shared,
                 abort: thread_abort,
                 events,
@@ -204,6 +207,8 @@ pub fn start(
 /// What the compute thread reports to.
 struct Context {
     serial: u64,
+    /// The data plane's mutual TLS, when the worker has certificates.
+    tls: Option<Arc<PlaneTls>>,
     shared: Arc<Shared>,
     abort: PlaneAbort,
     events: Events,
@@ -438,7 +443,10 @@ fn connect_plane(
         spec,
         a.session,
         &a.addrs,
-        listener,
+        PlaneEndpoint {
+            listener,
+            tls: ctx.tls.clone(),
+        },
         a.timeout.max(Duration::from_secs(30)),
         a.opts.device.clone(),
         ctx.abort.clone(),

@@ -26,6 +26,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::HoldError;
+use crate::peer_stream::PlaneTls;
 use assignment::{Assignment, ComputeThread, Job, Order, Running};
 use holder::Holder;
 use step::failed;
@@ -162,9 +163,19 @@ pub struct WorkerService {
     /// clone of it.
     data_listener: TcpListener,
     shared: Arc<Shared>,
+    /// The data plane's mutual TLS; None: plain TCP.
+    tls: Option<Arc<PlaneTls>>,
 }
 
 impl WorkerService {
+    /// The data plane of every assignment over mutual TLS with these certificates.
+    pub fn with_tls(self, tls: Arc<PlaneTls>) -> Self {
+        Self {
+            tls: Some(tls),
+            ..self
+        }
+    }
+
     /// The service, and its lease watchdog thread.
     pub fn new(data_listener: TcpListener) -> std::io::Result<Self> {
         let data_addr = data_listener.local_addr()?.to_string();
@@ -184,6 +195,7 @@ impl WorkerService {
         Ok(Self {
             data_addr,
             data_listener,
+            tls: None,
             shared,
         })
     }
@@ -258,7 +270,16 @@ impl pb::worker_server::Worker for WorkerService {
             ..WorkerStatus::default()
         };
         let serial = slot.serial;
-        match assignment::start(a, serial, listener, previous, self.shared.clone(), events) {
+        let tls = self.tls.clone();
+        match assignment::start(
+            a,
+            serial,
+            listener,
+            tls,
+            previous,
+            self.shared.clone(),
+            events,
+        ) {
             Ok(running) => slot.compute = Compute::Running(running),
             Err(e) => {
                 let message = format!("cannot start the compute thread: {e}");

@@ -21,7 +21,7 @@ use gemma_proto::candidates::argmax;
 use gemma_proto::{KvBlockManager, PlanRequest, SeqStep, ShardSpec, StepBatch};
 use gemma_testkit::{LocalCluster, TinyGemma};
 use gemma_worker::collective::Collective;
-use gemma_worker::data_plane::{DataPlane, PlaneAbort, PlaneCollective};
+use gemma_worker::data_plane::{DataPlane, PlaneAbort, PlaneCollective, PlaneEndpoint};
 use gemma_worker::{ModelFolder, ShardOptions};
 
 mod real_model;
@@ -328,7 +328,10 @@ fn allreduce_rank(args: &[String]) -> Result<()> {
         &spec,
         session,
         &addrs,
-        listener,
+        PlaneEndpoint {
+            listener,
+            tls: None,
+        },
         Duration::from_secs(30),
         Device::Cpu,
         PlaneAbort::default(),
