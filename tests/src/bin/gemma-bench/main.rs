@@ -4,7 +4,9 @@
 //! `gemma-bench` runs everything; the other subcommands are the child processes it starts.
 //! Environment: BENCH_SKIP_SERVING=1 leaves out the serving rows (the longest part);
 //! BENCH_EXTRA=1 adds decode diagnostics on stderr; BENCH_ONLY_REAL=1 runs only the real-model
-//! rows (gemma-3-270m beside llama.cpp, see `real_model`); BENCH_THREADS=N runs every side on N
+//! rows (gemma-3-270m beside llama.cpp, see `real_model`); BENCH_ONLY_ALLREDUCE=1 only the
+//! data plane's rows (all-reduce against raw TCP, and with mutual TLS against without);
+//! BENCH_THREADS=N runs every side on N
 //! cores with N compute threads in all (default: all cores), and each row says how the threads
 //! were split.
 
@@ -97,6 +99,11 @@ fn run_all() -> Result<()> {
     confine_to(threads)?;
     eprintln!("gemma-bench: {threads} compute threads on {threads} cores for every side");
     let mut rows = Vec::new();
+    if std::env::var_os("BENCH_ONLY_ALLREDUCE").is_some() {
+        rows.extend(data_plane_rows()?);
+        print_table(rows);
+        return Ok(());
+    }
     if std::env::var_os("BENCH_ONLY_REAL").is_none() {
         rows.extend(synthetic_rows(threads)?);
     }
@@ -105,7 +112,9 @@ fn run_all() -> Result<()> {
     Ok(())
 }
 
-fn synthetic_rows(threads: usize) -> Result<Vec<Row>> {
+/// The all-reduce over the data plane against the raw TCP floor, then with mutual TLS against
+/// the same group over plain TCP.
+fn data_plane_rows() -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let floor_small = ping_pong(64)?;
     let floor_row = ping_pong(HIDDEN * 4)?;
@@ -118,9 +127,14 @@ fn synthetic_rows(threads: usize) -> Result<Vec<Row>> {
         ref_value: f64::NAN,
         threads: "-".into(),
     });
+    let pki = tempfile::tempdir()?;
+    let ca = gemma_testkit::pki::TestCa::new(pki.path(), "bench")?;
+    for rank in 0..4 {
+        ca.issue(&format!("rank{rank}"), &["127.0.0.1"])?;
+    }
     for world in [2usize, 4] {
         for (rows_n, floor) in [(1usize, floor_row), (64, floor_big)] {
-            let us = allreduce(world, rows_n)?;
+            let us = allreduce(world, rows_n, None)?;
             rows.push(Row {
                 figure: format!("all-reduce {rows_n}x{HIDDEN} f32, {world} processes"),
                 value: us,
@@ -129,8 +143,22 @@ fn synthetic_rows(threads: usize) -> Result<Vec<Row>> {
                 ref_value: floor,
                 threads: "-".into(),
             });
+            let tls_us = allreduce(world, rows_n, Some(pki.path()))?;
+            rows.push(Row {
+                figure: format!("all-reduce {rows_n}x{HIDDEN} f32, {world} processes, mTLS"),
+                value: tls_us,
+                unit: "us",
+                reference: "the same over plain TCP".into(),
+                ref_value: us,
+                threads: "-".into(),
+            });
         }
     }
+    Ok(rows)
+}
+
+fn synthetic_rows(threads: usize) -> Result<Vec<Row>> {
+    let mut rows = data_plane_rows()?;
     let (single, cluster) = decode_speeds()?;
     rows.push(Row {
         figure: "decode, tp=2 cluster (2 worker processes)".into(),
@@ -253,20 +281,18 @@ fn ping_pong(size: usize) -> Result<f64> {
 }
 
 /// Median all-reduce latency among `world` processes for [rows, 3072] f32, in us (rank 0's).
-fn allreduce(world: usize, rows: usize) -> Result<f64> {
+/// Median µs of an all-reduce among `world` rank processes; over mutual TLS when `pki` holds
+/// the `bench` CA's certificates for every rank.
+fn allreduce(world: usize, rows: usize, pki: Option<&std::path::Path>) -> Result<f64> {
     let mut children = Vec::new();
     let mut addrs = Vec::new();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for i in 0..world {
-        let (child, mut out) = spawn_child(
-            &[
-                "allreduce-rank",
-                &i.to_string(),
-                &world.to_string(),
-                &rows.to_string(),
-            ],
-            (cores / world).max(1),
-        )?;
+        let (index, world_s, rows_s) = (i.to_string(), world.to_string(), rows.to_string());
+        let pki_s = pki.map(|p| p.display().to_string());
+        let mut args = vec!["allreduce-rank", &index, &world_s, &rows_s];
+        args.extend(pki_s.as_deref());
+        let (child, mut out) = spawn_child(&args, (cores / world).max(1))?;
         let mut line = String::new();
         out.read_line(&mut line)?;
         addrs.push(line.trim().to_string());
@@ -297,8 +323,10 @@ fn allreduce(world: usize, rows: usize) -> Result<f64> {
 
 /// Child: one rank of an all-reduce group over the worker's data plane.
 fn allreduce_rank(args: &[String]) -> Result<()> {
-    let [index, world, rows] = args else {
-        bail!("usage: allreduce-rank INDEX WORLD ROWS")
+    let (index, world, rows, pki) = match args {
+        [i, w, r] => (i, w, r, None),
+        [i, w, r, p] => (i, w, r, Some(std::path::Path::new(p))),
+        _ => bail!("usage: allreduce-rank INDEX WORLD ROWS [PKI_DIR]"),
     };
     let (index, world, rows): (usize, usize, usize) =
         (index.parse()?, world.parse()?, rows.parse()?);
@@ -330,7 +358,7 @@ fn allreduce_rank(args: &[String]) -> Result<()> {
         &addrs,
         PlaneEndpoint {
             listener,
-            tls: None,
+            tls: rank_tls(pki, index)?,
         },
         Duration::from_secs(30),
         Device::Cpu,
@@ -350,6 +378,24 @@ fn allreduce_rank(args: &[String]) -> Result<()> {
     }
     println!("{:.2}", median(&mut times));
     Ok(())
+}
+
+/// A rank's data-plane TLS from the files `TestCa` wrote for it (`bench-rankN.pem`, ...).
+fn rank_tls(
+    pki: Option<&std::path::Path>,
+    rank: usize,
+) -> Result<Option<std::sync::Arc<gemma_worker::peer_stream::PlaneTls>>> {
+    let Some(dir) = pki else { return Ok(None) };
+    let file = |name: String| dir.join(name);
+    let identity = gemma_proto::tls::TlsIdentity::from_options(
+        Some(&file(format!("bench-rank{rank}.pem"))),
+        Some(&file(format!("bench-rank{rank}-key.pem"))),
+        Some(&file("bench-ca.pem".into())),
+    )?
+    .ok_or_else(|| anyhow!("no TLS files in {}", dir.display()))?;
+    Ok(Some(std::sync::Arc::new(
+        gemma_worker::peer_stream::PlaneTls::new(&identity)?,
+    )))
 }
 
 /// Decode ms/token of one model: in one process (tp=1) and as a tp=2 cluster of 2 processes.
