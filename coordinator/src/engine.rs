@@ -370,6 +370,7 @@ pub fn spawn<C: StepCluster>(
         waiting: VecDeque::new(),
         running: Vec::new(),
         next_id: 0,
+        stepped_since_trim: false,
         heartbeat,
     };
     tokio::spawn(engine.run().instrument(tracing::info_span!("engine")));
@@ -520,6 +521,8 @@ struct Engine<C> {
     running: Vec<Sequence>,
     next_id: u64,
     heartbeat: Heartbeat,
+    /// Whether a step ran since freed memory was last given back (done once per idle spell).
+    stepped_since_trim: bool,
 }
 
 impl<C: StepCluster> Engine<C> {
@@ -544,7 +547,13 @@ impl<C: StepCluster> Engine<C> {
                     },
                     // The prober found a worker lost while nothing stepped: heal now.
                     () = status.lost() => continue,
-                    _ = tick.tick() => continue,
+                    _ = tick.tick() => {
+                        // Idle for a beat: the load's buffers are free, give them back.
+                        if std::mem::take(&mut self.stepped_since_trim) {
+                            gemma_proto::process::release_freed_memory();
+                        }
+                        continue;
+                    }
                 }
             }
             while let Ok(r) = self.requests.try_recv() {
@@ -685,6 +694,7 @@ impl<C: StepCluster> Engine<C> {
 
     async fn step(&mut self, batch: StepBatch) {
         let started = Instant::now();
+        self.stepped_since_trim = true;
         self.metrics.step_sequences.observe(batch.seqs.len() as f64);
         self.metrics.step_tokens.observe(batch.num_tokens() as f64);
         let span =

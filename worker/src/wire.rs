@@ -96,12 +96,23 @@ impl ElementBuffer {
                     "tensor of shape {dims:?} exceeds {limit_bytes} bytes"
                 ))
             })?;
-        let buf = match dtype {
-            DType::BF16 => Self::Bf16(vec![bf16::ZERO; numel]),
-            DType::F16 => Self::F16(vec![f16::ZERO; numel]),
-            _ => Self::F32(vec![0.0; numel]),
-        };
+        let mut buf = Self::F32(Vec::new());
+        buf.fit(dtype, numel);
         Ok((buf, dims))
+    }
+
+    /// Holds `numel` elements of `dtype` from now on, reusing this buffer's allocation when the
+    /// dtype is the one it already holds (the data plane receives every all-reduce partial of a
+    /// link into one of these, so a steady stream of steps allocates nothing here).
+    pub fn fit(&mut self, dtype: DType, numel: usize) {
+        match (dtype, &mut *self) {
+            (DType::BF16, Self::Bf16(v)) => v.resize(numel, bf16::ZERO),
+            (DType::F16, Self::F16(v)) => v.resize(numel, f16::ZERO),
+            (DType::F32, Self::F32(v)) => v.resize(numel, 0.0),
+            (DType::BF16, _) => *self = Self::Bf16(vec![bf16::ZERO; numel]),
+            (DType::F16, _) => *self = Self::F16(vec![f16::ZERO; numel]),
+            (_, _) => *self = Self::F32(vec![0.0; numel]),
+        }
     }
 
     pub fn bytes_mut(&mut self) -> &mut [u8] {

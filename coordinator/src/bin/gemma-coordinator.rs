@@ -21,6 +21,7 @@ use gemma_coordinator::settings::{Args, Settings};
 use gemma_coordinator::tokenizer::TextTokenizer;
 
 fn main() -> Result<()> {
+    gemma_proto::process::bound_allocator_retention();
     let args = Args::from_command_line();
     gemma_proto::process::init_tracing();
     let settings = Settings::load(&args)?;

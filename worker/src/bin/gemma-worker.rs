@@ -42,6 +42,7 @@ struct Args {
 const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn main() -> Result<()> {
+    gemma_proto::process::bound_allocator_retention();
     let args = Args::parse();
     if let Some(n) = args.threads {
         // candle reads this when it first sizes its thread pool, before any compute.

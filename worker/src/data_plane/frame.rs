@@ -89,6 +89,24 @@ pub async fn read_tensor<R: AsyncRead + Unpin>(
         .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// Reads one tensor frame's elements into `elements` (reused across frames: after the first
+/// frame of a shape nothing is allocated), once its header is the expected one. The elements'
+/// shape is `expected.dims`.
+pub async fn read_elements_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    expected: &Expected<'_>,
+    elements: &mut ElementBuffer,
+) -> Result<(), FrameError> {
+    read_prefixed(r, buf, "frame header", MAX_HEADER_BYTES).await?;
+    let frame = pb::PeerFrame::decode(&buf[..])
+        .map_err(|e| FrameError::Malformed(format!("frame header: {e}")))?;
+    check_header(&frame, expected)?;
+    elements.fit(expected.dtype, expected.dims.iter().product());
+    r.read_exact(elements.bytes_mut()).await?;
+    Ok(())
+}
+
 /// The frame's tensor header, once kind, operation, dtype and shape are the expected ones.
 fn check_header<'f>(
     frame: &'f pb::PeerFrame,

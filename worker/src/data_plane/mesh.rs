@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::frame;
 use crate::error::CollectiveError;
 use crate::peer_stream::{self, PeerStream, PlaneTls};
+use crate::wire::ElementBuffer;
 
 /// How long an accepted connection has to say hello.
 const HELLO_DEADLINE: Duration = Duration::from_secs(2);
@@ -38,6 +39,8 @@ pub(super) struct Link {
     pub stream: PeerStream,
     /// Reused for every frame header read on this link.
     pub rbuf: Vec<u8>,
+    /// Reused for every all-reduce partial received on this link.
+    pub partial: ElementBuffer,
 }
 
 /// Connects to `peers` (shard indices) before `deadline`: links by peer index.
@@ -145,6 +148,7 @@ fn new_link(stream: PeerStream) -> Link {
     Link {
         stream,
         rbuf: Vec::new(),
+        partial: ElementBuffer::F32(Vec::new()),
     }
 }
 

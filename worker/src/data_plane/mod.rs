@@ -13,6 +13,7 @@
 
 pub mod frame;
 mod mesh;
+mod reduce;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -26,9 +27,10 @@ use gemma_proto::{pb, Session, ShardSpec};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use crate::collective::{sum_in_rank_order, Collective};
+use crate::collective::Collective;
 use crate::error::{CollectiveError, FrameError};
 use crate::peer_stream::PlaneTls;
+use crate::wire::ElementBuffer;
 use frame::Expected;
 use mesh::Link;
 
@@ -264,7 +266,7 @@ impl DataPlane {
         let link = link(&mut st.links, prev)?;
         let (timeout, device) = (self.timeout, &self.device);
         self.block_on(async {
-            let Link { stream, rbuf } = link;
+            let Link { stream, rbuf, .. } = link;
             let read = frame::read_tensor(stream, rbuf, &expected, device);
             within(timeout, prev, read).await
         })
@@ -285,7 +287,7 @@ impl DataPlane {
             dims: partial.dims(),
             dtype: partial.dtype(),
         };
-        let (timeout, device) = (self.timeout, &self.device);
+        let timeout = self.timeout;
         let me = self.stage[self.rank];
         let mut links: Vec<(usize, &mut Link)> = st
             .links
@@ -296,17 +298,22 @@ impl DataPlane {
         let received = self.block_on(async {
             let exchanges = links
                 .iter_mut()
-                .map(|(peer, link)| exchange(*peer, link, frame, &expected, timeout, device));
+                .map(|(peer, link)| exchange(*peer, link, frame, &expected, timeout));
             Ok(join_all(exchanges).await)
         })?;
-        let mut parts: Vec<Option<Tensor>> = vec![None; self.stage.len()];
-        parts[self.rank] = Some(partial.clone());
-        for ((peer, _), got) in links.iter().zip(received) {
-            let rank = self.stage.iter().position(|s| s == peer).unwrap_or(0);
-            parts[rank] = Some(got?);
-        }
-        let parts: Vec<Tensor> = parts.into_iter().flatten().collect();
-        sum_in_rank_order(&parts)
+        received.into_iter().collect::<Result<Vec<()>, _>>()?;
+        let peers: Vec<(usize, &ElementBuffer)> = links
+            .iter()
+            .map(|(peer, link)| {
+                let rank = self
+                    .stage
+                    .iter()
+                    .position(|s| s == peer)
+                    .unwrap_or(usize::MAX);
+                (rank, &link.partial)
+            })
+            .collect();
+        reduce::rank_ordered_sum(partial, self.rank, &peers, &self.device)
     }
 }
 
@@ -346,14 +353,14 @@ fn link_err(peer: usize, reason: &str) -> CollectiveError {
     }
 }
 
-/// A frame read from `peer` within `timeout`.
-async fn within(
+/// A frame (or its elements) read from `peer` within `timeout`.
+async fn within<T>(
     timeout: Duration,
     peer: usize,
-    read: impl Future<Output = Result<Tensor, FrameError>>,
-) -> Result<Tensor, CollectiveError> {
+    read: impl Future<Output = Result<T, FrameError>>,
+) -> Result<T, CollectiveError> {
     match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(tensor)) => Ok(tensor),
+        Ok(Ok(got)) => Ok(got),
         Ok(Err(e @ FrameError::Unexpected { .. })) => {
             Err(CollectiveError::Mismatch(format!("shard {peer}: {e}")))
         }
@@ -366,16 +373,19 @@ async fn within(
     }
 }
 
-/// Writes our frame and reads the peer's at the same time.
+/// Writes our frame and reads the peer's partial into the link's buffer at the same time.
 async fn exchange(
     peer: usize,
     link: &mut Link,
     frame: &[u8],
     expected: &Expected<'_>,
     timeout: Duration,
-    device: &Device,
-) -> Result<Tensor, CollectiveError> {
-    let Link { stream, rbuf } = link;
+) -> Result<(), CollectiveError> {
+    let Link {
+        stream,
+        rbuf,
+        partial,
+    } = link;
     let (mut r, mut w) = stream.split();
     let write = async {
         tokio::time::timeout(timeout, w.write_all(frame))
@@ -386,7 +396,7 @@ async fn exchange(
     let read = within(
         timeout,
         peer,
-        frame::read_tensor(&mut r, rbuf, expected, device),
+        frame::read_elements_into(&mut r, rbuf, expected, partial),
     );
     let (written, read) = tokio::join!(write, read);
     written?;

@@ -225,7 +225,7 @@ fn compute(
     let _span = tracing::info_span!("assignment", session = %a.session).entered();
     // Joined before connecting: the previous plane's links and its KV cache are gone by now.
     let mut kept = previous.and_then(|t| t.join().ok().flatten());
-    release_freed_memory();
+    gemma_proto::process::release_freed_memory();
     let (shard, plane, key, weights_kept) = match assemble(&a, &mut kept, listener, &ctx) {
         Ok(assembled) => assembled,
         Err(e) => {
@@ -274,9 +274,27 @@ fn compute(
     })
 }
 
+/// How long the compute thread waits without a step before it gives freed memory back: far
+/// longer than the gap between two steps of a serving cluster, short enough that a worker's
+/// memory falls soon after its load does.
+const IDLE_TRIM_AFTER: Duration = Duration::from_millis(500);
+
+/// The next order; None once every sender is gone. A wait longer than [`IDLE_TRIM_AFTER`] gives
+/// freed memory back first, once per idle spell.
+fn next_order(orders: &mpsc::Receiver<Order>) -> Option<Order> {
+    match orders.recv_timeout(IDLE_TRIM_AFTER) {
+        Ok(order) => Some(order),
+        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            gemma_proto::process::release_freed_memory();
+            orders.recv().ok()
+        }
+    }
+}
+
 /// Runs the steps of this assignment until it is stopped.
 fn serve(shard: &Shard, plane: &DataPlane, orders: &mpsc::Receiver<Order>, session: Session) {
-    while let Ok(Order::Step(job)) = orders.recv() {
+    while let Some(Order::Step(job)) = next_order(orders) {
         let step_id = job.request.step_id;
         let _span = tracing::debug_span!("step", step_id).entered();
         // The stream checked the session against the holder; this thread serves only its own.
@@ -490,16 +508,5 @@ impl ProgressReporter {
         if let Some(t) = self.thread {
             let _ = t.join();
         }
-    }
-}
-
-/// Gives the memory freed by ended assignments back to the kernel. Each compute thread
-/// allocates from its own glibc arena, which keeps freed pages: without this, every
-/// re-assignment would leave its predecessor's KV cache and activations resident.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory to the kernel; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

@@ -40,6 +40,8 @@ pub struct Shared {
     pub model: String,
     pub t0: Instant,
     pub stop: AtomicBool,
+    /// While set, clients send no new request (the soak measures memory at a quiet moment).
+    pub paused: AtomicBool,
 }
 
 /// Runs requests until `shared.stop`; returns every request's record.
@@ -47,6 +49,9 @@ pub fn run(shared: Arc<Shared>, seed: u64) -> Vec<Record> {
     let mut rng = SplitMix64::new(seed);
     let mut records = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
+        while shared.paused.load(Ordering::Relaxed) && !shared.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let streamed = rng.next_f64() < 0.5;
         // A fifth of the streamed requests hang up after a few events.
         let cancel_after = (streamed && rng.next_f64() < 0.2).then(|| 1 + (rng.next_u64() % 4));

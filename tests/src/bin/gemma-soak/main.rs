@@ -107,6 +107,7 @@ fn main() -> Result<()> {
         model: model_name,
         t0: Instant::now(),
         stop: Default::default(),
+        paused: Default::default(),
     });
     let clients: Vec<_> = (0..cli.clients)
         .map(|i| {
@@ -121,23 +122,21 @@ fn main() -> Result<()> {
         let (shared, pids) = (shared.clone(), pids(&coord, &workers));
         std::thread::spawn(move || report::sample_memory(&shared, &pids))
     };
+    // Warm-up under load, then memory at a quiet moment; the faults follow with the load back on.
+    faults::sleep_until(shared.t0 + duration.mul_f64(0.15));
+    shared.paused.store(true, Ordering::Relaxed);
+    memory.start = report::quiet_memory(&coord.addr, &pids(&coord, &workers));
+    shared.paused.store(false, Ordering::Relaxed);
     let timeline = faults::inject(&shared, &coord.addr, &mut workers, duration)?;
-    // Memory is compared from a few seconds after the last recovery to the end: the burst of
-    // retried requests at each recovery raises every process's allocator high-water mark (a
-    // freshly restarted worker reaches the same level), so a sample from before the faults
-    // would call that a leak. A leak keeps climbing while the cluster serves steadily.
-    // Per-request buffers make a single sample noisy: the medians of the first and the last five
-    // one-second samples of that window are compared.
-    faults::sleep_until(Instant::now() + Duration::from_secs(5));
-    let until = (shared.t0 + duration).max(Instant::now() + Duration::from_secs(12));
-    let steady = report::sample_until(&pids(&coord, &workers), until);
-    (memory.start, memory.end) = report::first_and_last_medians(&steady, 5);
+    faults::sleep_until(shared.t0 + duration);
     shared.stop.store(true, Ordering::Relaxed);
     let records: Vec<client::Record> = clients
         .into_iter()
         .flat_map(|c| c.join().unwrap_or_default())
         .collect();
     let kv_used = faults::kv_blocks_in_use(&coord.addr);
+    // The restarted worker's slot compares its successor with it.
+    memory.end = report::quiet_memory(&coord.addr, &pids(&coord, &workers));
     memory.series = series.join().unwrap_or_default();
     memory.judged = cli.judge_memory;
     let verdict = report::print(&records, &timeline, kv_used, &memory);

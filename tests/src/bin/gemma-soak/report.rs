@@ -34,39 +34,32 @@ pub fn sample_memory(shared: &crate::client::Shared, pids: &[u32]) -> Vec<Vec<Op
     series
 }
 
-/// Samples the resident memory of `pids` every second until `until`.
-pub fn sample_until(pids: &[u32], until: std::time::Instant) -> Vec<Vec<Option<u64>>> {
-    let mut samples = Vec::new();
-    while std::time::Instant::now() < until {
-        samples.push(
-            pids.iter()
-                .map(|&p| gemma_cluster_tests::process::rss_bytes(p))
-                .collect(),
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    samples
-}
-
-/// Per process, the median of the first `n` samples and of the last `n`.
-pub fn first_and_last_medians(
-    samples: &[Vec<Option<u64>>],
-    n: usize,
-) -> (Vec<Option<u64>>, Vec<Option<u64>>) {
-    let processes = samples.first().map_or(0, Vec::len);
-    let median = |rows: &[Vec<Option<u64>>], i: usize| {
-        let mut v: Vec<u64> = rows
+/// Resident memory of `pids` at a quiet moment: no request in flight or waiting, then a few
+/// seconds for the processes to go idle and give their freed buffers back (a worker does after
+/// half a second without a step, the coordinator after a second without one). Comparing two quiet
+/// moments compares what each process keeps, not the load it happens to be carrying: a leak is
+/// memory kept. The smallest of three samples a second apart is taken.
+pub fn quiet_memory(addr: &str, pids: &[u32]) -> Vec<Option<u64>> {
+    let idle = |m: &std::collections::HashMap<String, f64>| {
+        ["kv_blocks_used", "queue_length", "running_sequences"]
             .iter()
-            .filter_map(|r| r.get(i).copied().flatten())
-            .collect();
-        v.sort_unstable();
-        v.get(v.len() / 2).copied()
+            .all(|g| m.get(&format!("gemma_cluster_{g}")) == Some(&0.0))
     };
-    let first = &samples[..n.min(samples.len())];
-    let last = &samples[samples.len().saturating_sub(n)..];
-    (0..processes)
-        .map(|i| (median(first, i), median(last, i)))
-        .unzip()
+    if gemma_cluster_tests::http::wait_for_metrics(addr, Duration::from_secs(30), idle).is_err() {
+        eprintln!("soak: the cluster did not go quiet within 30 s; memory sampled anyway");
+    }
+    let mut least: Vec<Option<u64>> = vec![None; pids.len()];
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(1));
+        for (l, &p) in least.iter_mut().zip(pids) {
+            let now = gemma_cluster_tests::process::rss_bytes(p);
+            *l = match (*l, now) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+    least
 }
 
 /// Most a process's memory may grow from start to end.
@@ -247,7 +240,7 @@ fn print_memory(memory: &Memory, failures: &mut Vec<String>) {
             (Some(s), Some(e)) => {
                 let growth = *e as f64 / (*s).max(1) as f64 - 1.0;
                 println!(
-                    "RSS {name:<12} {:>8.1} MiB after recovery -> {:>8.1} MiB at the end ({:+.1} %, medians of 5 s)",
+                    "RSS {name:<12} {:>8.1} MiB quiet before the faults -> {:>8.1} MiB quiet at the end ({:+.1} %)",
                     mib(*s),
                     mib(*e),
                     growth * 100.0
