@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::cluster::{Cluster, ClusterError, ClusterStatus, StepOutput};
 use crate::metrics::{Metrics, Outcome};
-use crate::sampler::{SampleError, Sampled, Sampler, SamplingParams};
+use crate::sampler::{Draw, SampleError, Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -654,13 +654,15 @@ impl<C: StepCluster> Engine<C> {
             let end = (s.cached + budget).min(s.context.len());
             let tokens = s.context[s.cached..end].to_vec();
             budget -= tokens.len();
+            let ask = s.sampler.ask();
             batch.seqs.push(SeqStep {
                 seq_id: s.id,
                 tokens,
                 start_pos: s.cached,
                 block_table: s.kv.block_table().to_vec(),
-                top_candidates: s.sampler.candidates_needed(),
-                log_probs: s.sampler.needs_log_sum_exp(),
+                top_candidates: ask.top_candidates,
+                log_probs: ask.log_probs,
+                sampling: ask.sampling,
             });
         }
         batch
@@ -712,8 +714,14 @@ impl<C: StepCluster> Engine<C> {
             if seq.cached < seq.context.len() {
                 continue; // a prefill chunk that is not the last
             }
-            let sampled = match seq.sampler.sample(logits) {
-                Ok(s) => s,
+            let sampled = match seq.sampler.draw(logits) {
+                Ok(Draw::Token(s)) => s,
+                Ok(Draw::Retry) => {
+                    // The nucleus was wider than the candidates: recompute the last position
+                    // (its KV entry is rewritten with the same values) and ask for more.
+                    seq.cached -= 1;
+                    continue;
+                }
                 Err(e) => {
                     finished.push((seq.id, Err(e.into())));
                     continue;
