@@ -592,19 +592,143 @@ mod tests {
                 }
             }
         }
-        // Penalties or an unlimited top-k need every logit.
-        assert_eq!(
-            Sampler::new(
-                SamplingParams {
-                    repetition_penalty: 1.1,
-                    ..params(0.0)
-                },
-                &[]
-            )
-            .candidates_needed(),
-            0
-        );
-        assert_eq!(Sampler::new(params(0.7), &[]).candidates_needed(), 0);
+        // Penalties are applied by the last stage; an unlimited top-k races Gumbel noise there.
+        let penalized = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 1.1,
+                ..params(0.0)
+            },
+            &[3, 9],
+        )
+        .ask();
+        assert_eq!(penalized.top_candidates, 1);
+        let spec = penalized.sampling.expect("a compact ask");
+        assert_eq!(spec.penalties.expect("penalties").ids, [3, 9]);
+        let plain = Sampler::new(params(0.7), &[]).ask();
+        assert_eq!(plain.top_candidates, 0);
+        assert!(plain.sampling.expect("a compact ask").gumbel);
+    }
+
+    /// A last stage of `ranks` equal slices answering `ask` for `logits` at `end_pos`, joined.
+    fn last_stage(logits: &[f32], ranks: usize, ask: &Ask, end_pos: usize) -> SeqLogits {
+        use gemma_proto::candidates::join_ranks;
+        use gemma_proto::{SeqStep, StepBatch};
+        let seq = SeqStep {
+            seq_id: 1,
+            tokens: vec![0],
+            start_pos: end_pos - 1,
+            block_table: Vec::new(),
+            top_candidates: ask.top_candidates,
+            log_probs: ask.log_probs,
+            sampling: ask.sampling.clone(),
+        };
+        let width = logits.len().div_ceil(ranks);
+        let answers = logits
+            .chunks(width)
+            .enumerate()
+            .map(|(r, slice)| {
+                let first = (r * width) as u32;
+                let answer = match &seq.sampling {
+                    Some(_) => SeqLogits::Compact(
+                        Compact::of_slice(slice, first, &seq).expect("a compact ask"),
+                    ),
+                    None if seq.top_candidates == 0 => SeqLogits::Full(slice.to_vec()),
+                    None => SeqLogits::Top {
+                        candidates: top_candidates(slice, seq.top_candidates as usize, first),
+                        log_sum_exp: log_sum_exp(slice),
+                    },
+                };
+                vec![answer]
+            })
+            .collect();
+        let batch = StepBatch { seqs: vec![seq] };
+        join_ranks(answers, &batch)
+            .expect("joined")
+            .pop()
+            .expect("one sequence")
+    }
+
+    /// Asks until the sampler has a token (a nucleus may need more candidates), as the engine
+    /// does; returns the token and how many steps it took.
+    fn draw_compact(s: &mut Sampler, logits: &[f32], ranks: usize, end_pos: usize) -> (Sampled, usize) {
+        for steps in 1..=4 {
+            match s.draw(last_stage(logits, ranks, &s.ask(), end_pos)).expect("drawn") {
+                Draw::Token(t) => return (t, steps),
+                Draw::Retry => continue,
+            }
+        }
+        panic!("no token after 4 asks");
+    }
+
+    /// Penalties on the last stage, and a nucleus that needs more candidates than first asked,
+    /// sample exactly as every logit on the coordinator does (same stream, same tokens), with
+    /// the model's log-probabilities.
+    #[test]
+    fn compact_answers_sample_exactly_like_full_logits() {
+        let mut rng = SplitMix64::new(3);
+        let cases = [
+            (0.0, 0, 1.0, 0.0, 1.3, 0.4, 0.2),
+            (0.9, 40, 0.9, 0.0, 1.2, 0.0, 0.5),
+            (1.0, 0, 0.97, 0.0, 1.0, 0.0, 0.0),
+            (1.4, 0, 1.0, 0.002, 1.0, 0.3, 0.0),
+            (0.8, 0, 0.9, 0.01, 1.5, 0.1, 0.1),
+        ];
+        let mut retried = false;
+        for (temperature, top_k, top_p, min_p, repetition, frequency, presence) in cases {
+            let p = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty: repetition,
+                frequency_penalty: frequency,
+                presence_penalty: presence,
+                seed: 11,
+            };
+            let prompt = [5, 17, 5, 2999];
+            let mut full = Sampler::with_logprobs(p.clone(), &prompt, 3);
+            let mut compact = Sampler::with_logprobs(p, &prompt, 3);
+            for pos in 10..40 {
+                // Flat enough that a top-p of 0.97 spans hundreds of tokens.
+                let logits: Vec<f32> = (0..3000)
+                    .map(|_| (rng.next_f64() * 3.0 - 1.5) as f32)
+                    .collect();
+                let a = full.sample(SeqLogits::Full(logits.clone())).expect("sampled");
+                let (b, steps) = draw_compact(&mut compact, &logits, 3, pos);
+                retried |= steps > 1;
+                assert_eq!(a.token, b.token, "{temperature} {top_k} {top_p} {min_p}");
+                assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} {b:?}");
+                assert_eq!(a.top_logprobs.len(), b.top_logprobs.len());
+                for (x, y) in a.top_logprobs.iter().zip(&b.top_logprobs) {
+                    assert_eq!(x.0, y.0);
+                    assert!((x.1 - y.1).abs() < 1e-4);
+                }
+            }
+        }
+        assert!(retried, "some nucleus needed more candidates than first asked");
+    }
+
+    /// Plain temperature sampling draws the same tokens from one slice as from three: the noise
+    /// belongs to (seed, position, token), not to a rank.
+    #[test]
+    fn gumbel_draws_do_not_depend_on_the_split() {
+        let mut rng = SplitMix64::new(8);
+        let p = SamplingParams {
+            repetition_penalty: 1.2,
+            ..params(0.9)
+        };
+        let mut one = Sampler::with_logprobs(p.clone(), &[4], 2);
+        let mut three = Sampler::with_logprobs(p, &[4], 2);
+        for pos in 1..50 {
+            let logits: Vec<f32> = (0..1000)
+                .map(|_| (rng.next_f64() * 8.0 - 4.0) as f32)
+                .collect();
+            let (a, _) = draw_compact(&mut one, &logits, 1, pos);
+            let (b, _) = draw_compact(&mut three, &logits, 3, pos);
+            // The same token; log-probabilities up to the rounding of joining log-sum-exps.
+            assert_eq!(a.token, b.token);
+            assert!((a.logprob - b.logprob).abs() < 1e-5);
+        }
     }
 
     /// A sampler for `prompt` that has already output `generated` (recorded through one-candidate

@@ -3,8 +3,12 @@
 //! joined form tells the sampler how far its candidates are certainly the distribution's best,
 //! so a top-p / min-p nucleus is either covered (sampled exactly) or asked for again with more.
 
-use crate::candidates::{candidate_order, combine_log_sum_exp, merge_candidates};
-use crate::noise::GumbelPick;
+use crate::candidates::{
+    candidate_order, combine_log_sum_exp, log_sum_exp, merge_candidates,
+    scaled_log_sum_exp_by_column, top_candidates,
+};
+use crate::noise::{GumbelPick, GumbelRace};
+use crate::step::SeqStep;
 
 /// One rank's compact answer, or (after [`join_compact`]) the whole vocabulary's.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +28,57 @@ pub struct Compact {
     pub gumbel: Option<GumbelPick>,
     /// Every token of the slice (joined: of the vocabulary) is among `candidates`.
     pub complete: bool,
+}
+
+impl Compact {
+    /// One rank's answer from its slice of one sequence's logits (ids from `first_id`), as the
+    /// step `seq` asks it: the plain definition, one column at a time, that the last stage's
+    /// batched selection must equal.
+    pub fn of_slice(logits: &[f32], first_id: u32, seq: &SeqStep) -> Option<Compact> {
+        let spec = seq.sampling.as_ref()?;
+        let mut sampling = logits.to_vec();
+        if let Some(p) = &spec.penalties {
+            let rows = first_id as usize..first_id as usize + logits.len();
+            for (id, count) in p.within(rows) {
+                let at = (id - first_id) as usize;
+                sampling[at] = p.apply(sampling[at], count);
+            }
+        }
+        let candidates = top_candidates(&sampling, seq.top_candidates as usize, first_id);
+        let top_raw = match spec.penalties {
+            Some(_) => top_candidates(logits, spec.top_logprobs as usize, first_id),
+            None => Vec::new(),
+        };
+        let gumbel = match spec.gumbel {
+            true => {
+                let key = spec.noise_key(seq.end_pos());
+                let mut race = GumbelRace::new(key, spec.temperature);
+                for (i, (&l, &r)) in sampling.iter().zip(logits).enumerate() {
+                    race.offer(first_id + i as u32, l, r);
+                }
+                race.winner()
+            }
+            false => None,
+        };
+        Some(Compact {
+            raw_logits: candidates
+                .iter()
+                .map(|&(_, id)| logits[(id - first_id) as usize])
+                .collect(),
+            complete: seq.top_candidates as usize >= logits.len(),
+            candidates,
+            top_raw,
+            log_sum_exp: match seq.log_probs {
+                true => log_sum_exp(logits),
+                false => f32::NAN,
+            },
+            scaled_log_sum_exp: match spec.scaled_log_sum_exp {
+                true => scaled_log_sum_exp_by_column(&sampling, 1, &[Some(spec.temperature)])[0],
+                false => f64::NAN,
+            },
+            gumbel,
+        })
+    }
 }
 
 /// Joins the ranks' compact answers for one sequence (rank order); `top_raw` keeps the best
@@ -88,7 +143,6 @@ pub fn log_sum_exp_f64(values: impl Iterator<Item = f64> + Clone) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::candidates::top_candidates;
 
     fn rank(logits: &[f32], first: u32, n: usize) -> Compact {
         let candidates = top_candidates(logits, n, first);

@@ -242,7 +242,7 @@ mod tests {
             let plain = (0..5000u32)
                 .map(|t| GumbelPick {
                     token: t,
-                    score: score(logits[t as usize], 0.9, key.gumbel(t)),
+                    score: score(logits[t as usize], f64::from(0.9f32), key.gumbel(t)),
                     logit: logits[t as usize],
                 })
                 .reduce(GumbelPick::better)

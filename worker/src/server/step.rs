@@ -191,3 +191,79 @@ fn penalize(batch: &StepBatch, values: &[f32], first_id: u32) -> Option<Vec<f32>
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gemma_proto::{Penalties, SeqStep, SplitMix64};
+
+    fn seq(id: u64, top: u32, log_probs: bool, sampling: Option<SampleSpec>) -> SeqStep {
+        SeqStep {
+            seq_id: id,
+            tokens: vec![1, 2],
+            start_pos: 5 + id as usize,
+            block_table: Vec::new(),
+            top_candidates: top,
+            log_probs,
+            sampling,
+        }
+    }
+
+    fn spec(gumbel: bool, scaled: bool, penalties: bool) -> SampleSpec {
+        SampleSpec {
+            temperature: 0.8,
+            seed: 9,
+            gumbel,
+            scaled_log_sum_exp: scaled,
+            top_logprobs: 2,
+            penalties: penalties.then(|| Penalties {
+                repetition: 1.3,
+                frequency: 0.5,
+                presence: 0.25,
+                ids: vec![3, 1003, 1100, 1499, 4000],
+                output_counts: vec![1, 0, 2, 1, 7],
+            }),
+        }
+    }
+
+    /// The batched, vocabulary-major selection equals the one-column definition for every mix
+    /// of asks in one batch.
+    #[test]
+    fn batched_selection_equals_the_per_column_definition() {
+        let batch = StepBatch {
+            seqs: vec![
+                seq(0, 4, true, None),
+                seq(1, 3, true, Some(spec(true, false, true))),
+                seq(2, 0, false, Some(spec(true, false, false))),
+                seq(3, 64, true, Some(spec(false, true, true))),
+                seq(4, 0, false, None),
+            ],
+        };
+        let (rows, first_id) = (500usize, 1000u32);
+        let seqs = batch.seqs.len();
+        let mut rng = SplitMix64::new(4);
+        let values: Vec<f32> = (0..rows * seqs)
+            .map(|_| (rng.next_f64() * 10.0 - 5.0) as f32)
+            .collect();
+        let got = select_outputs(&batch, &values, first_id);
+        for (i, (out, s)) in got.into_iter().zip(&batch.seqs).enumerate() {
+            let column: Vec<f32> = values.iter().skip(i).step_by(seqs).copied().collect();
+            match s.sampling {
+                Some(_) => {
+                    let want = Compact::of_slice(&column, first_id, s).expect("compact");
+                    // Debug text: NaN (a log-sum-exp not asked for) equals itself there.
+                    let want = SeqLogits::Compact(want);
+                    assert_eq!(format!("{out:?}"), format!("{want:?}"), "sequence {i}");
+                }
+                None if s.top_candidates == 0 => assert_eq!(out, SeqLogits::Full(column)),
+                None => assert_eq!(
+                    out,
+                    SeqLogits::Top {
+                        candidates: candidates::top_candidates(&column, 4, first_id),
+                        log_sum_exp: candidates::log_sum_exp(&column),
+                    }
+                ),
+            }
+        }
+    }
+}
