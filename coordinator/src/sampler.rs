@@ -1,19 +1,27 @@
-//! Per-request sampling from the full-vocabulary logits: penalties, then greedy or
-//! temperature / top-k / top-p / min-p. A request's randomness is its own seeded stream, one
-//! draw per sampled token, so it never depends on the cluster's shape or on other requests.
+//! Per-request sampling: penalties, then greedy or temperature / top-k / top-p / min-p. A
+//! request's randomness is keyed by its own seed and the sampled position, so it never depends
+//! on the cluster's shape or on other requests.
 //!
 //! The definitions, as vLLM applies them: HF's repetition penalty over prompt and output tokens,
 //! then OpenAI's frequency and presence penalties over output tokens only; then HF's warpers in
 //! HF's order, each on what the one before kept: temperature, top-k, top-p (the smallest set of
 //! most likely tokens holding at least p), min-p (at least min_p times the most likely token's
 //! probability). Log-probabilities are the raw model's, before penalties and temperature (vLLM's
-//! default). `coordinator/tests/sampling_statistics.rs` holds the draws to these definitions.
+//! default).
+//!
+//! Draws are Gumbel-max races: argmax of logit / T + G over the kept tokens, G keyed by (seed,
+//! position, token) (`gemma_proto::noise`), so a draw is the same wherever it is computed: on the
+//! coordinator over candidates or every logit, or on the last stage's ranks over their slices.
+//! The sampler asks the last stage (`ask`) for what its parameters need, never the vocabulary:
+//! the race's winner for plain temperature sampling, candidates for top-k, candidates checked
+//! for coverage for top-p / min-p (`Draw::Retry` asks again with more), penalties applied there. `coordinator/tests/sampling_statistics.rs` holds the draws to these definitions.
 
 use std::collections::BTreeMap;
 
 pub use gemma_proto::candidates::argmax;
 use gemma_proto::candidates::{candidate_order, log_sum_exp, top_candidates};
-use gemma_proto::{Compact, Penalties, SampleSpec, SeqLogits, SplitMix64};
+use gemma_proto::noise::{GumbelRace, NoiseKey};
+use gemma_proto::{Compact, Penalties, SampleSpec, SeqLogits};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -130,7 +138,9 @@ pub struct Sampler {
     /// Whether log-probabilities are reported at all.
     logprobs: bool,
     top_logprobs: usize,
-    rng: SplitMix64,
+    /// Tokens of the prompt and output so far: the position of the next token, which keys its
+    /// noise.
+    position: usize,
     /// Every token of prompt and output (repetition penalty) with its output count (frequency /
     /// presence penalties), by id.
     counts: BTreeMap<u32, u32>,
@@ -164,7 +174,7 @@ impl Sampler {
         };
         Self {
             logprobs: true,
-            rng: SplitMix64::new(params.seed),
+            position: prompt.len(),
             counts: prompt.iter().map(|&t| (t, 0)).collect(),
             top_logprobs,
             params,
@@ -380,8 +390,15 @@ impl Sampler {
             .collect()
     }
 
+    /// The position of the token the next draw samples (prompt + output so far): with the seed,
+    /// the key of its noise, here and on the last stage (`SeqStep::end_pos` of its step).
+    pub fn next_position(&self) -> usize {
+        self.position
+    }
+
     fn record(&mut self, token: u32, logprob: f32, top_logprobs: Vec<(u32, f32)>) -> Sampled {
         *self.counts.entry(token).or_default() += 1;
+        self.position += 1;
         Sampled {
             token,
             logprob,
@@ -455,21 +472,21 @@ impl Sampler {
             (None, Coverage::Whole) => probs.len(),
             (None, Coverage::Prefix { .. }) => return Ok(None),
         };
-        let kept: f64 = probs[..keep].iter().sum();
-        let mut u = self.rng.next_f64() * kept;
-        for (i, q) in probs[..keep].iter().enumerate() {
-            if u < *q {
-                return Ok(Some(cands[i].1));
-            }
-            u -= q;
+        // The Gumbel-max race over the nucleus, with the noise the last stage would use: the
+        // same draw whoever computes it, and robust to the rounding by which plans differ.
+        let key = NoiseKey::new(p.seed, self.next_position());
+        let mut race = GumbelRace::new(key, p.temperature);
+        for &(l, t) in &cands[..keep] {
+            race.offer(t, l, l);
         }
-        Ok(Some(cands[keep - 1].1))
+        Ok(race.winner().map(|w| w.token))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gemma_proto::SplitMix64;
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {
@@ -650,9 +667,10 @@ mod tests {
 
     /// Asks until the sampler has a token (a nucleus may need more candidates), as the engine
     /// does; returns the token and how many steps it took.
-    fn draw_compact(s: &mut Sampler, logits: &[f32], ranks: usize, end_pos: usize) -> (Sampled, usize) {
+    fn draw_compact(s: &mut Sampler, logits: &[f32], ranks: usize) -> (Sampled, usize) {
         for steps in 1..=4 {
-            match s.draw(last_stage(logits, ranks, &s.ask(), end_pos)).expect("drawn") {
+            let answer = last_stage(logits, ranks, &s.ask(), s.next_position());
+            match s.draw(answer).expect("drawn") {
                 Draw::Token(t) => return (t, steps),
                 Draw::Retry => continue,
             }
@@ -688,13 +706,13 @@ mod tests {
             let prompt = [5, 17, 5, 2999];
             let mut full = Sampler::with_logprobs(p.clone(), &prompt, 3);
             let mut compact = Sampler::with_logprobs(p, &prompt, 3);
-            for pos in 10..40 {
+            for _ in 0..30 {
                 // Flat enough that a top-p of 0.97 spans hundreds of tokens.
                 let logits: Vec<f32> = (0..3000)
                     .map(|_| (rng.next_f64() * 3.0 - 1.5) as f32)
                     .collect();
                 let a = full.sample(SeqLogits::Full(logits.clone())).expect("sampled");
-                let (b, steps) = draw_compact(&mut compact, &logits, 3, pos);
+                let (b, steps) = draw_compact(&mut compact, &logits, 3);
                 retried |= steps > 1;
                 assert_eq!(a.token, b.token, "{temperature} {top_k} {top_p} {min_p}");
                 assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} {b:?}");
@@ -719,12 +737,12 @@ mod tests {
         };
         let mut one = Sampler::with_logprobs(p.clone(), &[4], 2);
         let mut three = Sampler::with_logprobs(p, &[4], 2);
-        for pos in 1..50 {
+        for _ in 0..50 {
             let logits: Vec<f32> = (0..1000)
                 .map(|_| (rng.next_f64() * 8.0 - 4.0) as f32)
                 .collect();
-            let (a, _) = draw_compact(&mut one, &logits, 1, pos);
-            let (b, _) = draw_compact(&mut three, &logits, 3, pos);
+            let (a, _) = draw_compact(&mut one, &logits, 1);
+            let (b, _) = draw_compact(&mut three, &logits, 3);
             // The same token; log-probabilities up to the rounding of joining log-sum-exps.
             assert_eq!(a.token, b.token);
             assert!((a.logprob - b.logprob).abs() < 1e-5);

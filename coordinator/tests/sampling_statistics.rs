@@ -161,14 +161,15 @@ fn counts_from_candidates(logits: &[f32], f: Filters, seed: u64, draws: usize) -
 /// candidates for top-k and for a nucleus; each rank's answer built by the definition the
 /// workers' batched selection is held to.
 fn counts_compact(logits: &[f32], f: Filters, seed: u64, draws: usize) -> Vec<u64> {
-    let mut sampler = Sampler::new(f.params(seed), &[]);
+    // A one-token prompt: the step that samples position p feeds the token at p - 1.
+    let mut sampler = Sampler::new(f.params(seed), &[0]);
     let mut counts = vec![0u64; logits.len()];
-    for position in 1..=draws {
+    for _ in 0..draws {
         let ask = sampler.ask();
         let seq = SeqStep {
             seq_id: 1,
             tokens: vec![0],
-            start_pos: position - 1,
+            start_pos: sampler.next_position() - 1,
             block_table: Vec::new(),
             top_candidates: ask.top_candidates,
             log_probs: ask.log_probs,
