@@ -79,9 +79,11 @@ fn check_sampling(batch: &StepBatch) -> Result<(), StepError> {
     Ok(())
 }
 
-/// Per sequence, what its sampler asked for from this rank's vocabulary slice: the whole slice,
-/// or its largest logits and log-sum-exp (a few hundred bytes instead of the vocabulary).
-fn last_stage_output(
+/// Per sequence, what its sampler asked for from this rank's vocabulary slice (`logits`:
+/// `[slice rows, seqs]`, ids from `first_id`): the whole slice, its largest logits and
+/// log-sum-exp (a few hundred bytes instead of the vocabulary), or the compact answer of a
+/// `SampleSpec`.
+pub fn last_stage_output(
     batch: &StepBatch,
     logits: &candle_core::Tensor,
     first_id: u32,
