@@ -71,6 +71,9 @@ pub struct RequestSpec {
     /// Some(k): report log-probabilities with k alternatives per token.
     pub logprobs: Option<usize>,
     pub max_tokens: usize,
+    /// No stop token is drawn and no stop string ends the output before this many tokens
+    /// (vLLM's `min_tokens`); at most `max_tokens`.
+    pub min_tokens: usize,
     pub stop: Vec<String>,
     /// Generate through the stop tokens (<eos>, <end_of_turn>) until `max_tokens` or a stop
     /// string: a run whose length is known in advance (vLLM's `ignore_eos`).
@@ -394,12 +397,18 @@ struct Sequence {
 }
 
 impl Sequence {
-    fn new(id: u64, request: Request, kv: KvAllocation) -> Self {
+    /// `stop_ids`: the tokens that end a generation, never drawn before `min_tokens`.
+    fn new(id: u64, request: Request, kv: KvAllocation, stop_ids: &[u32]) -> Self {
         let s = &request.spec;
         let sampler = match s.logprobs {
             Some(k) => Sampler::with_logprobs(s.params.clone(), &s.prompt, k),
             None => Sampler::new(s.params.clone(), &s.prompt),
         };
+        let banned = match s.ignore_eos {
+            true => &[][..],
+            false => stop_ids,
+        };
+        let sampler = sampler.with_min_tokens(s.min_tokens, banned);
         Self {
             id,
             context: s.prompt.clone(),
@@ -616,7 +625,7 @@ impl<C: StepCluster> Engine<C> {
                     self.metrics
                         .prompt_tokens
                         .inc_by(r.spec.prompt.len() as u64);
-                    Sequence::new(self.next_id, r, alloc)
+                    Sequence::new(self.next_id, r, alloc, self.tokenizer.stop_ids())
                 }
                 Some(Waiting::Preempted(mut s)) => {
                     s.kv = alloc;
@@ -842,7 +851,11 @@ fn advance(
     if at_limit {
         seq.text.push_str(&seq.decoder.flush(tok).map_err(decode)?);
     }
-    let stopped = first_stop(&seq.text, stops);
+    // vLLM's min_tokens: stop strings count only from then on.
+    let stopped = match seq.generated >= seq.request.spec.min_tokens {
+        true => first_stop(&seq.text, stops),
+        false => None,
+    };
     if let Some(at) = stopped {
         seq.text.truncate(at);
     }
@@ -1026,6 +1039,7 @@ mod tests {
             logprobs: None,
             max_tokens: 4,
             stop: Vec::new(),
+            min_tokens: 0,
             ignore_eos: false,
         }
     }
@@ -1124,6 +1138,7 @@ mod tests {
     #[tokio::test]
     async fn ignore_eos_runs_to_max_tokens() {
         let spec = RequestSpec {
+            min_tokens: 0,
             ignore_eos: true,
             ..greedy_request()
         };

@@ -147,6 +147,10 @@ pub struct Sampler {
     mode: Mode,
     /// Candidates to ask for in `Mode::Nucleus`.
     nucleus_guess: usize,
+    prompt_len: usize,
+    /// Tokens not drawn while fewer than `min_tokens` were output (vLLM's min_tokens).
+    banned: Vec<u32>,
+    min_tokens: usize,
 }
 
 impl Sampler {
@@ -180,12 +184,31 @@ impl Sampler {
             params,
             mode,
             nucleus_guess: FIRST_NUCLEUS_GUESS,
+            prompt_len: prompt.len(),
+            banned: Vec::new(),
+            min_tokens: 0,
         }
     }
 
+    /// The same sampler, never drawing `stop_ids` before `min_tokens` tokens are out.
+    pub fn with_min_tokens(mut self, min_tokens: usize, stop_ids: &[u32]) -> Self {
+        self.min_tokens = min_tokens;
+        self.banned = stop_ids.to_vec();
+        self
+    }
+
+    fn banning(&self) -> bool {
+        !self.banned.is_empty() && self.position - self.prompt_len < self.min_tokens
+    }
+
+    /// Whether the sampling logits differ from the model's: penalties, or stop tokens banned
+    /// before min_tokens.
     fn has_penalties(&self) -> bool {
         let p = &self.params;
-        p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0
+        p.repetition_penalty != 1.0
+            || p.frequency_penalty != 0.0
+            || p.presence_penalty != 0.0
+            || self.banning()
     }
 
     /// How many candidates the last stage sends per rank (0 with `Mode::Full`: every logit; or,
@@ -248,6 +271,10 @@ impl Sampler {
             presence: p.presence_penalty,
             ids,
             output_counts,
+            banned: match self.banning() {
+                true => self.banned.clone(),
+                false => Vec::new(),
+            },
         }
     }
 
@@ -414,6 +441,11 @@ impl Sampler {
         for (t, n) in penalties.ids.iter().zip(&penalties.output_counts) {
             if let Some(l) = logits.get_mut(*t as usize) {
                 *l = penalties.apply(*l, *n);
+            }
+        }
+        for t in &penalties.banned {
+            if let Some(l) = logits.get_mut(*t as usize) {
+                *l = f32::NEG_INFINITY;
             }
         }
     }

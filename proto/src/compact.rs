@@ -39,9 +39,12 @@ impl Compact {
         let mut sampling = logits.to_vec();
         if let Some(p) = &spec.penalties {
             let rows = first_id as usize..first_id as usize + logits.len();
-            for (id, count) in p.within(rows) {
+            for (id, count) in p.within(rows.clone()) {
                 let at = (id - first_id) as usize;
                 sampling[at] = p.apply(sampling[at], count);
+            }
+            for id in p.banned_within(rows) {
+                sampling[(id - first_id) as usize] = f32::NEG_INFINITY;
             }
         }
         let candidates = top_candidates(&sampling, seq.top_candidates as usize, first_id);

@@ -36,6 +36,9 @@ pub struct Penalties {
     pub presence: f32,
     pub ids: Vec<u32>,
     pub output_counts: Vec<u32>,
+    /// Tokens that may not be drawn (stop tokens before `min_tokens`): sampling logit -inf.
+    #[serde(default)]
+    pub banned: Vec<u32>,
 }
 
 /// Why a sampling request cannot be served (checked on every rank before the step runs).
@@ -117,6 +120,14 @@ impl Penalties {
             l -= self.frequency * output_count as f32 + self.presence;
         }
         l
+    }
+
+    /// The banned ids inside `rows` (global ids).
+    pub fn banned_within(&self, rows: std::ops::Range<usize>) -> impl Iterator<Item = u32> + '_ {
+        self.banned
+            .iter()
+            .copied()
+            .filter(move |&id| rows.contains(&(id as usize)))
     }
 
     /// The ids inside `rows` (global ids) with their counts.

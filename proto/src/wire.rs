@@ -92,6 +92,7 @@ impl From<&SampleSpec> for pb::SampleSpec {
                 presence: p.presence,
                 ids: p.ids.clone(),
                 output_counts: p.output_counts.clone(),
+                banned: p.banned.clone(),
             }),
         }
     }
@@ -111,6 +112,7 @@ impl From<pb::SampleSpec> for SampleSpec {
                 presence: p.presence,
                 ids: p.ids,
                 output_counts: p.output_counts,
+                banned: p.banned,
             }),
         }
     }

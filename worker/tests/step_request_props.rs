@@ -83,14 +83,18 @@ fn sample_spec() -> impl Strategy<Value = pb::SampleSpec> {
         float.clone(),
         vec(prop_oneof![4 => 0..VOCAB as u32, 1 => any::<u32>()], 0..6),
         vec(0u32..5, 0..6),
+        vec(prop_oneof![4 => 0..VOCAB as u32, 1 => any::<u32>()], 0..3),
     )
-        .prop_map(|(repetition, frequency, presence, ids, output_counts)| pb::Penalties {
-            repetition,
-            frequency,
-            presence,
-            ids,
-            output_counts,
-        });
+        .prop_map(
+            |(repetition, frequency, presence, ids, output_counts, banned)| pb::Penalties {
+                repetition,
+                frequency,
+                presence,
+                ids,
+                output_counts,
+                banned,
+            },
+        );
     (
         float,
         any::<u64>(),

@@ -190,6 +190,9 @@ fn penalize(batch: &StepBatch, values: &[f32], first_id: u32) -> Option<Vec<f32>
             let at = (id - first_id) as usize * seqs + s;
             out[at] = p.apply(out[at], count);
         }
+        for id in p.banned_within(slice.clone()) {
+            out[(id - first_id) as usize * seqs + s] = f32::NEG_INFINITY;
+        }
     }
     Some(out)
 }
@@ -224,6 +227,7 @@ mod tests {
                 presence: 0.25,
                 ids: vec![3, 1003, 1100, 1499, 4000],
                 output_counts: vec![1, 0, 2, 1, 7],
+                banned: vec![1001, 1200, 7],
             }),
         }
     }
