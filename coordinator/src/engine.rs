@@ -393,6 +393,8 @@ struct Sequence {
     /// All text so far and how much of it the client has.
     text: String,
     sent: usize,
+    /// Where stop strings may start in `text`: past the text of the tokens before min_tokens.
+    stops_from: usize,
     last_token_at: Option<Instant>,
 }
 
@@ -420,6 +422,7 @@ impl Sequence {
             decoder: IncrementalDecoder::default(),
             text: String::new(),
             sent: 0,
+            stops_from: 0,
             last_token_at: None,
         }
     }
@@ -851,11 +854,12 @@ fn advance(
     if at_limit {
         seq.text.push_str(&seq.decoder.flush(tok).map_err(decode)?);
     }
-    // vLLM's min_tokens: stop strings count only from then on.
-    let stopped = match seq.generated >= seq.request.spec.min_tokens {
-        true => first_stop(&seq.text, stops),
-        false => None,
-    };
+    // vLLM's min_tokens: stop strings count only in text from the min_tokens-th token on.
+    if seq.generated < seq.request.spec.min_tokens {
+        seq.stops_from = seq.text.len();
+    }
+    let from = seq.stops_from;
+    let stopped = first_stop(&seq.text[from..], stops).map(|at| from + at);
     if let Some(at) = stopped {
         seq.text.truncate(at);
     }
@@ -1138,7 +1142,6 @@ mod tests {
     #[tokio::test]
     async fn ignore_eos_runs_to_max_tokens() {
         let spec = RequestSpec {
-            min_tokens: 0,
             ignore_eos: true,
             ..greedy_request()
         };

@@ -925,6 +925,31 @@ mod tests {
         );
     }
 
+    /// Before min_tokens the stop tokens are banned where the logits are (the ask carries them)
+    /// and, given every logit, here; from then on they are ordinary tokens.
+    #[test]
+    fn stop_tokens_are_not_drawn_before_min_tokens() {
+        let mut s = Sampler::with_logprobs(params(0.0), &[7], 1).with_min_tokens(2, &[1, 107]);
+        let logits = || {
+            let mut l = vec![0.0f32; 200];
+            l[1] = 5.0;
+            l[107] = 4.0;
+            l[9] = 3.0;
+            l
+        };
+        for _ in 0..2 {
+            let ask = s.ask();
+            let banned = ask.sampling.and_then(|s| s.penalties).map(|p| p.banned);
+            assert_eq!(banned, Some(vec![1, 107]));
+            let t = s.sample(SeqLogits::Full(logits())).expect("sampled");
+            assert_eq!(t.token, 9);
+            // The reported log-probability is the model's, and <eos> still leads its list.
+            assert_eq!(t.top_logprobs[0].0, 1);
+        }
+        assert_eq!(s.ask().sampling, None, "greedy asks for candidates again");
+        assert_eq!(s.sample(SeqLogits::Full(logits())).expect("sampled").token, 1);
+    }
+
     #[test]
     fn nothing_to_sample_from_is_an_error_not_token_0() {
         for p in [params(0.0), params(0.8)] {
