@@ -300,7 +300,9 @@ impl Sampler {
             SeqLogits::Full(row) => return self.sample_full(row).map(Draw::Token),
             SeqLogits::Compact(c) => return self.sample_compact(c),
         };
-        let token = self.pick(&candidates, Coverage::Whole)?.ok_or(SampleError::Uncovered)?;
+        let token = self
+            .pick(&candidates, Coverage::Whole)?
+            .ok_or(SampleError::Uncovered)?;
         let logprob = candidates
             .iter()
             .find(|c| c.1 == token)
@@ -339,7 +341,9 @@ impl Sampler {
             all
         };
         // Log-probabilities are the model's: of the raw logits, before penalties.
-        let token = self.pick(&cands, Coverage::Whole)?.ok_or(SampleError::Uncovered)?;
+        let token = self
+            .pick(&cands, Coverage::Whole)?
+            .ok_or(SampleError::Uncovered)?;
         let logprob = raw
             .get(token as usize)
             .map_or(f32::NEG_INFINITY, |l| l - lse);
@@ -383,7 +387,9 @@ impl Sampler {
                 }
             }
             Mode::Greedy | Mode::TopK(_) | Mode::Full => {
-                let token = self.pick(&c.candidates, Coverage::Whole)?.ok_or(SampleError::Uncovered)?;
+                let token = self
+                    .pick(&c.candidates, Coverage::Whole)?
+                    .ok_or(SampleError::Uncovered)?;
                 (token, raw_of(token))
             }
         };
@@ -743,7 +749,9 @@ mod tests {
                 let logits: Vec<f32> = (0..3000)
                     .map(|_| (rng.next_f64() * 3.0 - 1.5) as f32)
                     .collect();
-                let a = full.sample(SeqLogits::Full(logits.clone())).expect("sampled");
+                let a = full
+                    .sample(SeqLogits::Full(logits.clone()))
+                    .expect("sampled");
                 let (b, steps) = draw_compact(&mut compact, &logits, 3);
                 retried |= steps > 1;
                 assert_eq!(a.token, b.token, "{temperature} {top_k} {top_p} {min_p}");
@@ -755,7 +763,10 @@ mod tests {
                 }
             }
         }
-        assert!(retried, "some nucleus needed more candidates than first asked");
+        assert!(
+            retried,
+            "some nucleus needed more candidates than first asked"
+        );
     }
 
     /// Plain temperature sampling draws the same tokens from one slice as from three: the noise
@@ -947,7 +958,10 @@ mod tests {
             assert_eq!(t.top_logprobs[0].0, 1);
         }
         assert_eq!(s.ask().sampling, None, "greedy asks for candidates again");
-        assert_eq!(s.sample(SeqLogits::Full(logits())).expect("sampled").token, 1);
+        assert_eq!(
+            s.sample(SeqLogits::Full(logits())).expect("sampled").token,
+            1
+        );
     }
 
     #[test]

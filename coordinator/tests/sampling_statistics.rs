@@ -450,8 +450,16 @@ fn draws_do_not_fit_a_wrong_distribution() {
     rejects(&drawn, &expected(&LOGITS, at(0.85)), "T 1.0 against T 0.85");
     // The Gumbel race too.
     let raced = counts_compact(&LOGITS, at(1.0), 100, DRAWS);
-    rejects(&raced, &expected(&LOGITS, at(1.3)), "raced T 1.0 against T 1.3");
-    rejects(&raced, &expected(&LOGITS, at(0.85)), "raced T 1.0 against T 0.85");
+    rejects(
+        &raced,
+        &expected(&LOGITS, at(1.3)),
+        "raced T 1.0 against T 1.3",
+    );
+    rejects(
+        &raced,
+        &expected(&LOGITS, at(0.85)),
+        "raced T 1.0 against T 0.85",
+    );
     // top-k 5 drawn, top-k 6 expected: the sixth token is missing.
     let drawn = counts(&LOGITS, Filters { top_k: 5, ..PLAIN }, 200, DRAWS);
     rejects(

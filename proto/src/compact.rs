@@ -106,7 +106,12 @@ pub fn join_compact(parts: Vec<Compact>, top_logprobs: usize) -> Compact {
     }
     let mut merged: Vec<((f32, u32), f32)> = parts
         .iter()
-        .flat_map(|p| p.candidates.iter().copied().zip(p.raw_logits.iter().copied()))
+        .flat_map(|p| {
+            p.candidates
+                .iter()
+                .copied()
+                .zip(p.raw_logits.iter().copied())
+        })
         .collect();
     merged.sort_unstable_by(|a, b| candidate_order(&a.0, &b.0));
     if no_exact {

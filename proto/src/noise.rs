@@ -212,7 +212,10 @@ mod tests {
         let key = NoiseKey::new(42, 7);
         for token in 0..200_000u32 {
             let g = key.gumbel(token);
-            assert!(g <= NoiseKey::gumbel_bound(key.bits(token)), "token {token}");
+            assert!(
+                g <= NoiseKey::gumbel_bound(key.bits(token)),
+                "token {token}"
+            );
             assert!(g < MAX_GUMBEL && g > -4.0);
             assert_eq!(g, NoiseKey::new(42, 7).gumbel(token));
         }
@@ -263,7 +266,11 @@ mod tests {
         let values: Vec<f32> = (0..900)
             .flat_map(|v| columns.iter().map(move |c| c[v]))
             .collect();
-        let keys = [NoiseKey::new(1, 5), NoiseKey::new(2, 9), NoiseKey::new(3, 1)];
+        let keys = [
+            NoiseKey::new(1, 5),
+            NoiseKey::new(2, 9),
+            NoiseKey::new(3, 1),
+        ];
         let mut races = [
             Some(GumbelRace::new(keys[0], 1.0)),
             None,

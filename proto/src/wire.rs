@@ -5,10 +5,10 @@ use std::fmt;
 use std::ops::Range;
 
 use crate::candidates::{candidate_order, SeqLogits};
-use crate::error::WireError;
-use crate::pb;
 use crate::compact::Compact;
+use crate::error::WireError;
 use crate::noise::GumbelPick;
+use crate::pb;
 use crate::plan::ShardSpec;
 use crate::sampling::{Penalties, SampleSpec};
 use crate::step::{SeqStep, StepBatch};
@@ -193,7 +193,11 @@ impl From<SeqLogits> for pb::SeqOutput {
             }
             SeqLogits::Compact(c) => {
                 // Raw logits only where penalties made them differ from the sampling logits.
-                let penalized = c.candidates.iter().zip(&c.raw_logits).any(|(a, r)| a.0 != *r);
+                let penalized = c
+                    .candidates
+                    .iter()
+                    .zip(&c.raw_logits)
+                    .any(|(a, r)| a.0 != *r);
                 let (logits, ids) = c.candidates.into_iter().unzip();
                 let (raw_top_logits, raw_top_ids) = c.top_raw.into_iter().unzip();
                 Self {
@@ -236,11 +240,13 @@ impl pb::LastStageOutput {
         self.seqs
             .into_iter()
             .zip(&batch.seqs)
-            .map(|(out, asked)| match (&asked.sampling, asked.top_candidates) {
-                (Some(spec), n) => out.decode_compact(asked, spec, n, vocab_rows),
-                (None, 0) => out.decode_full(asked.seq_id, vocab_rows),
-                (None, n) => out.decode_top(asked, n, vocab_rows),
-            })
+            .map(
+                |(out, asked)| match (&asked.sampling, asked.top_candidates) {
+                    (Some(spec), n) => out.decode_compact(asked, spec, n, vocab_rows),
+                    (None, 0) => out.decode_full(asked.seq_id, vocab_rows),
+                    (None, n) => out.decode_top(asked, n, vocab_rows),
+                },
+            )
             .collect()
     }
 }

@@ -321,8 +321,20 @@ fn cases() -> Vec<Case> {
             400,
             "max_tokens (4)",
         ),
-        case("min_tokens a string", C, p(json!({"min_tokens": "3"})), 400, "min_tokens"),
-        case("ignore_eos a number", C, p(json!({"ignore_eos": 1})), 400, "ignore_eos"),
+        case(
+            "min_tokens a string",
+            C,
+            p(json!({"min_tokens": "3"})),
+            400,
+            "min_tokens",
+        ),
+        case(
+            "ignore_eos a number",
+            C,
+            p(json!({"ignore_eos": 1})),
+            400,
+            "ignore_eos",
+        ),
         case("seed a string", C, p(json!({"seed": "x"})), 400, "seed"),
         case(
             "prompt as token ids",

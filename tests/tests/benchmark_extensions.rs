@@ -3,6 +3,7 @@
 //! - `min_tokens`: no stop string (nor stop token) ends the output before that many tokens;
 //! - `stream_options.continuous_usage_stats`: every chunk carries the usage so far, counting
 //!   up to the final usage.
+//!
 //! (`ignore_eos` is held in `serving.rs` and the engine's tests; refusals in `bad_input.rs`.)
 
 use gemma_cluster_tests::http::{post_json, sse_data};
@@ -103,13 +104,17 @@ fn continuous_usage_stats_counts_up_on_every_chunk() {
     ] {
         let chunks = streamed_chunks(addr, path, &body);
         let last = chunks.last().expect("the usage chunk");
-        let prompt = last["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+        let prompt = last["usage"]["prompt_tokens"]
+            .as_u64()
+            .expect("prompt tokens");
         assert_eq!(last["usage"]["completion_tokens"], 5, "{path}: {last}");
         let mut seen = 0;
         for c in &chunks {
             let usage = &c["usage"];
             assert_eq!(usage["prompt_tokens"], prompt, "{path}: {c}");
-            let done = usage["completion_tokens"].as_u64().expect("completion tokens");
+            let done = usage["completion_tokens"]
+                .as_u64()
+                .expect("completion tokens");
             assert!(done >= seen && done <= 5, "{path}: counts up: {c}");
             assert_eq!(usage["total_tokens"], prompt + done, "{path}: {c}");
             seen = done;
@@ -120,8 +125,14 @@ fn continuous_usage_stats_counts_up_on_every_chunk() {
             .filter(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty()))
             .map(|c| c["usage"]["completion_tokens"].as_u64().expect("count"))
             .collect();
-        assert!(counted.windows(2).all(|w| w[0] <= w[1]), "{path}: {counted:?}");
-        assert!(counted.contains(&1) && counted.contains(&5), "{path}: {counted:?}");
+        assert!(
+            counted.windows(2).all(|w| w[0] <= w[1]),
+            "{path}: {counted:?}"
+        );
+        assert!(
+            counted.contains(&1) && counted.contains(&5),
+            "{path}: {counted:?}"
+        );
         // Without continuous_usage_stats, chunks carry `usage: null` and only the last counts.
         let mut plain = body.clone();
         plain["stream_options"] = json!({"include_usage": true});

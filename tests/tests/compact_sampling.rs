@@ -105,7 +105,9 @@ fn default_parameters_send_at_most_a_kibibyte_per_rank_per_sequence() {
             None => Sampler::new(params, &prompt),
         };
         // Eight sequences of one step, each asking what the sampler asks.
-        let allocs: Vec<_> = (0..8).map(|_| kv.allocate(prompt.len()).expect("kv")).collect();
+        let allocs: Vec<_> = (0..8)
+            .map(|_| kv.allocate(prompt.len()).expect("kv"))
+            .collect();
         let ask = sampler.ask();
         let batch = StepBatch {
             seqs: allocs
@@ -135,7 +137,10 @@ fn default_parameters_send_at_most_a_kibibyte_per_rank_per_sequence() {
             let out = last_stage_output(&batch, &slice, (r * half) as u32).expect("output");
             for seq in &out.seqs {
                 let bytes = seq.encoded_len();
-                assert!(bytes <= 1024, "{top_logprobs:?}: {bytes} bytes per sequence");
+                assert!(
+                    bytes <= 1024,
+                    "{top_logprobs:?}: {bytes} bytes per sequence"
+                );
             }
             println!(
                 "top_logprobs {top_logprobs:?}: rank {r} sends {} bytes per sequence",

@@ -468,7 +468,9 @@ fn cluster_decode(dir: &std::path::Path, tp: usize) -> Result<f64> {
                 .into_iter()
                 .map(|l| match l {
                     gemma_proto::SeqLogits::Full(row) => row,
-                    gemma_proto::SeqLogits::Top { .. } | gemma_proto::SeqLogits::Compact(_) => Vec::new(),
+                    gemma_proto::SeqLogits::Top { .. } | gemma_proto::SeqLogits::Compact(_) => {
+                        Vec::new()
+                    }
                 })
                 .collect())
         })
