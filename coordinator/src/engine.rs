@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::cluster::{Cluster, ClusterError, ClusterStatus, StepOutput};
 use crate::metrics::{Metrics, Outcome};
-use crate::sampler::{SampleError, Sampled, Sampler, SamplingParams};
+use crate::sampler::{Draw, SampleError, Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +71,9 @@ pub struct RequestSpec {
     /// Some(k): report log-probabilities with k alternatives per token.
     pub logprobs: Option<usize>,
     pub max_tokens: usize,
+    /// No stop token is drawn and no stop string ends the output before this many tokens
+    /// (vLLM's `min_tokens`); at most `max_tokens`.
+    pub min_tokens: usize,
     pub stop: Vec<String>,
     /// Generate through the stop tokens (<eos>, <end_of_turn>) until `max_tokens` or a stop
     /// string: a run whose length is known in advance (vLLM's `ignore_eos`).
@@ -391,16 +394,24 @@ struct Sequence {
     /// All text so far and how much of it the client has.
     text: String,
     sent: usize,
+    /// Where stop strings may start in `text`: past the text of the tokens before min_tokens.
+    stops_from: usize,
     last_token_at: Option<Instant>,
 }
 
 impl Sequence {
-    fn new(id: u64, request: Request, kv: KvAllocation) -> Self {
+    /// `stop_ids`: the tokens that end a generation, never drawn before `min_tokens`.
+    fn new(id: u64, request: Request, kv: KvAllocation, stop_ids: &[u32]) -> Self {
         let s = &request.spec;
         let sampler = match s.logprobs {
             Some(k) => Sampler::with_logprobs(s.params.clone(), &s.prompt, k),
             None => Sampler::new(s.params.clone(), &s.prompt),
         };
+        let banned = match s.ignore_eos {
+            true => &[][..],
+            false => stop_ids,
+        };
+        let sampler = sampler.with_min_tokens(s.min_tokens, banned);
         Self {
             id,
             context: s.prompt.clone(),
@@ -412,6 +423,7 @@ impl Sequence {
             decoder: IncrementalDecoder::default(),
             text: String::new(),
             sent: 0,
+            stops_from: 0,
             last_token_at: None,
         }
     }
@@ -625,7 +637,7 @@ impl<C: StepCluster> Engine<C> {
                     self.metrics
                         .prompt_tokens
                         .inc_by(r.spec.prompt.len() as u64);
-                    Sequence::new(self.next_id, r, alloc)
+                    Sequence::new(self.next_id, r, alloc, self.tokenizer.stop_ids())
                 }
                 Some(Waiting::Preempted(mut s)) => {
                     s.kv = alloc;
@@ -663,13 +675,15 @@ impl<C: StepCluster> Engine<C> {
             let end = (s.cached + budget).min(s.context.len());
             let tokens = s.context[s.cached..end].to_vec();
             budget -= tokens.len();
+            let ask = s.sampler.ask();
             batch.seqs.push(SeqStep {
                 seq_id: s.id,
                 tokens,
                 start_pos: s.cached,
                 block_table: s.kv.block_table().to_vec(),
-                top_candidates: s.sampler.candidates_needed(),
-                log_probs: s.sampler.needs_log_sum_exp(),
+                top_candidates: ask.top_candidates,
+                log_probs: ask.log_probs,
+                sampling: ask.sampling,
             });
         }
         batch
@@ -722,8 +736,14 @@ impl<C: StepCluster> Engine<C> {
             if seq.cached < seq.context.len() {
                 continue; // a prefill chunk that is not the last
             }
-            let sampled = match seq.sampler.sample(logits) {
-                Ok(s) => s,
+            let sampled = match seq.sampler.draw(logits) {
+                Ok(Draw::Token(s)) => s,
+                Ok(Draw::Retry) => {
+                    // The nucleus was wider than the candidates: recompute the last position
+                    // (its KV entry is rewritten with the same values) and ask for more.
+                    seq.cached -= 1;
+                    continue;
+                }
                 Err(e) => {
                     finished.push((seq.id, Err(e.into())));
                     continue;
@@ -844,7 +864,12 @@ fn advance(
     if at_limit {
         seq.text.push_str(&seq.decoder.flush(tok).map_err(decode)?);
     }
-    let stopped = first_stop(&seq.text, stops);
+    // vLLM's min_tokens: stop strings count only in text from the min_tokens-th token on.
+    if seq.generated < seq.request.spec.min_tokens {
+        seq.stops_from = seq.text.len();
+    }
+    let from = seq.stops_from;
+    let stopped = first_stop(&seq.text[from..], stops).map(|at| from + at);
     if let Some(at) = stopped {
         seq.text.truncate(at);
     }
@@ -1028,6 +1053,7 @@ mod tests {
             logprobs: None,
             max_tokens: 4,
             stop: Vec::new(),
+            min_tokens: 0,
             ignore_eos: false,
         }
     }

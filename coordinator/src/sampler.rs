@@ -1,19 +1,27 @@
-//! Per-request sampling from the full-vocabulary logits: penalties, then greedy or
-//! temperature / top-k / top-p / min-p. A request's randomness is its own seeded stream, one
-//! draw per sampled token, so it never depends on the cluster's shape or on other requests.
+//! Per-request sampling: penalties, then greedy or temperature / top-k / top-p / min-p. A
+//! request's randomness is keyed by its own seed and the sampled position, so it never depends
+//! on the cluster's shape or on other requests.
 //!
 //! The definitions, as vLLM applies them: HF's repetition penalty over prompt and output tokens,
 //! then OpenAI's frequency and presence penalties over output tokens only; then HF's warpers in
 //! HF's order, each on what the one before kept: temperature, top-k, top-p (the smallest set of
 //! most likely tokens holding at least p), min-p (at least min_p times the most likely token's
 //! probability). Log-probabilities are the raw model's, before penalties and temperature (vLLM's
-//! default). `coordinator/tests/sampling_statistics.rs` holds the draws to these definitions.
+//! default).
+//!
+//! Draws are Gumbel-max races: argmax of logit / T + G over the kept tokens, G keyed by (seed,
+//! position, token) (`gemma_proto::noise`), so a draw is the same wherever it is computed: on the
+//! coordinator over candidates or every logit, or on the last stage's ranks over their slices.
+//! The sampler asks the last stage (`ask`) for what its parameters need, never the vocabulary:
+//! the race's winner for plain temperature sampling, candidates for top-k, candidates checked
+//! for coverage for top-p / min-p (`Draw::Retry` asks again with more), penalties applied there. `coordinator/tests/sampling_statistics.rs` holds the draws to these definitions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::BTreeMap;
 
 pub use gemma_proto::candidates::argmax;
 use gemma_proto::candidates::{candidate_order, log_sum_exp, top_candidates};
-use gemma_proto::{SeqLogits, SplitMix64};
+use gemma_proto::noise::{GumbelRace, NoiseKey};
+use gemma_proto::{Compact, Penalties, SampleSpec, SeqLogits};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -56,6 +64,10 @@ impl SamplingParams {
 /// Largest candidate list the last stage is asked for; beyond it the full slice is cheaper.
 pub const MAX_CANDIDATES: usize = 1024;
 
+/// Candidates first asked for a top-p / min-p nucleus without top-k; then twice the last
+/// nucleus, so a steady request asks once per token.
+const FIRST_NUCLEUS_GUESS: usize = 64;
+
 /// A sampled token with its log-probability under the model (log-softmax of the raw logits;
 /// NaN when the request asked for none) and, when asked, the most likely alternatives.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +78,15 @@ pub struct Sampled {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
+/// What one step's answer gave the sampler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Draw {
+    Token(Sampled),
+    /// The candidates did not cover the top-p / min-p nucleus: the step must be asked again
+    /// (the sampler now asks for more); nothing was drawn or recorded.
+    Retry,
+}
+
 /// Why no token could be sampled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SampleError {
@@ -74,6 +95,42 @@ pub enum SampleError {
          one logit or candidate per sequence"
     )]
     NoCandidates,
+    #[error(
+        "the last stage's candidates did not cover the top-p / min-p nucleus; ask again with more"
+    )]
+    Uncovered,
+}
+
+/// Whether the candidates given to `pick` are the whole distribution its filters see (every
+/// token, or at least the top-k), or only its start (then with the log-sum-exp of logit / T
+/// over every token; NaN where only min-p needs it, which compares with the top token only).
+#[derive(Debug, Clone, Copy)]
+enum Coverage {
+    Whole,
+    Prefix { log_sum_exp: f64 },
+}
+
+/// What the sampler asks the last stage for, per step (`SeqStep`'s sampling fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ask {
+    pub top_candidates: u32,
+    pub log_probs: bool,
+    pub sampling: Option<SampleSpec>,
+}
+
+/// How a request's tokens are chosen, fixed by its parameters (and, for a nucleus, by how many
+/// candidates covered it so far).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Greedy,
+    /// top-k within what the last stage sends (k <= MAX_CANDIDATES), then top-p / min-p.
+    TopK(usize),
+    /// Plain temperature: the Gumbel-max winner.
+    Gumbel,
+    /// top-p / min-p without top-k: candidates checked for coverage.
+    Nucleus,
+    /// Every logit (top-k beyond MAX_CANDIDATES, or a nucleus wider than it).
+    Full,
 }
 
 pub struct Sampler {
@@ -81,11 +138,19 @@ pub struct Sampler {
     /// Whether log-probabilities are reported at all.
     logprobs: bool,
     top_logprobs: usize,
-    rng: SplitMix64,
-    /// Output token counts (frequency / presence penalties).
-    output_counts: HashMap<u32, u32>,
-    /// Every token of prompt and output (repetition penalty).
-    seen: HashSet<u32>,
+    /// Tokens of the prompt and output so far: the position of the next token, which keys its
+    /// noise.
+    position: usize,
+    /// Every token of prompt and output (repetition penalty) with its output count (frequency /
+    /// presence penalties), by id.
+    counts: BTreeMap<u32, u32>,
+    mode: Mode,
+    /// Candidates to ask for in `Mode::Nucleus`.
+    nucleus_guess: usize,
+    prompt_len: usize,
+    /// Tokens not drawn while fewer than `min_tokens` were output (vLLM's min_tokens).
+    banned: Vec<u32>,
+    min_tokens: usize,
 }
 
 impl Sampler {
@@ -104,40 +169,126 @@ impl Sampler {
     /// A sampler that also reports log-probabilities, with the `top_logprobs` most likely
     /// tokens at each step.
     pub fn with_logprobs(params: SamplingParams, prompt: &[u32], top_logprobs: usize) -> Self {
+        let mode = match (params.is_greedy(), params.top_k) {
+            (true, _) => Mode::Greedy,
+            (false, k) if k > MAX_CANDIDATES => Mode::Full,
+            (false, 0) if params.top_p >= 1.0 && params.min_p <= 0.0 => Mode::Gumbel,
+            (false, 0) => Mode::Nucleus,
+            (false, k) => Mode::TopK(k),
+        };
         Self {
             logprobs: true,
-            rng: SplitMix64::new(params.seed),
-            seen: prompt.iter().copied().collect(),
-            output_counts: HashMap::new(),
+            position: prompt.len(),
+            counts: prompt.iter().map(|&t| (t, 0)).collect(),
             top_logprobs,
             params,
+            mode,
+            nucleus_guess: FIRST_NUCLEUS_GUESS,
+            prompt_len: prompt.len(),
+            banned: Vec::new(),
+            min_tokens: 0,
         }
     }
 
+    /// The same sampler, never drawing `stop_ids` before `min_tokens` tokens are out.
+    pub fn with_min_tokens(mut self, min_tokens: usize, stop_ids: &[u32]) -> Self {
+        self.min_tokens = min_tokens;
+        self.banned = stop_ids.to_vec();
+        self
+    }
+
+    fn banning(&self) -> bool {
+        !self.banned.is_empty() && self.position - self.prompt_len < self.min_tokens
+    }
+
+    /// Whether the sampling logits differ from the model's: penalties, or stop tokens banned
+    /// before min_tokens.
     fn has_penalties(&self) -> bool {
         let p = &self.params;
-        p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0
+        p.repetition_penalty != 1.0
+            || p.frequency_penalty != 0.0
+            || p.presence_penalty != 0.0
+            || self.banning()
     }
 
-    /// How many top candidates the last stage must send for exact sampling; 0 when this request
-    /// needs every logit (penalties can lift any token into the top; no top-k limit means the
-    /// whole distribution takes part).
+    /// How many candidates the last stage sends per rank (0 with `Mode::Full`: every logit; or,
+    /// in a compact ask, none).
     pub fn candidates_needed(&self) -> u32 {
-        let k = if self.params.is_greedy() {
-            1
-        } else {
-            self.params.top_k
+        self.ask().top_candidates
+    }
+
+    /// What the next step must bring back for this sequence: never the vocabulary, except for
+    /// top-k beyond [`MAX_CANDIDATES`] or a nucleus wider than it.
+    pub fn ask(&self) -> Ask {
+        let penalties = self.has_penalties();
+        // Without penalties the best candidates are also the best for top_logprobs.
+        let with_logprobs = |n: usize| match penalties {
+            true => n,
+            false => n.max(self.top_logprobs),
         };
-        let n = k.max(self.top_logprobs);
-        if self.has_penalties() || k == 0 || n > MAX_CANDIDATES {
-            0
-        } else {
-            n as u32
+        let (n, compact) = match self.mode {
+            Mode::Full => (0, None),
+            Mode::Greedy => (with_logprobs(1), penalties.then(|| self.spec(false, false))),
+            Mode::TopK(k) => (with_logprobs(k), penalties.then(|| self.spec(false, false))),
+            Mode::Gumbel => (with_logprobs(0), Some(self.spec(true, false))),
+            Mode::Nucleus => (
+                with_logprobs(self.nucleus_guess),
+                Some(self.spec(false, self.params.top_p < 1.0)),
+            ),
+        };
+        Ask {
+            top_candidates: n.min(MAX_CANDIDATES.max(self.top_logprobs)) as u32,
+            log_probs: self.logprobs,
+            sampling: compact,
         }
     }
 
-    /// Picks the next token and records it.
+    fn spec(&self, gumbel: bool, scaled_log_sum_exp: bool) -> SampleSpec {
+        SampleSpec {
+            temperature: self.params.temperature,
+            seed: self.params.seed,
+            gumbel,
+            scaled_log_sum_exp,
+            top_logprobs: self.top_logprobs as u32,
+            penalties: self.has_penalties().then(|| self.penalties()),
+        }
+    }
+
+    /// The penalties with the tokens they touch: every token seen for a repetition penalty,
+    /// else only the generated ones.
+    fn penalties(&self) -> Penalties {
+        let p = &self.params;
+        let all = p.repetition_penalty != 1.0;
+        let (ids, output_counts) = self
+            .counts
+            .iter()
+            .filter(|(_, &n)| all || n > 0)
+            .map(|(&t, &n)| (t, n))
+            .unzip();
+        Penalties {
+            repetition: p.repetition_penalty,
+            frequency: p.frequency_penalty,
+            presence: p.presence_penalty,
+            ids,
+            output_counts,
+            banned: match self.banning() {
+                true => self.banned.clone(),
+                false => Vec::new(),
+            },
+        }
+    }
+
+    /// Picks the next token and records it; a nucleus the candidates did not cover is
+    /// [`SampleError::Uncovered`] (see [`draw`](Self::draw)).
     pub fn sample(&mut self, logits: SeqLogits) -> Result<Sampled, SampleError> {
+        match self.draw(logits)? {
+            Draw::Token(t) => Ok(t),
+            Draw::Retry => Err(SampleError::Uncovered),
+        }
+    }
+
+    /// Picks the next token and records it, or asks for the step again with more candidates.
+    pub fn draw(&mut self, logits: SeqLogits) -> Result<Draw, SampleError> {
         let (candidates, log_sum_exp, top) = match logits {
             SeqLogits::Top {
                 candidates,
@@ -146,49 +297,122 @@ impl Sampler {
                 let top = self.top_list(&candidates, log_sum_exp);
                 (candidates, log_sum_exp, top)
             }
-            SeqLogits::Full(mut row) => {
-                let lse = if self.logprobs {
-                    log_sum_exp(&row)
-                } else {
-                    f32::NAN
-                };
-                let raw_top = if self.top_logprobs > 0 {
-                    self.top_list(&top_candidates(&row, self.top_logprobs, 0), lse)
-                } else {
-                    Vec::new()
-                };
-                let raw = row.clone();
-                self.apply_penalties(&mut row);
-                let k = if self.params.is_greedy() {
-                    1
-                } else {
-                    self.params.top_k
-                };
-                let cands = if k > 0 {
-                    top_candidates(&row, k, 0)
-                } else {
-                    let mut all: Vec<(f32, u32)> = row
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &l)| (l, i as u32))
-                        .collect();
-                    all.sort_unstable_by(candidate_order);
-                    all
-                };
-                // Log-probabilities are the model's: of the raw logits, before penalties.
-                let token = self.pick(&cands)?;
-                let logprob = raw
-                    .get(token as usize)
-                    .map_or(f32::NEG_INFINITY, |l| l - lse);
-                return Ok(self.record(token, logprob, raw_top));
-            }
+            SeqLogits::Full(row) => return self.sample_full(row).map(Draw::Token),
+            SeqLogits::Compact(c) => return self.sample_compact(c),
         };
-        let token = self.pick(&candidates)?;
+        let token = self
+            .pick(&candidates, Coverage::Whole)?
+            .ok_or(SampleError::Uncovered)?;
         let logprob = candidates
             .iter()
             .find(|c| c.1 == token)
             .map_or(f32::NEG_INFINITY, |c| c.0 - log_sum_exp);
-        Ok(self.record(token, logprob, top))
+        Ok(Draw::Token(self.record(token, logprob, top)))
+    }
+
+    /// Every logit: penalties applied here, then the filters over the whole distribution.
+    fn sample_full(&mut self, mut row: Vec<f32>) -> Result<Sampled, SampleError> {
+        let lse = if self.logprobs {
+            log_sum_exp(&row)
+        } else {
+            f32::NAN
+        };
+        let raw_top = if self.top_logprobs > 0 {
+            self.top_list(&top_candidates(&row, self.top_logprobs, 0), lse)
+        } else {
+            Vec::new()
+        };
+        let raw = row.clone();
+        self.apply_penalties(&mut row);
+        let k = if self.params.is_greedy() {
+            1
+        } else {
+            self.params.top_k
+        };
+        let cands = if k > 0 {
+            top_candidates(&row, k, 0)
+        } else {
+            let mut all: Vec<(f32, u32)> = row
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l, i as u32))
+                .collect();
+            all.sort_unstable_by(candidate_order);
+            all
+        };
+        // Log-probabilities are the model's: of the raw logits, before penalties.
+        let token = self
+            .pick(&cands, Coverage::Whole)?
+            .ok_or(SampleError::Uncovered)?;
+        let logprob = raw
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - lse);
+        Ok(self.record(token, logprob, raw_top))
+    }
+
+    /// The last stage's compact answer (penalties already applied there).
+    fn sample_compact(&mut self, c: Compact) -> Result<Draw, SampleError> {
+        let lse = c.log_sum_exp;
+        let top = match self.has_penalties() {
+            true => self.top_list(&c.top_raw, lse),
+            false => self.top_list(&c.candidates, lse),
+        };
+        let raw_of = |token: u32| {
+            c.candidates
+                .iter()
+                .position(|x| x.1 == token)
+                .map_or(f32::NEG_INFINITY, |i| c.raw_logits[i] - lse)
+        };
+        let (token, logprob) = match self.mode {
+            Mode::Gumbel => {
+                let g = c.gumbel.ok_or(SampleError::NoCandidates)?;
+                (g.token, g.logit - lse)
+            }
+            Mode::Nucleus => {
+                let coverage = match c.complete {
+                    true => Coverage::Whole,
+                    false => Coverage::Prefix {
+                        log_sum_exp: c.scaled_log_sum_exp,
+                    },
+                };
+                match self.pick(&c.candidates, coverage)? {
+                    Some(token) => {
+                        self.learn_nucleus(&c.candidates, token);
+                        (token, raw_of(token))
+                    }
+                    None => {
+                        self.widen_nucleus();
+                        return Ok(Draw::Retry);
+                    }
+                }
+            }
+            Mode::Greedy | Mode::TopK(_) | Mode::Full => {
+                let token = self
+                    .pick(&c.candidates, Coverage::Whole)?
+                    .ok_or(SampleError::Uncovered)?;
+                (token, raw_of(token))
+            }
+        };
+        Ok(Draw::Token(self.record(token, logprob, top)))
+    }
+
+    /// After a nucleus was covered: ask for twice the rank of the token drawn next time (at
+    /// least the first guess), so the guess follows the request's distribution.
+    fn learn_nucleus(&mut self, candidates: &[(f32, u32)], token: u32) {
+        let at = candidates.iter().position(|c| c.1 == token).unwrap_or(0);
+        self.nucleus_guess = ((at + 1) * 2)
+            .next_power_of_two()
+            .clamp(FIRST_NUCLEUS_GUESS, MAX_CANDIDATES)
+            .max(self.nucleus_guess / 2);
+    }
+
+    /// The candidates did not cover the nucleus: eight times as many, then every logit.
+    fn widen_nucleus(&mut self) {
+        if self.nucleus_guess >= MAX_CANDIDATES {
+            self.mode = Mode::Full;
+        } else {
+            self.nucleus_guess = (self.nucleus_guess * 8).min(MAX_CANDIDATES);
+        }
     }
 
     fn top_list(&self, candidates: &[(f32, u32)], lse: f32) -> Vec<(u32, f32)> {
@@ -199,9 +423,15 @@ impl Sampler {
             .collect()
     }
 
+    /// The position of the token the next draw samples (prompt + output so far): with the seed,
+    /// the key of its noise, here and on the last stage (`SeqStep::end_pos` of its step).
+    pub fn next_position(&self) -> usize {
+        self.position
+    }
+
     fn record(&mut self, token: u32, logprob: f32, top_logprobs: Vec<(u32, f32)>) -> Sampled {
-        *self.output_counts.entry(token).or_default() += 1;
-        self.seen.insert(token);
+        *self.counts.entry(token).or_default() += 1;
+        self.position += 1;
         Sampled {
             token,
             logprob,
@@ -210,79 +440,91 @@ impl Sampler {
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
-        let p = &self.params;
-        if p.repetition_penalty != 1.0 {
-            for &t in &self.seen {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
-                }
+        if !self.has_penalties() {
+            return;
+        }
+        let penalties = self.penalties();
+        for (t, n) in penalties.ids.iter().zip(&penalties.output_counts) {
+            if let Some(l) = logits.get_mut(*t as usize) {
+                *l = penalties.apply(*l, *n);
             }
         }
-        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
-            for (&t, &n) in &self.output_counts {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= p.frequency_penalty * n as f32 + p.presence_penalty;
-                }
+        for t in &penalties.banned {
+            if let Some(l) = logits.get_mut(*t as usize) {
+                *l = f32::NEG_INFINITY;
             }
         }
     }
 
-    /// Greedy, or a draw from `cands` (sorted by [`candidate_order`], already cut to top-k) at
-    /// the request's temperature after top-p and min-p.
-    fn pick(&mut self, cands: &[(f32, u32)]) -> Result<u32, SampleError> {
+    /// Greedy, or a draw from `cands` (sorted by [`candidate_order`]) at the request's
+    /// temperature after top-k, top-p and min-p. With `Coverage::Prefix`, Ok(None) says the
+    /// candidates end before the nucleus does, so nothing is drawn.
+    fn pick(
+        &mut self,
+        cands: &[(f32, u32)],
+        coverage: Coverage,
+    ) -> Result<Option<u32>, SampleError> {
         let Some(&(max, first)) = cands.first() else {
             return Err(SampleError::NoCandidates);
         };
         let p = &self.params;
         if p.is_greedy() {
-            return Ok(first);
+            return Ok(Some(first));
         }
         let cands = match p.top_k {
             0 => cands,
             k => &cands[..k.min(cands.len())],
         };
-        // Softmax in f64 over the candidates at this temperature.
+        // Softmax in f64 at this temperature, over the candidates or over every token.
         let t = f64::from(p.temperature);
         let mut probs: Vec<f64> = cands
             .iter()
             .map(|&(l, _)| ((f64::from(l) - f64::from(max)) / t).exp())
             .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        let mut keep = probs.len();
+        let sum: f64 = match coverage {
+            Coverage::Prefix { log_sum_exp } if log_sum_exp.is_finite() => {
+                (log_sum_exp - f64::from(max) / t).exp()
+            }
+            // min-p alone needs no normalizer: it compares with the most likely token.
+            _ => probs.iter().sum(),
+        };
+        probs.iter_mut().for_each(|q| *q /= sum);
+        // Where each filter ends the nucleus, if that is among the candidates.
+        let mut cuts = Vec::with_capacity(2);
         if p.top_p < 1.0 {
             let mut acc = 0.0;
-            for (i, q) in probs.iter().enumerate() {
+            let holding_p = probs.iter().position(|q| {
                 acc += q;
-                if acc >= f64::from(p.top_p) {
-                    keep = i + 1;
-                    break;
-                }
-            }
+                acc >= f64::from(p.top_p)
+            });
+            cuts.extend(holding_p.map(|i| i + 1));
         }
         if p.min_p > 0.0 {
             let floor = f64::from(p.min_p) * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+            cuts.extend(probs.iter().position(|&q| q < floor));
         }
-        let kept: f64 = probs[..keep].iter().sum();
-        let mut u = self.rng.next_f64() * kept;
-        for (i, q) in probs[..keep].iter().enumerate() {
-            if u < *q {
-                return Ok(cands[i].1);
-            }
-            u -= q;
+        // The nucleus ends at the earliest cut found; with no cut among them, at the end of
+        // the candidates if they are the whole distribution, and beyond them otherwise.
+        let keep = match (cuts.iter().min(), coverage) {
+            (Some(&cut), _) => cut.max(1),
+            (None, Coverage::Whole) => probs.len(),
+            (None, Coverage::Prefix { .. }) => return Ok(None),
+        };
+        // The Gumbel-max race over the nucleus, with the noise the last stage would use: the
+        // same draw whoever computes it, and robust to the rounding by which plans differ.
+        let key = NoiseKey::new(p.seed, self.next_position());
+        let mut race = GumbelRace::new(key, p.temperature);
+        for &(l, t) in &cands[..keep] {
+            race.offer(t, l, l);
         }
-        Ok(cands[keep - 1].1)
+        Ok(race.winner().map(|w| w.token))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gemma_proto::SplitMix64;
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {
@@ -405,19 +647,149 @@ mod tests {
                 }
             }
         }
-        // Penalties or an unlimited top-k need every logit.
-        assert_eq!(
-            Sampler::new(
-                SamplingParams {
-                    repetition_penalty: 1.1,
-                    ..params(0.0)
-                },
-                &[]
-            )
-            .candidates_needed(),
-            0
+        // Penalties are applied by the last stage; an unlimited top-k races Gumbel noise there.
+        let penalized = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 1.1,
+                ..params(0.0)
+            },
+            &[3, 9],
+        )
+        .ask();
+        assert_eq!(penalized.top_candidates, 1);
+        let spec = penalized.sampling.expect("a compact ask");
+        assert_eq!(spec.penalties.expect("penalties").ids, [3, 9]);
+        let plain = Sampler::new(params(0.7), &[]).ask();
+        assert_eq!(plain.top_candidates, 0);
+        assert!(plain.sampling.expect("a compact ask").gumbel);
+    }
+
+    /// A last stage of `ranks` equal slices answering `ask` for `logits` at `end_pos`, joined.
+    fn last_stage(logits: &[f32], ranks: usize, ask: &Ask, end_pos: usize) -> SeqLogits {
+        use gemma_proto::candidates::join_ranks;
+        use gemma_proto::{SeqStep, StepBatch};
+        let seq = SeqStep {
+            seq_id: 1,
+            tokens: vec![0],
+            start_pos: end_pos - 1,
+            block_table: Vec::new(),
+            top_candidates: ask.top_candidates,
+            log_probs: ask.log_probs,
+            sampling: ask.sampling.clone(),
+        };
+        let width = logits.len().div_ceil(ranks);
+        let answers = logits
+            .chunks(width)
+            .enumerate()
+            .map(|(r, slice)| {
+                let first = (r * width) as u32;
+                let answer = match &seq.sampling {
+                    Some(_) => SeqLogits::Compact(
+                        Compact::of_slice(slice, first, &seq).expect("a compact ask"),
+                    ),
+                    None if seq.top_candidates == 0 => SeqLogits::Full(slice.to_vec()),
+                    None => SeqLogits::Top {
+                        candidates: top_candidates(slice, seq.top_candidates as usize, first),
+                        log_sum_exp: log_sum_exp(slice),
+                    },
+                };
+                vec![answer]
+            })
+            .collect();
+        let batch = StepBatch { seqs: vec![seq] };
+        join_ranks(answers, &batch)
+            .expect("joined")
+            .pop()
+            .expect("one sequence")
+    }
+
+    /// Asks until the sampler has a token (a nucleus may need more candidates), as the engine
+    /// does; returns the token and how many steps it took.
+    fn draw_compact(s: &mut Sampler, logits: &[f32], ranks: usize) -> (Sampled, usize) {
+        for steps in 1..=4 {
+            let answer = last_stage(logits, ranks, &s.ask(), s.next_position());
+            match s.draw(answer).expect("drawn") {
+                Draw::Token(t) => return (t, steps),
+                Draw::Retry => continue,
+            }
+        }
+        panic!("no token after 4 asks");
+    }
+
+    /// Penalties on the last stage, and a nucleus that needs more candidates than first asked,
+    /// sample exactly as every logit on the coordinator does (same stream, same tokens), with
+    /// the model's log-probabilities.
+    #[test]
+    fn compact_answers_sample_exactly_like_full_logits() {
+        let mut rng = SplitMix64::new(3);
+        let cases = [
+            (0.0, 0, 1.0, 0.0, 1.3, 0.4, 0.2),
+            (0.9, 40, 0.9, 0.0, 1.2, 0.0, 0.5),
+            (1.0, 0, 0.97, 0.0, 1.0, 0.0, 0.0),
+            (1.4, 0, 1.0, 0.002, 1.0, 0.3, 0.0),
+            (0.8, 0, 0.9, 0.01, 1.5, 0.1, 0.1),
+        ];
+        let mut retried = false;
+        for (temperature, top_k, top_p, min_p, repetition, frequency, presence) in cases {
+            let p = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty: repetition,
+                frequency_penalty: frequency,
+                presence_penalty: presence,
+                seed: 11,
+            };
+            let prompt = [5, 17, 5, 2999];
+            let mut full = Sampler::with_logprobs(p.clone(), &prompt, 3);
+            let mut compact = Sampler::with_logprobs(p, &prompt, 3);
+            for _ in 0..30 {
+                // Flat enough that a top-p of 0.97 spans hundreds of tokens.
+                let logits: Vec<f32> = (0..3000)
+                    .map(|_| (rng.next_f64() * 3.0 - 1.5) as f32)
+                    .collect();
+                let a = full
+                    .sample(SeqLogits::Full(logits.clone()))
+                    .expect("sampled");
+                let (b, steps) = draw_compact(&mut compact, &logits, 3);
+                retried |= steps > 1;
+                assert_eq!(a.token, b.token, "{temperature} {top_k} {top_p} {min_p}");
+                assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} {b:?}");
+                assert_eq!(a.top_logprobs.len(), b.top_logprobs.len());
+                for (x, y) in a.top_logprobs.iter().zip(&b.top_logprobs) {
+                    assert_eq!(x.0, y.0);
+                    assert!((x.1 - y.1).abs() < 1e-4);
+                }
+            }
+        }
+        assert!(
+            retried,
+            "some nucleus needed more candidates than first asked"
         );
-        assert_eq!(Sampler::new(params(0.7), &[]).candidates_needed(), 0);
+    }
+
+    /// Plain temperature sampling draws the same tokens from one slice as from three: the noise
+    /// belongs to (seed, position, token), not to a rank.
+    #[test]
+    fn gumbel_draws_do_not_depend_on_the_split() {
+        let mut rng = SplitMix64::new(8);
+        let p = SamplingParams {
+            repetition_penalty: 1.2,
+            ..params(0.9)
+        };
+        let mut one = Sampler::with_logprobs(p.clone(), &[4], 2);
+        let mut three = Sampler::with_logprobs(p, &[4], 2);
+        for _ in 0..50 {
+            let logits: Vec<f32> = (0..1000)
+                .map(|_| (rng.next_f64() * 8.0 - 4.0) as f32)
+                .collect();
+            let (a, _) = draw_compact(&mut one, &logits, 1);
+            let (b, _) = draw_compact(&mut three, &logits, 3);
+            // The same token; log-probabilities up to the rounding of joining log-sum-exps.
+            assert_eq!(a.token, b.token);
+            assert!((a.logprob - b.logprob).abs() < 1e-5);
+        }
     }
 
     /// A sampler for `prompt` that has already output `generated` (recorded through one-candidate
@@ -561,6 +933,34 @@ mod tests {
                 .token,
             1,
             "2.0 - 1 < 1.5"
+        );
+    }
+
+    /// Before min_tokens the stop tokens are banned where the logits are (the ask carries them)
+    /// and, given every logit, here; from then on they are ordinary tokens.
+    #[test]
+    fn stop_tokens_are_not_drawn_before_min_tokens() {
+        let mut s = Sampler::with_logprobs(params(0.0), &[7], 1).with_min_tokens(2, &[1, 107]);
+        let logits = || {
+            let mut l = vec![0.0f32; 200];
+            l[1] = 5.0;
+            l[107] = 4.0;
+            l[9] = 3.0;
+            l
+        };
+        for _ in 0..2 {
+            let ask = s.ask();
+            let banned = ask.sampling.and_then(|s| s.penalties).map(|p| p.banned);
+            assert_eq!(banned, Some(vec![1, 107]));
+            let t = s.sample(SeqLogits::Full(logits())).expect("sampled");
+            assert_eq!(t.token, 9);
+            // The reported log-probability is the model's, and <eos> still leads its list.
+            assert_eq!(t.top_logprobs[0].0, 1);
+        }
+        assert_eq!(s.ask().sampling, None, "greedy asks for candidates again");
+        assert_eq!(
+            s.sample(SeqLogits::Full(logits())).expect("sampled").token,
+            1
         );
     }
 

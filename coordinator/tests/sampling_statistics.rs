@@ -20,8 +20,8 @@
 //! combined. We follow HF.
 
 use gemma_coordinator::sampler::{Sampler, SamplingParams};
-use gemma_proto::candidates::{log_sum_exp, top_candidates};
-use gemma_proto::SeqLogits;
+use gemma_proto::candidates::{join_ranks, log_sum_exp, top_candidates};
+use gemma_proto::{Compact, SeqLogits, SeqStep, StepBatch};
 
 /// Draws per parameter set.
 const DRAWS: usize = 8000;
@@ -156,6 +156,48 @@ fn counts_from_candidates(logits: &[f32], f: Filters, seed: u64, draws: usize) -
     counts
 }
 
+/// The same through what the engine asks a two-rank last stage for (ranks of 5 and 7 tokens):
+/// the Gumbel-max race for plain temperature (a new position, so new noise, per draw), the
+/// candidates for top-k and for a nucleus; each rank's answer built by the definition the
+/// workers' batched selection is held to.
+fn counts_compact(logits: &[f32], f: Filters, seed: u64, draws: usize) -> Vec<u64> {
+    // A one-token prompt: the step that samples position p feeds the token at p - 1.
+    let mut sampler = Sampler::new(f.params(seed), &[0]);
+    let mut counts = vec![0u64; logits.len()];
+    for _ in 0..draws {
+        let ask = sampler.ask();
+        let seq = SeqStep {
+            seq_id: 1,
+            tokens: vec![0],
+            start_pos: sampler.next_position() - 1,
+            block_table: Vec::new(),
+            top_candidates: ask.top_candidates,
+            log_probs: ask.log_probs,
+            sampling: ask.sampling,
+        };
+        let ranks = [(0usize, 5usize), (5, 12)]
+            .iter()
+            .map(|&(a, b)| {
+                let slice = &logits[a..b];
+                vec![match &seq.sampling {
+                    Some(_) => SeqLogits::Compact(
+                        Compact::of_slice(slice, a as u32, &seq).expect("compact"),
+                    ),
+                    None => SeqLogits::Top {
+                        candidates: top_candidates(slice, seq.top_candidates as usize, a as u32),
+                        log_sum_exp: log_sum_exp(slice),
+                    },
+                }]
+            })
+            .collect();
+        let batch = StepBatch { seqs: vec![seq] };
+        let joined = join_ranks(ranks, &batch).expect("joined").remove(0);
+        let token = sampler.sample(joined).expect("sampled").token;
+        counts[token as usize] += 1;
+    }
+    counts
+}
+
 /// Pearson's chi-square statistic of `counts` against `probs` and its degrees of freedom.
 /// Tokens of probability 0 are left out (the caller checks they were never drawn). A chi-square
 /// needs expected counts of at least 5 per bin: rarer tokens are pooled into one bin, which joins
@@ -258,6 +300,8 @@ fn check_fits(f: Filters, seed: u64) {
     let probs = expected(&LOGITS, f);
     let drawn = counts(&LOGITS, f, seed, DRAWS);
     check_counts(&drawn, &probs, &format!("{f:?}"));
+    let compact = counts_compact(&LOGITS, f, seed, DRAWS);
+    check_counts(&compact, &probs, &format!("{f:?} through the last stage"));
     if f.top_k > 0 {
         let from_candidates = counts_from_candidates(&LOGITS, f, seed, DRAWS);
         assert_eq!(
@@ -404,6 +448,18 @@ fn draws_do_not_fit_a_wrong_distribution() {
     rejects(&drawn, &expected(&LOGITS, at(1.3)), "T 1.0 against T 1.3");
     // And 1.0 against 0.85.
     rejects(&drawn, &expected(&LOGITS, at(0.85)), "T 1.0 against T 0.85");
+    // The Gumbel race too.
+    let raced = counts_compact(&LOGITS, at(1.0), 100, DRAWS);
+    rejects(
+        &raced,
+        &expected(&LOGITS, at(1.3)),
+        "raced T 1.0 against T 1.3",
+    );
+    rejects(
+        &raced,
+        &expected(&LOGITS, at(0.85)),
+        "raced T 1.0 against T 0.85",
+    );
     // top-k 5 drawn, top-k 6 expected: the sixth token is missing.
     let drawn = counts(&LOGITS, Filters { top_k: 5, ..PLAIN }, 200, DRAWS);
     rejects(

@@ -19,6 +19,8 @@ pub enum SeqLogits {
         candidates: Vec<(f32, u32)>,
         log_sum_exp: f32,
     },
+    /// What a step with a `SampleSpec` asked for (see `compact`).
+    Compact(crate::compact::Compact),
 }
 
 /// Larger logit first; on a tie the lower token id (so greedy equals a first-index argmax).
@@ -129,6 +131,42 @@ pub fn log_sum_exp_by_column(values: &[f32], seqs: usize, wanted: &[bool]) -> Ve
         .collect()
 }
 
+/// log(sum(exp(x / t))) of the columns of a row-major `[vocab, seqs]` matrix that have a
+/// temperature `t` (NaN for the others), accumulated in f64.
+pub fn scaled_log_sum_exp_by_column(
+    values: &[f32],
+    seqs: usize,
+    temperatures: &[Option<f32>],
+) -> Vec<f64> {
+    let mut out = vec![f64::NAN; seqs];
+    if temperatures.iter().all(Option::is_none) {
+        return out;
+    }
+    let mut max = vec![f32::NEG_INFINITY; seqs];
+    for row in values.chunks_exact(seqs.max(1)) {
+        for (m, &x) in max.iter_mut().zip(row) {
+            *m = m.max(x);
+        }
+    }
+    let mut sum = vec![0f64; seqs];
+    for row in values.chunks_exact(seqs.max(1)) {
+        for s in 0..seqs {
+            if let Some(t) = temperatures[s] {
+                sum[s] += ((f64::from(row[s]) - f64::from(max[s])) / f64::from(t)).exp();
+            }
+        }
+    }
+    for s in 0..seqs {
+        if let Some(t) = temperatures[s] {
+            out[s] = match max[s].is_finite() {
+                true => f64::from(max[s]) / f64::from(t) + sum[s].ln(),
+                false => f64::from(max[s]),
+            };
+        }
+    }
+    out
+}
+
 /// log(sum(exp(x))) computed stably (f64 accumulation).
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -186,12 +224,26 @@ pub fn join_ranks(
 /// One sequence's parts from every rank, joined.
 fn join_sequence(parts: Vec<SeqLogits>, seq: &SeqStep) -> Result<SeqLogits, WireError> {
     let mixed = WireError::MixedForms { seq_id: seq.seq_id };
+    if let Some(SeqLogits::Compact(_)) = parts.first() {
+        let compacts = parts
+            .into_iter()
+            .map(|p| match p {
+                SeqLogits::Compact(c) => Ok(c),
+                _ => Err(WireError::MixedForms { seq_id: seq.seq_id }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let top_logprobs = seq.sampling.as_ref().map_or(0, |s| s.top_logprobs as usize);
+        return Ok(SeqLogits::Compact(crate::compact::join_compact(
+            compacts,
+            top_logprobs,
+        )));
+    }
     if let Some(SeqLogits::Full(_)) = parts.first() {
         let rest: usize = parts[1..]
             .iter()
             .map(|p| match p {
                 SeqLogits::Full(v) => v.len(),
-                SeqLogits::Top { .. } => 0,
+                SeqLogits::Top { .. } | SeqLogits::Compact(_) => 0,
             })
             .sum();
         // The first rank's slice becomes the row: with one rank (tp=1) nothing is copied.
@@ -203,7 +255,7 @@ fn join_sequence(parts: Vec<SeqLogits>, seq: &SeqStep) -> Result<SeqLogits, Wire
         for part in parts {
             match part {
                 SeqLogits::Full(v) => row.extend_from_slice(&v),
-                SeqLogits::Top { .. } => return Err(mixed),
+                SeqLogits::Top { .. } | SeqLogits::Compact(_) => return Err(mixed),
             }
         }
         return Ok(SeqLogits::Full(row));
@@ -219,7 +271,7 @@ fn join_sequence(parts: Vec<SeqLogits>, seq: &SeqStep) -> Result<SeqLogits, Wire
                 lists.push(candidates);
                 lses.push(log_sum_exp);
             }
-            SeqLogits::Full(_) => return Err(mixed),
+            SeqLogits::Full(_) | SeqLogits::Compact(_) => return Err(mixed),
         }
     }
     Ok(SeqLogits::Top {

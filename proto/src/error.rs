@@ -188,4 +188,6 @@ pub enum WireError {
          some, candidates from others); all must send what the step asked for"
     )]
     MixedForms { seq_id: u64 },
+    #[error("sequence {seq_id}: the compact answer is malformed: {what}")]
+    Compact { seq_id: u64, what: String },
 }

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One sequence's part of a step: its new tokens and where they go in its KV cache.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeqStep {
     pub seq_id: u64,
     /// Token ids to process: the prompt (or a chunk of it) at prefill, one token at decode.
@@ -19,6 +19,11 @@ pub struct SeqStep {
     /// Whether the sampler needs log-probabilities (then the last stage sends log-sum-exps).
     #[serde(default)]
     pub log_probs: bool,
+    /// Set when the sampler needs more than candidates (penalties, plain temperature sampling,
+    /// top-p / min-p without top-k); then `top_candidates` counts candidates by sampling logit
+    /// (0: none) and no rank sends its whole slice.
+    #[serde(default)]
+    pub sampling: Option<crate::sampling::SampleSpec>,
 }
 
 impl SeqStep {
@@ -31,7 +36,7 @@ impl SeqStep {
 }
 
 /// A batch step: any mix of prefill chunks and decodes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepBatch {
     pub seqs: Vec<SeqStep>,
 }

@@ -5,9 +5,12 @@ use std::fmt;
 use std::ops::Range;
 
 use crate::candidates::{candidate_order, SeqLogits};
+use crate::compact::Compact;
 use crate::error::WireError;
+use crate::noise::GumbelPick;
 use crate::pb;
 use crate::plan::ShardSpec;
+use crate::sampling::{Penalties, SampleSpec};
 use crate::step::{SeqStep, StepBatch};
 
 fn span(r: &std::ops::Range<usize>) -> Option<pb::Span> {
@@ -70,6 +73,47 @@ impl From<&SeqStep> for pb::SeqStep {
             block_table: s.block_table.clone(),
             top_candidates: s.top_candidates,
             log_probs: s.log_probs,
+            sampling: s.sampling.as_ref().map(pb::SampleSpec::from),
+        }
+    }
+}
+
+impl From<&SampleSpec> for pb::SampleSpec {
+    fn from(s: &SampleSpec) -> Self {
+        Self {
+            temperature: s.temperature,
+            seed: s.seed,
+            gumbel: s.gumbel,
+            scaled_log_sum_exp: s.scaled_log_sum_exp,
+            top_logprobs: s.top_logprobs,
+            penalties: s.penalties.as_ref().map(|p| pb::Penalties {
+                repetition: p.repetition,
+                frequency: p.frequency,
+                presence: p.presence,
+                ids: p.ids.clone(),
+                output_counts: p.output_counts.clone(),
+                banned: p.banned.clone(),
+            }),
+        }
+    }
+}
+
+impl From<pb::SampleSpec> for SampleSpec {
+    fn from(s: pb::SampleSpec) -> Self {
+        Self {
+            temperature: s.temperature,
+            seed: s.seed,
+            gumbel: s.gumbel,
+            scaled_log_sum_exp: s.scaled_log_sum_exp,
+            top_logprobs: s.top_logprobs,
+            penalties: s.penalties.map(|p| Penalties {
+                repetition: p.repetition,
+                frequency: p.frequency,
+                presence: p.presence,
+                ids: p.ids,
+                output_counts: p.output_counts,
+                banned: p.banned,
+            }),
         }
     }
 }
@@ -83,6 +127,7 @@ impl From<pb::SeqStep> for SeqStep {
             block_table: s.block_table,
             top_candidates: s.top_candidates,
             log_probs: s.log_probs,
+            sampling: s.sampling.map(SampleSpec::from),
         }
     }
 }
@@ -143,7 +188,32 @@ impl From<SeqLogits> for pb::SeqOutput {
                     ids,
                     logits,
                     log_sum_exp,
+                    ..Self::default()
+                }
+            }
+            SeqLogits::Compact(c) => {
+                // Raw logits only where penalties made them differ from the sampling logits.
+                let penalized = c
+                    .candidates
+                    .iter()
+                    .zip(&c.raw_logits)
+                    .any(|(a, r)| a.0 != *r);
+                let (logits, ids) = c.candidates.into_iter().unzip();
+                let (raw_top_logits, raw_top_ids) = c.top_raw.into_iter().unzip();
+                Self {
+                    ids,
+                    logits,
+                    log_sum_exp: c.log_sum_exp,
                     full: Vec::new(),
+                    raw_logits: if penalized { c.raw_logits } else { Vec::new() },
+                    raw_top_ids,
+                    raw_top_logits,
+                    scaled_log_sum_exp: c.scaled_log_sum_exp,
+                    gumbel: c.gumbel.map(|g| pb::GumbelPick {
+                        id: g.token,
+                        score: g.score,
+                        logit: g.logit,
+                    }),
                 }
             }
         }
@@ -170,10 +240,13 @@ impl pb::LastStageOutput {
         self.seqs
             .into_iter()
             .zip(&batch.seqs)
-            .map(|(out, asked)| match asked.top_candidates {
-                0 => out.decode_full(asked.seq_id, vocab_rows),
-                n => out.decode_top(asked, n, vocab_rows),
-            })
+            .map(
+                |(out, asked)| match (&asked.sampling, asked.top_candidates) {
+                    (Some(spec), n) => out.decode_compact(asked, spec, n, vocab_rows),
+                    (None, 0) => out.decode_full(asked.seq_id, vocab_rows),
+                    (None, n) => out.decode_top(asked, n, vocab_rows),
+                },
+            )
             .collect()
     }
 }
@@ -201,6 +274,82 @@ impl pb::SeqOutput {
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         Ok(SeqLogits::Full(values))
+    }
+
+    /// Candidates as `decode_top` checks them (possibly none), then the compact fields the spec
+    /// asked for, each checked against the slice.
+    fn decode_compact(
+        self,
+        asked: &SeqStep,
+        spec: &SampleSpec,
+        n: u32,
+        rows: &Range<usize>,
+    ) -> Result<SeqLogits, WireError> {
+        let seq_id = asked.seq_id;
+        let bad = |what: String| WireError::Compact { seq_id, what };
+        let raw_logits = self.raw_logits;
+        let (raw_top_ids, raw_top_logits) = (self.raw_top_ids, self.raw_top_logits);
+        let scaled_log_sum_exp = self.scaled_log_sum_exp;
+        let gumbel = self.gumbel;
+        let log_sum_exp = self.log_sum_exp;
+        let head = pb::SeqOutput {
+            ids: self.ids,
+            logits: self.logits,
+            log_sum_exp: self.log_sum_exp,
+            full: self.full,
+            ..Self::default()
+        };
+        let candidates = match n {
+            0 if head.ids.is_empty() && head.logits.is_empty() && head.full.is_empty() => {
+                Vec::new()
+            }
+            0 => return Err(bad("candidates sent, but none were asked".into())),
+            n => match head.decode_top(asked, n, rows)? {
+                SeqLogits::Top { candidates, .. } => candidates,
+                _ => Vec::new(),
+            },
+        };
+        let raw_logits = match raw_logits.len() {
+            0 => candidates.iter().map(|c| c.0).collect(),
+            len if len == candidates.len() && spec.penalties.is_some() => raw_logits,
+            len => {
+                return Err(bad(format!(
+                    "{len} raw logits for {} candidates (only with penalties, one each)",
+                    candidates.len()
+                )))
+            }
+        };
+        let top_raw = decode_raw_top(raw_top_ids, raw_top_logits, spec, rows).map_err(bad)?;
+        let gumbel = match (spec.gumbel, gumbel) {
+            (false, None) => None,
+            (true, Some(g)) if rows.contains(&(g.id as usize)) => Some(GumbelPick {
+                token: g.id,
+                score: g.score,
+                logit: g.logit,
+            }),
+            (true, None) if rows.is_empty() => None,
+            (asked, sent) => {
+                return Err(bad(format!(
+                    "Gumbel winner asked: {asked}, sent: {:?} (must be inside rows {rows:?})",
+                    sent.map(|g| g.id)
+                )))
+            }
+        };
+        Ok(SeqLogits::Compact(Compact {
+            complete: n as usize >= rows.len(),
+            candidates,
+            raw_logits,
+            top_raw,
+            log_sum_exp: match asked.log_probs {
+                true => log_sum_exp,
+                false => f32::NAN,
+            },
+            scaled_log_sum_exp: match spec.scaled_log_sum_exp {
+                true => scaled_log_sum_exp,
+                false => f64::NAN,
+            },
+            gumbel,
+        }))
     }
 
     fn decode_top(
@@ -253,6 +402,38 @@ impl pb::SeqOutput {
             },
         })
     }
+}
+
+/// The best raw logits a rank sends with penalties: exactly min(top_logprobs, rows), inside the
+/// slice, in candidate order; none without penalties.
+fn decode_raw_top(
+    ids: Vec<u32>,
+    logits: Vec<f32>,
+    spec: &SampleSpec,
+    rows: &Range<usize>,
+) -> Result<Vec<(f32, u32)>, String> {
+    let expected = match spec.penalties {
+        Some(_) => (spec.top_logprobs as usize).min(rows.len()),
+        None => 0,
+    };
+    if ids.len() != expected || logits.len() != expected {
+        return Err(format!(
+            "{} raw top ids and {} logits; {expected} expected",
+            ids.len(),
+            logits.len()
+        ));
+    }
+    if let Some(id) = ids.iter().find(|&&id| !rows.contains(&(id as usize))) {
+        return Err(format!("raw top id {id} outside rows {rows:?}"));
+    }
+    let top: Vec<(f32, u32)> = logits.into_iter().zip(ids).collect();
+    if top
+        .windows(2)
+        .any(|w| candidate_order(&w[0], &w[1]) != Ordering::Less)
+    {
+        return Err("raw top candidates out of order".into());
+    }
+    Ok(top)
 }
 
 /// Worker states by name, for messages (`loading`, not `2`).

@@ -54,6 +54,7 @@ fn random_case(rng: &mut SplitMix64) -> Case {
                     _ => 1 + below(rng, 40) as u32,
                 },
                 log_probs: rng.next_f64() < 0.5,
+                sampling: None,
             })
             .collect(),
     };
@@ -444,6 +445,7 @@ fn ranks_that_disagree_do_not_join() {
             block_table: vec![0],
             top_candidates: 2,
             log_probs: false,
+            sampling: None,
         }],
     };
     let top = SeqLogits::Top {

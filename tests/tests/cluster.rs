@@ -125,6 +125,7 @@ impl GreedyDriver {
                     block_table: self.allocs[i].block_table().to_vec(),
                     top_candidates: 0,
                     log_probs: false,
+                    sampling: None,
                 })
                 .collect(),
         }
@@ -145,7 +146,9 @@ fn full_rows(logits: Vec<SeqLogits>) -> Vec<Vec<f32>> {
         .into_iter()
         .map(|l| match l {
             SeqLogits::Full(row) => row,
-            SeqLogits::Top { .. } => panic!("asked for every logit, got candidates"),
+            SeqLogits::Top { .. } | SeqLogits::Compact(_) => {
+                panic!("asked for every logit, got candidates")
+            }
         })
         .collect()
 }
@@ -268,6 +271,7 @@ fn in_process_greedy_text(
                 block_table: alloc.block_table().to_vec(),
                 top_candidates: 0,
                 log_probs: false,
+                sampling: None,
             }],
         };
         let mut logits = cluster

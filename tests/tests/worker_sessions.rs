@@ -207,6 +207,7 @@ fn batch(tokens: &[u32], start_pos: usize) -> StepBatch {
             block_table: vec![0],
             top_candidates: 0,
             log_probs: false,
+            sampling: None,
         }],
     }
 }

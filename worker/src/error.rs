@@ -67,6 +67,8 @@ pub enum StepError {
     Candle(#[from] candle_core::Error),
     #[error("the last stage's logits: {0}")]
     Output(#[from] WireTensorError),
+    #[error("invalid step: {0}")]
+    Sampling(#[from] gemma_proto::SampleSpecError),
 }
 
 /// Why a worker could not take its assignment (it then reports Failed with this message).

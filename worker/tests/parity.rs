@@ -115,6 +115,7 @@ fn batch_order_does_not_change_logits() {
             block_table: allocs[i].block_table().to_vec(),
             top_candidates: 0,
             log_probs: false,
+            sampling: None,
         };
         // Prefill prompts 0 and 1, then one step: decode 0, decode 1, prefill 2 - in `order`.
         for (i, p) in prompts.iter().enumerate().take(2) {

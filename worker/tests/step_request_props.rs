@@ -57,15 +57,62 @@ fn any_seq() -> impl Strategy<Value = pb::SeqStep> {
         vec(prop_oneof![4 => 0..KV_BLOCKS + 2, 1 => any::<u32>()], 0..16),
         prop_oneof![3 => 0u32..4, 1 => 0u32..2000, 1 => any::<u32>()],
         any::<bool>(),
+        proptest::option::of(sample_spec()),
     )
         .prop_map(
-            |(seq_id, tokens, start_pos, block_table, top_candidates, log_probs)| pb::SeqStep {
-                seq_id,
-                tokens,
-                start_pos,
-                block_table,
-                top_candidates,
-                log_probs,
+            |(seq_id, tokens, start_pos, block_table, top_candidates, log_probs, sampling)| {
+                pb::SeqStep {
+                    seq_id,
+                    tokens,
+                    start_pos,
+                    block_table,
+                    top_candidates,
+                    log_probs,
+                    sampling,
+                }
+            },
+        )
+}
+
+/// Sampling requests, sensible or not: any temperature, penalties with any ids and counts.
+fn sample_spec() -> impl Strategy<Value = pb::SampleSpec> {
+    let float = prop_oneof![3 => -2.0f32..4.0, 1 => any::<f32>()];
+    let penalties = (
+        float.clone(),
+        float.clone(),
+        float.clone(),
+        vec(prop_oneof![4 => 0..VOCAB as u32, 1 => any::<u32>()], 0..6),
+        vec(0u32..5, 0..6),
+        vec(prop_oneof![4 => 0..VOCAB as u32, 1 => any::<u32>()], 0..3),
+    )
+        .prop_map(
+            |(repetition, frequency, presence, ids, output_counts, banned)| pb::Penalties {
+                repetition,
+                frequency,
+                presence,
+                ids,
+                output_counts,
+                banned,
+            },
+        );
+    (
+        float,
+        any::<u64>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![3 => 0u32..4, 1 => any::<u32>()],
+        proptest::option::of(penalties),
+    )
+        .prop_map(
+            |(temperature, seed, gumbel, scaled_log_sum_exp, top_logprobs, penalties)| {
+                pb::SampleSpec {
+                    temperature,
+                    seed,
+                    gumbel,
+                    scaled_log_sum_exp,
+                    top_logprobs,
+                    penalties,
+                }
             },
         )
 }
@@ -91,6 +138,7 @@ fn well_formed_seqs() -> impl Strategy<Value = Vec<pb::SeqStep>> {
                         block_table: free.by_ref().take(needed).collect(),
                         top_candidates: top,
                         log_probs,
+                        sampling: None,
                     }
                 })
                 .collect()

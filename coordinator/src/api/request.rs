@@ -70,6 +70,8 @@ impl OneOrMany {
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    /// vLLM's extension: usage (so far) on every chunk, not only the last; needs include_usage.
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// The fields both endpoints share.
@@ -91,6 +93,9 @@ pub struct SamplingFields {
     /// vLLM's extension: generate through <eos> and <end_of_turn> until `max_tokens` or a stop
     /// string.
     pub ignore_eos: Option<bool>,
+    /// vLLM's extension: no stop token or stop string ends the output before this many tokens
+    /// (stop tokens are not drawn until then).
+    pub min_tokens: Option<i64>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,

@@ -71,15 +71,18 @@ impl<E: Endpoint> Producer<E> {
         let n = self.request.n;
         for i in 0..n {
             if let Some(opening) = E::opening(i) {
-                self.send_chunk(opening)?;
+                self.send_chunk(opening, 0)?;
             }
         }
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        // Tokens streamed so far, every choice together (continuous usage).
+        let mut streamed = 0;
         // Where each choice's next token starts in its text (completions' text_offset).
         let mut offsets = vec![0usize; n];
         while let Some((i, event)) = choices.next().await {
             let choice = match event {
                 Event::Token(t) => {
+                    streamed += 1;
                     let logprobs = self.request.logprobs().map(|_| {
                         E::logprobs(
                             &self.tokenizer,
@@ -108,7 +111,7 @@ impl<E: Endpoint> Producer<E> {
                     return self.done();
                 }
             };
-            self.send_chunk(choice)?;
+            self.send_chunk(choice, streamed)?;
         }
         if self.request.include_usage {
             let last = self.answer.chunk(
@@ -127,9 +130,15 @@ impl<E: Endpoint> Producer<E> {
             .map_err(|_| Gone)
     }
 
-    /// One choice's chunk; `usage: null` on it when the last chunk will carry usage.
-    fn send_chunk(&self, choice: E::ChunkChoice) -> Result<(), Gone> {
-        let usage = self.request.include_usage.then_some(None);
+    /// One choice's chunk: with continuous usage, the usage so far (`completion_tokens`
+    /// streamed); else `usage: null` on it when the last chunk will carry usage.
+    fn send_chunk(&self, choice: E::ChunkChoice, completion_tokens: usize) -> Result<(), Gone> {
+        let prompt_tokens = self.request.spec.prompt.len();
+        let usage = match (self.request.continuous_usage, self.request.include_usage) {
+            (true, _) => Some(Some(Usage::new(prompt_tokens, completion_tokens))),
+            (false, true) => Some(None),
+            (false, false) => None,
+        };
         self.send(&self.answer.chunk(vec![choice], usage))
     }
 

@@ -67,6 +67,12 @@ pub enum ValidationError {
     EmptyStop,
     #[error("stream_options needs stream: true")]
     StreamOptionsWithoutStream,
+    #[error("stream_options.continuous_usage_stats needs stream_options.include_usage: true")]
+    ContinuousUsageWithoutUsage,
+    #[error("min_tokens is {value}; allowed: 0 to max_tokens ({max_tokens})")]
+    MinTokens { value: i64, max_tokens: usize },
+    #[error("min_tokens is {0}; allowed: 0 to max_tokens")]
+    NegativeMinTokens(i64),
     /// The conversation does not fit the model's chat template (roles, order).
     #[error(transparent)]
     Chat(#[from] ChatError),
@@ -145,7 +151,8 @@ impl ValidationError {
             PresencePenalty(_) => "presence_penalty",
             RepetitionPenalty(_) => "repetition_penalty",
             TooManyStops(_) | EmptyStop => "stop",
-            StreamOptionsWithoutStream => "stream_options",
+            StreamOptionsWithoutStream | ContinuousUsageWithoutUsage => "stream_options",
+            MinTokens { .. } | NegativeMinTokens(_) => "min_tokens",
             MaxTokens { .. } => "max_tokens",
         }
     }
@@ -216,11 +223,14 @@ pub struct ValidFields {
     logprobs: Option<usize>,
     stop: Vec<String>,
     ignore_eos: bool,
+    /// As the client sent it: its upper bound depends on max_tokens.
+    min_tokens: i64,
     /// As the client sent it: its upper bound depends on the prompt.
     max_tokens: Option<i64>,
     n: usize,
     stream: bool,
     include_usage: bool,
+    continuous_usage: bool,
 }
 
 /// A request that may run: what each choice asks of the engine.
@@ -231,6 +241,8 @@ pub struct ValidRequest {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// Usage so far on every chunk (vLLM's `continuous_usage_stats`, with `include_usage`).
+    pub continuous_usage: bool,
 }
 
 impl ValidRequest {
@@ -357,18 +369,27 @@ impl Validator<'_> {
                 .into())
             }
         };
+        if fields.min_tokens as u64 > max_tokens as u64 {
+            return Err(ValidationError::MinTokens {
+                value: fields.min_tokens,
+                max_tokens,
+            }
+            .into());
+        }
         Ok(ValidRequest {
             spec: RequestSpec {
                 prompt,
                 params: fields.params,
                 logprobs: fields.logprobs,
                 max_tokens,
+                min_tokens: fields.min_tokens.max(0) as usize,
                 stop: fields.stop,
                 ignore_eos: fields.ignore_eos,
             },
             n: fields.n,
             stream: fields.stream,
             include_usage: fields.include_usage,
+            continuous_usage: fields.continuous_usage,
         })
     }
 
@@ -442,6 +463,17 @@ impl Validator<'_> {
             f.stream_options.is_none() || stream,
             E::StreamOptionsWithoutStream,
         );
+        let option = |get: fn(&super::request::StreamOptions) -> Option<bool>| {
+            f.stream_options.as_ref().and_then(get).unwrap_or(false)
+        };
+        let include_usage = option(|o| o.include_usage);
+        let continuous_usage = option(|o| o.continuous_usage_stats);
+        rule(
+            include_usage || !continuous_usage,
+            E::ContinuousUsageWithoutUsage,
+        );
+        let min_tokens = f.min_tokens.unwrap_or(0);
+        rule(min_tokens >= 0, E::NegativeMinTokens(min_tokens));
         ValidFields {
             params: SamplingParams {
                 temperature,
@@ -456,14 +488,12 @@ impl Validator<'_> {
             logprobs: alternatives.map(|k| k.max(0) as usize),
             stop,
             ignore_eos: f.ignore_eos.unwrap_or(false),
+            min_tokens,
             max_tokens: f.max_completion_tokens.or(f.max_tokens),
             n: n.max(1) as usize,
             stream,
-            include_usage: f
-                .stream_options
-                .as_ref()
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+            include_usage,
+            continuous_usage,
         }
     }
 }

@@ -109,6 +109,7 @@ pub fn generate_greedy(
                 block_table: seqs[i].kv.block_table().to_vec(),
                 top_candidates: 0,
                 log_probs: false,
+                sampling: None,
             });
         }
         max_batch = max_batch.max(batch.seqs.len());

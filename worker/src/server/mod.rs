@@ -13,6 +13,8 @@ mod assignment;
 mod holder;
 mod step;
 
+pub use step::last_stage_output;
+
 use std::net::TcpListener;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -468,7 +468,9 @@ fn cluster_decode(dir: &std::path::Path, tp: usize) -> Result<f64> {
                 .into_iter()
                 .map(|l| match l {
                     gemma_proto::SeqLogits::Full(row) => row,
-                    gemma_proto::SeqLogits::Top { .. } => Vec::new(),
+                    gemma_proto::SeqLogits::Top { .. } | gemma_proto::SeqLogits::Compact(_) => {
+                        Vec::new()
+                    }
                 })
                 .collect())
         })
@@ -503,6 +505,7 @@ fn time_decode(
             block_table: alloc.block_table().to_vec(),
             top_candidates: 0,
             log_probs: false,
+            sampling: None,
         }],
     };
     let logits = step(batch(prompt.clone(), 0))?;

@@ -140,6 +140,7 @@ fn one_seq(tokens: Vec<u32>, start_pos: usize, blocks: &[u32]) -> StepBatch {
             block_table: blocks.to_vec(),
             top_candidates: 1,
             log_probs: false,
+            sampling: None,
         }],
     }
 }
