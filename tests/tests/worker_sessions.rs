@@ -711,7 +711,14 @@ async fn the_worker_health_service_answers_serving() {
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
 
     let mut client = w.client().await;
-    let req = assign_request(&model, 1, 0, &[w.data.clone()], session(1, 1), 30_000);
+    let req = assign_request(
+        &model,
+        1,
+        0,
+        std::slice::from_ref(&w.data),
+        session(1, 1),
+        30_000,
+    );
     assign(&mut client, req).await.unwrap();
     assert_eq!(health(&w, "gemma.v1.Worker").await.unwrap(), serving);
 }
