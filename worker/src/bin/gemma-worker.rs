@@ -3,6 +3,11 @@
 //! On start it binds its gRPC address and its data-plane address (port 0 allowed) and prints
 //! one line, `gemma-worker listening on GRPC_ADDR data DATA_ADDR`, on stdout: the handshake a
 //! spawning coordinator reads. Then it waits for an assignment.
+//!
+//! Beside the `Worker` service it serves the standard gRPC health service
+//! (`grpc.health.v1.Health`): the process answers, so Kubernetes' native `grpc:` probes can ask
+//! it without a client of our own. SERVING means "up and accepting an assignment", not
+//! "assigned": a worker waits unassigned until its coordinator arrives.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -81,6 +86,7 @@ fn main() -> Result<()> {
             out.flush()?;
         }
         tracing::info!(%addr, data = service.data_addr(), "worker up");
+        let health = health_service().await;
         let mut builder = tonic::transport::Server::builder();
         if let Some(identity) = &tls {
             builder = builder
@@ -96,7 +102,8 @@ fn main() -> Result<()> {
                 WorkerServer::new(service)
                     .max_decoding_message_size(usize::MAX)
                     .max_encoding_message_size(usize::MAX),
-            );
+            )
+            .add_service(health);
         // A step in flight finishes within a second on any shard we serve; the coordinator's
         // HTTP/2 channel may stay open longer, and must not hold the exit.
         gemma_proto::process::serve_with_drain_deadline(
@@ -106,6 +113,14 @@ fn main() -> Result<()> {
         .await
         .context("serving")
     })
+}
+
+/// The standard health service, SERVING for the whole server ("") and for `gemma.v1.Worker`.
+async fn health_service(
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter.set_serving::<WorkerServer<WorkerService>>().await;
+    service
 }
 
 /// Accepted connections with Nagle off: tonic's own `tcp_nodelay` applies only to listeners it
