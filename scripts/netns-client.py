@@ -8,6 +8,9 @@ It runs inside the coordinator's network namespace and talks to the coordinator'
   speed URL SENTENCES DECODE RUNS   prefill tokens/s and decode ms/token as JSON (medians)
   heal URL DOWN_CMD UP_CMD PROMPT   take a link down with DOWN_CMD while requests run, bring it
                                     back with UP_CMD; the timings and answers as JSON
+  sink HOST PORT                    accept one TCP connection, read it to the end (prints
+                                    "listening" first)
+  push HOST PORT MIB                send MIB MiB over raw TCP to a sink: MiB/s on stdout
   table ROWS_TSV                    print rows in gemma-bench's table format
 
 Every wait has a deadline; a missed one exits non-zero naming what it waited for.
@@ -15,6 +18,7 @@ Every wait has a deadline; a missed one exits non-zero naming what it waited for
 
 import http.client
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -229,6 +233,32 @@ def heal(url, down_cmd, up_cmd, prompt, timeout_s=60.0):
     }
 
 
+def sink(host, port):
+    """The receiving end of the raw link check: the floor the shaped link leaves any TCP flow."""
+    listener = socket.create_server((host, port))
+    listener.settimeout(60)
+    print("listening", flush=True)
+    conn, _ = listener.accept()
+    conn.settimeout(60)
+    with conn:
+        while conn.recv(1 << 20):
+            pass
+        conn.sendall(b"k")  # the sender's clock stops when everything has arrived
+
+
+def push(host, port, mib):
+    chunk = b"x" * (1 << 20)
+    with socket.create_connection((host, port), timeout=60) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.monotonic()
+        for _ in range(mib):
+            conn.sendall(chunk)
+        conn.shutdown(socket.SHUT_WR)
+        if conn.recv(1) != b"k":
+            die("the sink closed before acknowledging the transfer")
+        return mib / (time.monotonic() - start)
+
+
 def table(path):
     """Rows: figure, value, unit, reference name, reference value, threads (tab-separated).
     Printed as gemma-bench prints its table; a value of "-" is a row that did not run."""
@@ -260,6 +290,10 @@ def main(argv):
         print(json.dumps(speed(args[0], int(args[1]), int(args[2]), int(args[3]))))
     elif cmd == "heal" and len(args) == 4:
         print(json.dumps(heal(*args), indent=1))
+    elif cmd == "sink" and len(args) == 2:
+        sink(args[0], int(args[1]))
+    elif cmd == "push" and len(args) == 3:
+        print(f"{push(args[0], int(args[1]), int(args[2])):.1f}")
     elif cmd == "table" and len(args) == 1:
         table(args[0])
     else:

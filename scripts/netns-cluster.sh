@@ -123,10 +123,12 @@ for i in 0 1 2 3; do add_node "w$i" "$(worker_ip $i)"; done
 loopback="$prefix-lo"
 add_ns "$loopback"
 
-# Traffic stays inside: nothing beyond the subnet is routable from a node.
-if ip netns exec "$prefix-c" ip route get 1.1.1.1 >/dev/null 2>&1; then
-  die "the coordinator's namespace routes beyond $SUBNET.0/24"
-fi
+# Traffic stays inside: nothing beyond the subnet is routable from any node.
+for node in c w0 w1 w2 w3; do
+  if ip -n "$prefix-$node" route get 1.1.1.1 >/dev/null 2>&1; then
+    die "namespace $prefix-$node routes beyond $SUBNET.0/24"
+  fi
+done
 log "run $run_id: bridge in $switch; coordinator $COORD_IP, workers $(worker_ip 0)..$(worker_ip 3)"
 
 # --- The model. --------------------------------------------------------------------------------
@@ -138,7 +140,7 @@ if [ -z "$model" ]; then
   model="$work/model"
   sentences=8 decode_tokens=32 runs=1
 else
-  sentences=40 decode_tokens=128 runs=3 # about 512 prompt tokens with Gemma 3's tokenizer
+  sentences=33 decode_tokens=128 runs=3 # about 500 prompt tokens: one prefill step (512)
 fi
 [ $full = 1 ] && runs=3
 PROMPT="The capital of France is Paris. The capital of Germany is"
@@ -194,9 +196,11 @@ stop_cluster() { stop_pids; }
 client() { timeout 600 ip netns exec "$client_ns" python3 "$client" "$@"; }
 
 # --- tc on every node's link: one-way delay D on each node's egress (round trip 2D). -----------
+# Probed on the loopback namespace's lo, so nothing outside this run is touched.
 netem_ok=0
-if tc qdisc add dev lo root netem delay 1us 2>/dev/null; then
-  tc qdisc del dev lo root; netem_ok=1 # (in this shell's own namespace: probed, then removed)
+if tc -n "$loopback" qdisc add dev lo root netem delay 1us 2>/dev/null; then
+  tc -n "$loopback" qdisc del dev lo root
+  netem_ok=1
 fi
 node_links() { # the eth0 of the coordinator and of the first N workers
   echo "$prefix-c"
@@ -236,6 +240,16 @@ else
 fi
 [ $netem_ok = 1 ] || log "sch_netem is not in this kernel (tc: 'Specified qdisc kind is unknown'): the delay rows are skipped"
 
+# Raw TCP from worker 0 to worker 1 over the shaped links: shows what the shaping leaves any
+# flow (the cluster's figures are to be read against it). Sets $link_mib_s; runs in this
+# shell, not a subshell, so the sink's pid is among those cleanup stops.
+link_check() {
+  local logf="$work/sink.log"
+  start_bg "$logf" ip netns exec "$prefix-w1" python3 "$client" sink "$(worker_ip 1)" 5001
+  wait_for_line "$logf" listening 30 "${pids[-1]}"
+  link_mib_s=$(timeout 120 ip netns exec "$prefix-w0" python3 "$client" push "$(worker_ip 1)" 5001 256)
+}
+
 field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 
 for plan in "${plans[@]}"; do
@@ -262,6 +276,8 @@ for plan in "${plans[@]}"; do
 
   if [ $measure = 1 ]; then
     ptok=$(field prompt_tokens <<<"$ref")
+    link_check
+    link_ref=$link_mib_s
     for cond in "${conditions[@]}"; do
       label="$name, $(cond_label "$cond")"
       threads="${n}x1 | ${n}x1"
@@ -272,6 +288,11 @@ for plan in "${plans[@]}"; do
       fi
       log "$label"
       shape "$cond" "$n"
+      if [ "$cond" != none ]; then
+        link_check
+        printf '%s\t%s\tMiB/s\t%s\t%s\t-\n' "raw TCP w0 -> w1, $label" "$link_mib_s" \
+          "raw TCP, no shaping" "$link_ref" >>"$rows"
+      fi
       got=$(client speed "$url" "$sentences" "$decode_tokens" "$runs")
       shape none "$n"
       printf '%s\t%s\tms/tok\tloopback, %s\t%s\t%s\n' "decode, $label" \
