@@ -134,8 +134,8 @@ log "run $run_id: bridge in $switch; coordinator $COORD_IP, workers $(worker_ip 
 # --- The model. --------------------------------------------------------------------------------
 if [ -z "$model" ]; then
   [ -x "$bin/gemma-tiny-model" ] || die "$bin/gemma-tiny-model is missing (cargo build --workspace --bins)"
-  tokenizer=$(scripts/fetch-tokenizer.sh)
-  "$bin/gemma-tiny-model" "$work/model" mqa 2>/dev/null
+  tokenizer=$(timeout 600 scripts/fetch-tokenizer.sh)
+  timeout 120 "$bin/gemma-tiny-model" "$work/model" mqa 2>/dev/null
   cp "$tokenizer/tokenizer.json" "$tokenizer/tokenizer_config.json" "$work/model/"
   model="$work/model"
   sentences=8 decode_tokens=32 runs=1
@@ -243,8 +243,10 @@ fi
 # Raw TCP from worker 0 to worker 1 over the shaped links: shows what the shaping leaves any
 # flow (the cluster's figures are to be read against it). Sets $link_mib_s; runs in this
 # shell, not a subshell, so the sink's pid is among those cleanup stops.
+link_checks=0
 link_check() {
-  local logf="$work/sink.log"
+  link_checks=$((link_checks + 1))
+  local logf="$work/sink-$link_checks.log" # a fresh file: an old one already says "listening"
   start_bg "$logf" ip netns exec "$prefix-w1" python3 "$client" sink "$(worker_ip 1)" 5001
   wait_for_line "$logf" listening 30 "${pids[-1]}"
   link_mib_s=$(timeout 120 ip netns exec "$prefix-w0" python3 "$client" push "$(worker_ip 1)" 5001 256)
