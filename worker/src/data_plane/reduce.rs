@@ -4,7 +4,7 @@
 //! per addition, and the result is bit for bit what adding the partials as tensors in rank order
 //! gives: ((p0 + p1) + p2) + ..., element by element, in the partials' own dtype.
 
-use std::ops::Add;
+use std::ops::AddAssign;
 
 use candle_core::{Device, Tensor, WithDType};
 use half::{bf16, f16};
@@ -13,7 +13,7 @@ use crate::error::CollectiveError;
 use crate::wire::{with_elements, ElementBuffer};
 
 /// An element type a partial can hold, and how to see it in a received buffer.
-trait Summable: WithDType + Add<Output = Self> {
+trait Summable: WithDType + AddAssign {
     fn received(buf: &ElementBuffer) -> Option<&[Self]>;
 }
 
@@ -95,7 +95,7 @@ fn sum_as<T: Summable>(
             .to_vec();
         for part in parts {
             for (o, x) in out.iter_mut().zip(part?) {
-                *o = *o + *x;
+                *o += *x;
             }
         }
         Ok(out)
