@@ -127,6 +127,10 @@ fn main() -> Result<()> {
     shared.paused.store(true, Ordering::Relaxed);
     memory.start = report::quiet_memory(&coord.addr, &pids(&coord, &workers));
     shared.paused.store(false, Ordering::Relaxed);
+    eprintln!(
+        "soak: quiet memory before the faults (MiB): {}",
+        report::mib_list(&memory.start)
+    );
     let timeline = faults::inject(&shared, &coord.addr, &mut workers, duration)?;
     faults::sleep_until(shared.t0 + duration);
     shared.stop.store(true, Ordering::Relaxed);

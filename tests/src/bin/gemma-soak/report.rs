@@ -62,6 +62,19 @@ pub fn quiet_memory(addr: &str, pids: &[u32]) -> Vec<Option<u64>> {
     least
 }
 
+/// Resident memory per process, in MiB, for a log line.
+pub fn mib_list(rss: &[Option<u64>]) -> String {
+    let shown: Vec<String> = rss
+        .iter()
+        .map(|b| {
+            b.map_or("-".into(), |b| {
+                format!("{:.1}", b as f64 / (1 << 20) as f64)
+            })
+        })
+        .collect();
+    shown.join(" ")
+}
+
 /// Most a process's memory may grow from start to end.
 const MEMORY_GROWTH: f64 = 0.10;
 
