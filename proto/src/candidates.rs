@@ -102,18 +102,24 @@ pub fn top_candidates_by_column(
     best
 }
 
-/// [`log_sum_exp`] of the columns of a row-major `[vocab, seqs]` matrix that are `wanted`
-/// (NaN for the others).
-pub fn log_sum_exp_by_column(values: &[f32], seqs: usize, wanted: &[bool]) -> Vec<f32> {
-    if !wanted.iter().any(|&w| w) {
-        return vec![f32::NAN; seqs];
-    }
+/// The largest value of each column of a row-major `[vocab, seqs]` matrix.
+fn column_max(values: &[f32], seqs: usize) -> Vec<f32> {
     let mut max = vec![f32::NEG_INFINITY; seqs];
     for row in values.chunks_exact(seqs.max(1)) {
         for (m, &x) in max.iter_mut().zip(row) {
             *m = m.max(x);
         }
     }
+    max
+}
+
+/// [`log_sum_exp`] of the columns of a row-major `[vocab, seqs]` matrix that are `wanted`
+/// (NaN for the others).
+pub fn log_sum_exp_by_column(values: &[f32], seqs: usize, wanted: &[bool]) -> Vec<f32> {
+    if !wanted.iter().any(|&w| w) {
+        return vec![f32::NAN; seqs];
+    }
+    let max = column_max(values, seqs);
     let mut sum = vec![0f64; seqs];
     for row in values.chunks_exact(seqs.max(1)) {
         for s in 0..seqs {
@@ -142,12 +148,7 @@ pub fn scaled_log_sum_exp_by_column(
     if temperatures.iter().all(Option::is_none) {
         return out;
     }
-    let mut max = vec![f32::NEG_INFINITY; seqs];
-    for row in values.chunks_exact(seqs.max(1)) {
-        for (m, &x) in max.iter_mut().zip(row) {
-            *m = m.max(x);
-        }
-    }
+    let max = column_max(values, seqs);
     let mut sum = vec![0f64; seqs];
     for row in values.chunks_exact(seqs.max(1)) {
         for s in 0..seqs {
