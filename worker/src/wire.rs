@@ -82,25 +82,6 @@ pub enum ElementBuffer {
 }
 
 impl ElementBuffer {
-    pub fn for_header(
-        header: &pb::TensorData,
-        limit_bytes: usize,
-    ) -> Result<(Self, Vec<usize>), WireTensorError> {
-        let dtype = dtype_from_wire(header.dtype)?;
-        let dims = header.dims();
-        let numel = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let numel = numel
-            .filter(|n| n.saturating_mul(dtype.size_in_bytes()) <= limit_bytes)
-            .ok_or_else(|| {
-                WireTensorError(format!(
-                    "tensor of shape {dims:?} exceeds {limit_bytes} bytes"
-                ))
-            })?;
-        let mut buf = Self::F32(Vec::new());
-        buf.fit(dtype, numel);
-        Ok((buf, dims))
-    }
-
     /// Holds `numel` elements of `dtype` from now on, reusing this buffer's allocation when the
     /// dtype is the one it already holds (the data plane receives every all-reduce partial of a
     /// link into one of these, so a steady stream of steps allocates nothing here).

@@ -69,23 +69,18 @@ pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<pb::PeerHello
     pb::PeerHello::decode(&buf[..]).map_err(|e| FrameError::Malformed(format!("hello: {e}")))
 }
 
-/// Reads one tensor frame: the header into `buf` (reused across frames), checked against
-/// `expected`, then the elements straight into the new tensor's own buffer.
+/// Reads one tensor frame (header into `buf`, reused across frames) into a new tensor of the
+/// expected shape.
 pub async fn read_tensor<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
     expected: &Expected<'_>,
     device: &Device,
 ) -> Result<Tensor, FrameError> {
-    read_prefixed(r, buf, "frame header", MAX_HEADER_BYTES).await?;
-    let frame = pb::PeerFrame::decode(&buf[..])
-        .map_err(|e| FrameError::Malformed(format!("frame header: {e}")))?;
-    let header = check_header(&frame, expected)?;
-    let (mut elements, dims) = ElementBuffer::for_header(header, usize::MAX)
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    r.read_exact(elements.bytes_mut()).await?;
+    let mut elements = ElementBuffer::F32(Vec::new());
+    read_elements_into(r, buf, expected, &mut elements).await?;
     elements
-        .into_tensor(dims, device)
+        .into_tensor(expected.dims.to_vec(), device)
         .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
