@@ -31,7 +31,7 @@ struct Models {
 fn models() -> &'static Models {
     static M: OnceLock<Models> = OnceLock::new();
     M.get_or_init(|| {
-        let root = tempfile::tempdir().expect("tmp");
+        let root = tempfile::tempdir_in(gemma_testkit::process_scratch()).expect("tmp");
         let write = |name: &str, m: TinyGemma| {
             let dir = root.path().join(name);
             m.write(&dir).expect("write model");
@@ -532,7 +532,7 @@ fn gguf_model() -> &'static GgufModel {
     static M: OnceLock<GgufModel> = OnceLock::new();
     M.get_or_init(|| {
         use candle_core::quantized::GgmlDType;
-        let root = tempfile::tempdir().expect("tmp");
+        let root = tempfile::tempdir_in(gemma_testkit::process_scratch()).expect("tmp");
         let dir = root.path().join("gemma3-q4-k-m");
         std::fs::create_dir(&dir).expect("dir");
         // Every sixth layer global: the pattern llama.cpp assumes for Gemma 3 (GGUF does not

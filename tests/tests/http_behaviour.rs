@@ -34,7 +34,7 @@ struct Models {
 fn models() -> &'static Models {
     static M: OnceLock<Models> = OnceLock::new();
     M.get_or_init(|| {
-        let root = tempfile::tempdir().expect("tmp");
+        let root = tempfile::tempdir_in(gemma_testkit::process_scratch()).expect("tmp");
         Models {
             root: root.path().to_path_buf(),
             _root: root,

@@ -40,7 +40,7 @@ struct Model {
 fn model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
     M.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tmp");
+        let dir = tempfile::tempdir_in(gemma_testkit::process_scratch()).expect("tmp");
         let tiny = TinyGemma::mha_like_7b();
         tiny.write(dir.path()).expect("model");
         add_tokenizer(dir.path()).expect("tokenizer");

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 fn model_dir() -> &'static std::path::Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tmp");
+        let dir = tempfile::tempdir_in(gemma_testkit::process_scratch()).expect("tmp");
         TinyGemma::mha_like_7b().write(dir.path()).expect("model");
         add_tokenizer(dir.path()).expect("tokenizer");
         dir

@@ -60,7 +60,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = tempfile::tempdir_in(gemma_testkit::process_scratch()).expect("temp dir");
         let path = dir.path().join("tiny-gemma3.gguf");
         let model = tiny();
         let held = model.write_gguf(&path, quant).expect("write gguf");

@@ -35,7 +35,7 @@ struct Fixtures {
 fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
     F.get_or_init(|| {
-        let root = tempfile::tempdir().expect("temp dir");
+        let root = tempfile::tempdir_in(gemma_testkit::process_scratch()).expect("temp dir");
         let write = |name: &str, m: TinyGemma| {
             let dir = root.path().join(name);
             m.write(&dir).expect("write tiny model");

@@ -61,7 +61,7 @@ const NEW_TOKENS: usize = 32;
 fn folder(variant: &str) -> PathBuf {
     static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
     let root = ROOT.get_or_init(|| {
-        let root = tempfile::tempdir().expect("temp dir");
+        let root = tempfile::tempdir_in(gemma_testkit::process_scratch()).expect("temp dir");
         for name in [
             "gemma2",
             "gemma2-within-candle",
