@@ -25,14 +25,29 @@ pub struct TextTokenizer {
     stop_ids: Vec<u32>,
 }
 
+/// Turns off the BPE model's word cache.
+///
+/// tokenizers keeps that cache per thread (up to 10,000 words of under 256 bytes each, per
+/// thread, never shrunk). Gemma's tokenizer has no pre-tokenizer, so a whole prompt is one
+/// "word", and prompts are encoded on tokio's blocking pool: up to 512 threads, each filling its
+/// own cache in its own malloc arena. A server fed distinct prompts grew by tens of MiB per load
+/// storm and never gave it back (the soak test's memory check). A cache hit would need the same
+/// prompt text twice, which serving rarely sees, so the cache buys nothing here.
+fn disable_word_cache(tokenizer: &mut Tokenizer) {
+    let mut model = tokenizer.get_model().clone();
+    model.resize_cache(0);
+    tokenizer.with_model(model);
+}
+
 impl TextTokenizer {
     /// Loads `tokenizer.json` from the model folder.
     pub fn from_dir(dir: &Path, bos: u32, eos: u32) -> Result<Self, TokenizerError> {
         let path = dir.join("tokenizer.json");
-        let inner = Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
+        let mut inner = Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
+        disable_word_cache(&mut inner);
         let mut stop_ids = vec![eos];
         stop_ids.extend(inner.token_to_id("<end_of_turn>"));
         Ok(Self {
