@@ -2,6 +2,8 @@
 //! heads. The coordinator owns the block tables; the shard only checks them and writes/reads the
 //! slots they name (slot = block * block_size + position % block_size).
 
+use std::collections::{HashMap, HashSet};
+
 use candle_core::{DType, Device, Result, Tensor};
 use gemma_proto::SeqStep;
 
@@ -47,6 +49,55 @@ impl LayerKv {
             self.v.index_select(slots, 0)?,
         ))
     }
+}
+
+/// Checks how the step's sequences share blocks: sequences may read the same blocks (a cached
+/// prefix), but a block that a sequence writes in this step (one holding a position in
+/// `[start_pos, end_pos)`) belongs to that sequence alone, and no table names a block twice.
+/// Otherwise one sequence's K/V could overwrite what another reads.
+pub fn check_block_sharing(
+    seqs: &[SeqStep],
+    block_size: usize,
+) -> std::result::Result<(), StepError> {
+    let invalid = |m: String| Err(StepError::Invalid(m));
+    // Block -> index of the sequence that writes it.
+    let mut writer: HashMap<u32, usize> = HashMap::new();
+    for (i, seq) in seqs.iter().enumerate() {
+        let mut own = HashSet::with_capacity(seq.block_table.len());
+        if let Some(b) = seq.block_table.iter().find(|&&b| !own.insert(b)) {
+            return invalid(format!(
+                "KV block {b} appears twice in the block table of sequence {}",
+                seq.seq_id
+            ));
+        }
+        for &b in written_blocks(seq, block_size) {
+            if let Some(other) = writer.insert(b, i) {
+                return invalid(format!(
+                    "KV block {b} is written by sequences {} and {} in one step",
+                    seqs[other].seq_id, seq.seq_id
+                ));
+            }
+        }
+    }
+    for (i, seq) in seqs.iter().enumerate() {
+        let foreign = |b: &u32| writer.get(b).filter(|&&w| w != i).map(|&w| (*b, w));
+        if let Some((b, other)) = seq.block_table.iter().find_map(foreign) {
+            return invalid(format!(
+                "KV block {b} is read by sequence {} while sequence {} writes it",
+                seq.seq_id, seqs[other].seq_id
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The blocks of `seq`'s table that its step writes (as far as the table reaches; a table too
+/// short for the step is refused by [`KvCache::slots_for`]).
+fn written_blocks(seq: &SeqStep, block_size: usize) -> &[u32] {
+    let table = &seq.block_table;
+    let first = (seq.start_pos / block_size).min(table.len());
+    let end = seq.end_pos().div_ceil(block_size).clamp(first, table.len());
+    &table[first..end]
 }
 
 #[derive(Debug)]
@@ -158,5 +209,53 @@ impl KvCache {
             writes,
             context: Tensor::from_vec(context, end, device)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(seq_id: u64, start_pos: usize, len: usize, block_table: Vec<u32>) -> SeqStep {
+        SeqStep {
+            seq_id,
+            tokens: vec![0; len],
+            start_pos,
+            block_table,
+            top_candidates: 0,
+            log_probs: false,
+            sampling: None,
+        }
+    }
+
+    fn refusal(seqs: &[SeqStep]) -> String {
+        match check_block_sharing(seqs, 4) {
+            Err(StepError::Invalid(m)) => m,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_only_blocks_may_be_shared_written_ones_may_not() {
+        // Both read cached blocks 0 and 1 and write their own third block.
+        let a = seq(1, 8, 3, vec![0, 1, 2]);
+        let b = seq(2, 8, 1, vec![0, 1, 3]);
+        assert!(check_block_sharing(&[a.clone(), b], 4).is_ok());
+        // Writing a block another sequence reads: refused.
+        let writes_0 = seq(3, 0, 4, vec![0]);
+        assert!(refusal(&[a.clone(), writes_0]).contains("read by sequence 1 while sequence 3"));
+        // Two writers of one block.
+        let also_2 = seq(4, 10, 1, vec![5, 6, 2]);
+        assert!(refusal(&[a.clone(), also_2]).contains("written by sequences 1 and 4"));
+        // A table naming a block twice.
+        let twice = seq(5, 0, 1, vec![7, 7]);
+        assert!(refusal(&[twice]).contains("twice in the block table of sequence 5"));
+        // Blocks past the step's positions are not written: sharing them is only reading.
+        let spare = seq(6, 0, 2, vec![8, 9]);
+        let reads_9 = seq(7, 4, 1, vec![9, 10]);
+        assert!(check_block_sharing(&[spare, reads_9], 4).is_ok());
+        // The same seq_id twice is still two sequences.
+        let (c, d) = (seq(9, 0, 1, vec![12]), seq(9, 0, 1, vec![12]));
+        assert!(refusal(&[c, d]).contains("written by sequences 9 and 9"));
     }
 }

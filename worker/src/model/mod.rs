@@ -11,8 +11,6 @@ pub mod mlp;
 pub mod norm;
 pub mod rope;
 
-use std::collections::HashSet;
-
 use candle_core::{DType, Device, Tensor};
 use gemma_proto::{LayerKind, ModelConfig, ShardSpec, StepBatch};
 
@@ -276,7 +274,6 @@ impl Shard {
         if batch.seqs.is_empty() {
             return invalid("the step has no sequences".to_string());
         }
-        let mut blocks = HashSet::new();
         for seq in &batch.seqs {
             if seq.tokens.is_empty() {
                 return invalid(format!("sequence {} has no tokens", seq.seq_id));
@@ -308,15 +305,8 @@ impl Shard {
                     self.weights.rope.max_positions()
                 ));
             }
-            for &b in &seq.block_table {
-                if !blocks.insert(b) {
-                    return invalid(format!(
-                        "KV block {b} appears twice in the step (sequence {})",
-                        seq.seq_id
-                    ));
-                }
-            }
         }
+        crate::kv_cache::check_block_sharing(&batch.seqs, self.kv.block_size())?;
         Ok(ValidBatch(batch))
     }
 
