@@ -6,6 +6,10 @@
 //! - a sequence that cannot grow when the pool is full preempts the newest running sequence,
 //!   whose blocks are freed and whose tokens are recomputed when it is readmitted;
 //! - a request whose client went away is dropped between steps, and its blocks freed;
+//! - with prefix caching, a sequence starts past the longest run of its leading blocks the
+//!   cache holds, and registers each of its blocks once full and computed; a request that
+//!   would share blocks another sequence is still prefilling waits for them (so `n > 1`
+//!   choices and concurrent conversations prefill a common prompt once);
 //! - the waiting queue is bounded: past it, submissions are refused at once;
 //! - a cluster that loses a worker fails every request it holds and is healed by this loop,
 //!   which meanwhile refuses new requests at once (503) and keeps its heartbeat going, so that
@@ -86,6 +90,8 @@ pub struct TokenEvent {
     /// Text this token completes; empty while a character or a possible stop string is pending.
     pub text: String,
     pub sampled: Sampled,
+    /// Prompt tokens whose KV came from the prefix cache (known since admission).
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +100,8 @@ pub enum Event {
     Done {
         finish_reason: FinishReason,
         prompt_tokens: usize,
+        /// Prompt tokens whose KV came from the prefix cache at admission.
+        cached_tokens: usize,
         completion_tokens: usize,
         /// Text held back until the end (a partial stop-string match that was not one).
         tail: String,
@@ -107,6 +115,8 @@ pub struct Generation {
     pub text: String,
     pub tokens: Vec<Sampled>,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
     pub finish_reason: FinishReason,
 }
 
@@ -243,6 +253,7 @@ impl EngineHandle {
                 Event::Done {
                     finish_reason,
                     prompt_tokens,
+                    cached_tokens,
                     tail,
                     ..
                 } => {
@@ -251,6 +262,7 @@ impl EngineHandle {
                         text,
                         tokens,
                         prompt_tokens,
+                        cached_tokens,
                         finish_reason,
                     });
                 }
@@ -260,9 +272,14 @@ impl EngineHandle {
         Err(EngineError::Stopped)
     }
 
-    /// KV blocks held by sequences now.
+    /// KV blocks held by sequences now (a block shared by several counts once).
     pub fn kv_blocks_used(&self) -> usize {
         self.kv.used_blocks()
+    }
+
+    /// Cached prefix blocks no sequence holds: kept for reuse, evicted when space is needed.
+    pub fn kv_blocks_cached(&self) -> usize {
+        self.kv.cached_blocks()
     }
 
     /// Tokens the cluster's KV pool holds (blocks x block size): no sequence's prompt and output
@@ -336,6 +353,8 @@ pub struct EngineConfig {
     pub max_running: usize,
     pub max_waiting: usize,
     pub max_context: usize,
+    /// Reuse the KV of cached prompt prefixes (`prefix_caching`).
+    pub prefix_caching: bool,
     /// `/health` fails once the engine loop is this late past what it may take.
     pub wedged_after: Duration,
 }
@@ -348,7 +367,8 @@ pub fn spawn<C: StepCluster>(
     metrics: Arc<Metrics>,
 ) -> EngineHandle {
     let (tx, rx) = mpsc::unbounded_channel();
-    let kv = KvBlockManager::new(cluster.kv_blocks(), cluster.block_size());
+    let kv = KvBlockManager::new(cluster.kv_blocks(), cluster.block_size())
+        .with_prefix_caching(cfg.prefix_caching);
     metrics.kv_blocks_total.set(cluster.kv_blocks() as i64);
     let waiting = Arc::new(AtomicUsize::new(0));
     let heartbeat = Heartbeat::new();
@@ -384,8 +404,12 @@ struct Sequence {
     id: u64,
     request: Request,
     kv: KvAllocation,
-    /// Tokens of prompt + output already in the KV cache.
+    /// Tokens of prompt + output already in the KV cache (reused from the prefix cache, or
+    /// computed).
     cached: usize,
+    /// Prompt tokens reused from the prefix cache at its first admission (the usage's
+    /// `cached_tokens`).
+    prompt_cached: usize,
     /// prompt ++ generated: what a preempted sequence recomputes.
     context: Vec<u32>,
     generated: usize,
@@ -417,8 +441,9 @@ impl Sequence {
             context: s.prompt.clone(),
             sampler,
             request,
+            cached: kv.reused_tokens(),
+            prompt_cached: kv.reused_tokens(),
             kv,
-            cached: 0,
             generated: 0,
             decoder: IncrementalDecoder::default(),
             text: String::new(),
@@ -450,6 +475,7 @@ impl Sequence {
             mut text,
             sent,
             generated,
+            prompt_cached,
             ..
         } = self;
         drop(kv);
@@ -462,6 +488,7 @@ impl Sequence {
                 Event::Done {
                     finish_reason,
                     prompt_tokens: request.spec.prompt.len(),
+                    cached_tokens: prompt_cached,
                     completion_tokens: generated,
                     tail: text.split_off(sent),
                 }
@@ -501,12 +528,17 @@ impl Waiting {
         }
     }
 
+    /// The tokens it will hold KV for: its prompt, and a preempted one's output.
+    fn context(&self) -> &[u32] {
+        match self {
+            Waiting::Fresh(r) => &r.spec.prompt,
+            Waiting::Preempted(s) => &s.context,
+        }
+    }
+
     /// Tokens whose KV it needs to be admitted (what it will prefill, plus one to grow into).
     fn tokens_needed(&self) -> usize {
-        match self {
-            Waiting::Fresh(r) => r.spec.prompt.len() + 1,
-            Waiting::Preempted(s) => s.context.len() + 1,
-        }
+        self.context().len() + 1
     }
 
     /// Blocks the whole request may need: refused at once if the pool can never hold it.
@@ -590,6 +622,9 @@ impl<C: StepCluster> Engine<C> {
         self.metrics
             .kv_blocks_used
             .set(self.kv.used_blocks() as i64);
+        self.metrics
+            .kv_blocks_cached
+            .set(self.kv.cached_blocks() as i64);
     }
 
     /// Forgets requests whose client went away; their blocks return to the pool.
@@ -627,19 +662,21 @@ impl<C: StepCluster> Engine<C> {
                 w.fail(error, &self.metrics);
                 continue;
             }
-            let needed = w.tokens_needed();
-            let Ok(alloc) = self.kv.allocate(needed) else {
+            if self.prefill_would_share(w.context()) {
+                return; // admitted once those blocks are cached, and then reuses them
+            }
+            let Ok(alloc) = self.kv.allocate_for(w.context(), w.tokens_needed()) else {
                 return;
             };
             let seq = match self.waiting.pop_front() {
                 Some(Waiting::Fresh(r)) => {
                     self.next_id += 1;
                     self.metrics
-                        .prompt_tokens
-                        .inc_by(r.spec.prompt.len() as u64);
+                        .prompt(r.spec.prompt.len(), alloc.reused_tokens());
                     Sequence::new(self.next_id, r, alloc, self.tokenizer.stop_ids())
                 }
                 Some(Waiting::Preempted(mut s)) => {
+                    s.cached = alloc.reused_tokens();
                     s.kv = alloc;
                     *s
                 }
@@ -648,6 +685,33 @@ impl<C: StepCluster> Engine<C> {
             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
             self.running.push(seq);
         }
+    }
+
+    /// Whether a running sequence is still computing leading blocks that `context` would reuse
+    /// beyond what the cache holds now. Admitting it now would compute them a second time;
+    /// waiting a few steps lets it reuse them (`n > 1` choices, concurrent requests with one
+    /// system prompt). The running sequence makes progress every step, and one that ends or is
+    /// preempted stops the wait, so the wait is bounded.
+    fn prefill_would_share(&self, context: &[u32]) -> bool {
+        if !self.kv.prefix_caching() {
+            return false;
+        }
+        let bs = self.kv.block_size();
+        let reusable = self.kv.reusable_blocks(context);
+        let cached = self.kv.cached_prefix_blocks(context);
+        if reusable <= cached {
+            return false;
+        }
+        self.running.iter().any(|s| {
+            let common = context
+                .iter()
+                .zip(&s.context)
+                .take(reusable * bs)
+                .take_while(|(a, b)| a == b)
+                .count()
+                / bs;
+            common > cached && s.kv.sealed_blocks() < common
+        })
     }
 
     /// Builds the next step: every decoding sequence's token first, then prefill chunks under
@@ -761,6 +825,12 @@ impl<C: StepCluster> Engine<C> {
                 Err(e) => finished.push((seq.id, Err(e))),
             }
         }
+        // Blocks this step filled are now computed on every worker: other sequences may read
+        // them from the next step on (a retried position was taken back above, so its block is
+        // not among them).
+        for seq in &mut self.running {
+            seq.kv.commit(&seq.context[..seq.cached]);
+        }
         for (id, outcome) in finished {
             let Some(i) = self.running.iter().position(|s| s.id == id) else {
                 continue;
@@ -805,6 +875,9 @@ impl<C: StepCluster> Engine<C> {
                 .unwrap_or_else(|| "the cluster is healing".into())
         };
         self.fail_everything(|| EngineError::Unavailable(reason()));
+        // The workers will be re-assigned with empty caches: no cached block holds K/V anymore.
+        self.kv.clear_cache();
+        self.update_gauges();
         let Engine {
             cluster,
             requests,
@@ -885,7 +958,11 @@ fn advance(
         .unwrap_or_default()
         .to_string();
     seq.sent += text.len();
-    seq.request.events.token(TokenEvent { text, sampled });
+    seq.request.events.token(TokenEvent {
+        text,
+        sampled,
+        cached_tokens: seq.prompt_cached,
+    });
     Ok(match (stopped, at_limit) {
         (Some(_), _) => Some(FinishReason::Stop),
         (None, true) => Some(FinishReason::Length),
@@ -1025,6 +1102,30 @@ mod tests {
     const WEDGED_AFTER: Duration = Duration::from_millis(500);
 
     fn engine_over(cluster: impl StepCluster) -> (EngineHandle, tempfile::TempDir) {
+        engine_with(cluster, 1, 64)
+    }
+
+    fn engine_with(
+        cluster: impl StepCluster,
+        max_running: usize,
+        max_batch_tokens: usize,
+    ) -> (EngineHandle, tempfile::TempDir) {
+        engine_configured(cluster, max_running, max_batch_tokens, true)
+    }
+
+    fn engine_with_caching(
+        cluster: impl StepCluster,
+        prefix_caching: bool,
+    ) -> (EngineHandle, tempfile::TempDir) {
+        engine_configured(cluster, 1, 64, prefix_caching)
+    }
+
+    fn engine_configured(
+        cluster: impl StepCluster,
+        max_running: usize,
+        max_batch_tokens: usize,
+        prefix_caching: bool,
+    ) -> (EngineHandle, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("temp dir");
         let tokenizer = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
             "normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,
@@ -1033,10 +1134,11 @@ mod tests {
         std::fs::write(dir.path().join("tokenizer.json"), tokenizer).expect("tokenizer.json");
         let tokenizer = TextTokenizer::from_dir(dir.path(), 2, 1).expect("tokenizer");
         let cfg = EngineConfig {
-            max_batch_tokens: 64,
-            max_running: 1,
+            max_batch_tokens,
+            max_running,
             max_waiting: 16,
             max_context: 1024,
+            prefix_caching,
             wedged_after: WEDGED_AFTER,
         };
         let handle = spawn(cluster, Arc::new(tokenizer), cfg, Arc::new(Metrics::new()));
@@ -1210,6 +1312,185 @@ mod tests {
             other => panic!("{:?}", other.map(|_| "queued")),
         }
         assert_eq!(engine.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    /// A cluster that answers every sequence of every step with `token` as its greedy choice,
+    /// records the batches, and heals at once (telling the test).
+    struct RecordingCluster {
+        token: u32,
+        batches: Arc<Mutex<Vec<StepBatch>>>,
+        status: ClusterStatus,
+        healed: Arc<tokio::sync::Notify>,
+    }
+
+    impl RecordingCluster {
+        fn new(token: u32) -> Self {
+            Self {
+                token,
+                batches: Arc::default(),
+                status: ClusterStatus::serving(1),
+                healed: Arc::default(),
+            }
+        }
+    }
+
+    impl StepCluster for RecordingCluster {
+        fn kv_blocks(&self) -> usize {
+            64
+        }
+
+        fn block_size(&self) -> usize {
+            16
+        }
+
+        fn deadline(&self, _: usize) -> Duration {
+            Duration::from_secs(1)
+        }
+
+        fn status(&self) -> &ClusterStatus {
+            &self.status
+        }
+
+        fn step(
+            &mut self,
+            batch: &StepBatch,
+        ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
+            self.batches.lock().expect("batches").push(batch.clone());
+            let logits = batch
+                .seqs
+                .iter()
+                .map(|_| SeqLogits::Top {
+                    candidates: vec![(0.0, self.token)],
+                    log_sum_exp: 0.0,
+                })
+                .collect();
+            std::future::ready(Ok(StepOutput {
+                logits,
+                collective: Duration::ZERO,
+            }))
+        }
+
+        fn heal(&mut self) -> impl Future<Output = ()> + Send {
+            self.status.set_serving(2);
+            self.healed.notify_one();
+            std::future::ready(())
+        }
+    }
+
+    /// A greedy request for `prompt` that ends at its first token (<eos>, in these scripts).
+    fn prompt_request(prompt: Vec<u32>) -> RequestSpec {
+        RequestSpec {
+            prompt,
+            ..greedy_request()
+        }
+    }
+
+    /// 40 tokens: two full blocks of 16 that a later request may reuse, and 8 more.
+    fn long_prompt() -> Vec<u32> {
+        (0..40).map(|i| if i == 0 { 2 } else { i % 3 }).collect()
+    }
+
+    async fn done(engine: &EngineHandle, spec: RequestSpec) -> Generation {
+        tokio::time::timeout(Duration::from_secs(10), engine.generate(spec))
+            .await
+            .expect("an answer, not a hang")
+            .expect("generated")
+    }
+
+    /// The steps that carried sequence `id`, as (start_pos, block table).
+    fn steps_of(batches: &Mutex<Vec<StepBatch>>, id: u64) -> Vec<(usize, Vec<u32>)> {
+        let batches = batches.lock().expect("batches");
+        let seqs = batches.iter().flat_map(|b| &b.seqs);
+        seqs.filter(|s| s.seq_id == id)
+            .map(|s| (s.start_pos, s.block_table.clone()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_repeated_prompt_prefills_only_past_its_cached_blocks() {
+        let cluster = RecordingCluster::new(1);
+        let batches = cluster.batches.clone();
+        let (engine, _dir) = engine_over(cluster);
+        let first = done(&engine, prompt_request(long_prompt())).await;
+        assert_eq!(first.cached_tokens, 0);
+        assert_eq!(engine.kv_blocks_used(), 0);
+        assert_eq!(engine.kv_blocks_cached(), 2, "two full blocks kept");
+        let second = done(&engine, prompt_request(long_prompt())).await;
+        assert_eq!(second.cached_tokens, 32);
+        let (one, two) = (steps_of(&batches, 1), steps_of(&batches, 2));
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].0, 0);
+        assert_eq!(
+            two,
+            vec![(32, two[0].1.clone())],
+            "one step from position 32"
+        );
+        assert_eq!(two[0].1[..2], one[0].1[..2], "the cached blocks themselves");
+        let m = engine.metrics.render();
+        assert!(
+            m.contains("gemma_cluster_prompt_tokens_cached_total 32"),
+            "{m}"
+        );
+        assert!(m.contains("gemma_cluster_prefix_cache_hit_rate 0.4"), "{m}");
+    }
+
+    /// Two requests with one prompt, submitted together (as `n = 2`): the second waits while the
+    /// first prefills the blocks it would share, then reuses them: the prompt's full blocks are
+    /// computed once.
+    #[tokio::test]
+    async fn requests_with_one_prompt_prefill_it_once() {
+        let cluster = RecordingCluster::new(1);
+        let batches = cluster.batches.clone();
+        // Chunks of 16: the first prompt takes three steps.
+        let (engine, _dir) = engine_with(cluster, 4, 16);
+        let (a, b) = tokio::join!(
+            done(&engine, prompt_request(long_prompt())),
+            done(&engine, prompt_request(long_prompt()))
+        );
+        assert_eq!((a.cached_tokens, b.cached_tokens), (0, 32));
+        let (one, two) = (steps_of(&batches, 1), steps_of(&batches, 2));
+        let starts: Vec<usize> = one.iter().map(|s| s.0).collect();
+        assert_eq!(starts, [0, 16, 32]);
+        assert_eq!(two.len(), 1, "{two:?}");
+        assert_eq!(
+            two[0].0, 32,
+            "admitted once the shared blocks were computed"
+        );
+        assert_eq!(two[0].1[..2], one[2].1[..2]);
+        assert_ne!(two[0].1[2], one[2].1[2], "each writes its own last block");
+        assert_eq!(engine.kv_blocks_used(), 0);
+    }
+
+    /// Without prefix caching nothing is reused or held.
+    #[tokio::test]
+    async fn without_prefix_caching_every_prompt_is_computed() {
+        let cluster = RecordingCluster::new(1);
+        let batches = cluster.batches.clone();
+        let (engine, _dir) = engine_with_caching(cluster, false);
+        done(&engine, prompt_request(long_prompt())).await;
+        let second = done(&engine, prompt_request(long_prompt())).await;
+        assert_eq!(second.cached_tokens, 0);
+        assert_eq!(steps_of(&batches, 2)[0].0, 0);
+        assert_eq!(engine.kv_blocks_cached(), 0);
+    }
+
+    /// A healed cluster's workers start with empty caches: the engine forgets every cached
+    /// block, and the same prompt is computed again.
+    #[tokio::test]
+    async fn healing_drops_the_prefix_cache() {
+        let cluster = RecordingCluster::new(1);
+        let (status, healed) = (cluster.status.clone(), cluster.healed.clone());
+        let (engine, _dir) = engine_over(cluster);
+        done(&engine, prompt_request(long_prompt())).await;
+        assert_eq!(engine.kv_blocks_cached(), 2);
+        assert!(status.lose(1, "a worker restarted"));
+        tokio::time::timeout(Duration::from_secs(10), healed.notified())
+            .await
+            .expect("healed");
+        assert_eq!(engine.kv_blocks_cached(), 0);
+        let again = done(&engine, prompt_request(long_prompt())).await;
+        assert_eq!(again.cached_tokens, 0, "nothing survives a re-assignment");
+        assert_eq!(engine.kv_blocks_cached(), 2, "and it caches anew");
     }
 
     #[test]

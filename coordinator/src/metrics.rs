@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Outcome {
@@ -56,8 +57,11 @@ pub struct Metrics {
     pub step_sequences: Histogram,
     pub step_tokens: Histogram,
     pub kv_blocks_used: Gauge,
+    pub kv_blocks_cached: Gauge,
     pub kv_blocks_total: Gauge,
     pub prompt_tokens: Counter,
+    pub prompt_tokens_cached: Counter,
+    pub prefix_cache_hit_rate: Gauge<f64, AtomicU64>,
     pub generation_tokens: Counter,
     pub preemptions: Counter,
     pub step_duration: Histogram,
@@ -79,8 +83,11 @@ impl Metrics {
             step_sequences: counts(),
             step_tokens: counts(),
             kv_blocks_used: Gauge::default(),
+            kv_blocks_cached: Gauge::default(),
             kv_blocks_total: Gauge::default(),
             prompt_tokens: Counter::default(),
+            prompt_tokens_cached: Counter::default(),
+            prefix_cache_hit_rate: Gauge::default(),
             generation_tokens: Counter::default(),
             preemptions: Counter::default(),
             step_duration: seconds(),
@@ -125,8 +132,14 @@ impl Metrics {
         );
         registry.register(
             "kv_blocks_used",
-            "KV cache blocks held by sequences",
+            "KV cache blocks held by sequences (a shared block counts once)",
             m.kv_blocks_used.clone(),
+        );
+        registry.register(
+            "kv_blocks_cached",
+            "KV cache blocks holding a cached prefix that no sequence holds (evicted, least \
+             recently used first, when free blocks run out)",
+            m.kv_blocks_cached.clone(),
         );
         registry.register(
             "kv_blocks_total",
@@ -135,8 +148,18 @@ impl Metrics {
         );
         registry.register(
             "prompt_tokens",
-            "Prompt tokens processed",
+            "Prompt tokens of admitted requests",
             m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "prompt_tokens_cached",
+            "Prompt tokens whose KV was reused from the prefix cache",
+            m.prompt_tokens_cached.clone(),
+        );
+        registry.register(
+            "prefix_cache_hit_rate",
+            "Share of prompt tokens reused from the prefix cache since start",
+            m.prefix_cache_hit_rate.clone(),
         );
         registry.register(
             "generation_tokens",
@@ -159,6 +182,16 @@ impl Metrics {
             m.all_reduce_duration.clone(),
         );
         Self { registry, ..m }
+    }
+
+    /// A request was admitted with `tokens` prompt tokens, `cached` of them from the prefix
+    /// cache.
+    pub fn prompt(&self, tokens: usize, cached: usize) {
+        let total = self.prompt_tokens.inc_by(tokens as u64) + tokens as u64;
+        let hits = self.prompt_tokens_cached.inc_by(cached as u64) + cached as u64;
+        if total > 0 {
+            self.prefix_cache_hit_rate.set(hits as f64 / total as f64);
+        }
     }
 
     pub fn outcome(&self, outcome: Outcome) {

@@ -155,6 +155,16 @@ declare_settings! {
     /// Tokens per KV cache block.
     #[arg(value_name = "N")]
     block_size: usize = gemma_proto::DEFAULT_BLOCK_SIZE;
+    /// Reuse the KV blocks of cached prompt prefixes (kept until their space is needed), so a
+    /// request prefills only what the cache lacks; output is the same either way.
+    /// `--prefix-caching=false` turns it off.
+    #[arg(
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    prefix_caching: bool = true;
     /// The gemma-worker binary for local workers (default: next to this binary).
     #[arg(value_name = "PATH")]
     worker_bin: PathBuf, optional;

@@ -135,6 +135,7 @@ fn one_value_per_setting() -> Vec<(&'static str, &'static str, Value)> {
         ("dequantize", "true", json!(true)),
         ("kv_budget_mib", "17", json!(17)),
         ("block_size", "32", json!(32)),
+        ("prefix_caching", "false", json!(false)),
         ("worker_bin", "/bin/w", json!("/bin/w")),
         ("served_model_name", "mine", json!("mine")),
         ("step_timeout_ms", "11", json!(11)),

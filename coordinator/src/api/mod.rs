@@ -136,7 +136,10 @@ async fn respond<E: Endpoint>(
         let runs = join_all((0..request.n).map(|i| state.engine.generate(request.choice(i)))).await;
         let generations = runs.into_iter().collect::<Result<Vec<_>, _>>()?;
         let completion_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
+        // The prompt counts once for every choice, as OpenAI counts it; so do its cached tokens,
+        // the first choice's (later choices reuse the blocks it computed).
         let prompt_tokens = generations.first().map_or(0, |g| g.prompt_tokens);
+        let cached_tokens = generations.first().map_or(0, |g| g.cached_tokens);
         let choices = generations
             .iter()
             .enumerate()
@@ -147,7 +150,7 @@ async fn respond<E: Endpoint>(
                 E::choice(i, g, logprobs)
             })
             .collect();
-        let usage = Usage::new(prompt_tokens, completion_tokens);
+        let usage = Usage::new(prompt_tokens, completion_tokens, cached_tokens);
         tracing::info!(completion_tokens, "done");
         Ok(Json(answer.completion(choices, usage)).into_response())
     }
@@ -197,11 +200,13 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    state
-        .engine
-        .metrics
+    let metrics = &state.engine.metrics;
+    metrics
         .kv_blocks_used
         .set(state.engine.kv_blocks_used() as i64);
+    metrics
+        .kv_blocks_cached
+        .set(state.engine.kv_blocks_cached() as i64);
     (
         [(
             header::CONTENT_TYPE,

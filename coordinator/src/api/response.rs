@@ -20,14 +20,24 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// Always present, `cached_tokens: 0` included, as OpenAI sends it.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of the prompt tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
         }
     }
 }
@@ -439,6 +449,7 @@ mod tests {
             text: text.to_string(),
             tokens: Vec::new(),
             prompt_tokens: 3,
+            cached_tokens: 0,
             finish_reason: FinishReason::Length,
         }
     }
@@ -448,7 +459,7 @@ mod tests {
         let answer = Answer::<Completions>::new("m");
         assert!(answer.id.starts_with("cmpl-"));
         let choice = Completions::choice(0, &generation("hi"), None);
-        let v = to_value(answer.completion(vec![choice], Usage::new(3, 1))).expect("json");
+        let v = to_value(answer.completion(vec![choice], Usage::new(3, 1, 0))).expect("json");
         assert_eq!(v["object"], "text_completion");
         assert_eq!(
             v["choices"][0],
@@ -456,14 +467,19 @@ mod tests {
         );
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4})
+            json!({"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
+                   "prompt_tokens_details": {"cached_tokens": 0}})
         );
 
         let answer = Answer::<ChatCompletions>::new("m");
         assert!(answer.id.starts_with("chatcmpl-"));
         let choice = ChatCompletions::choice(1, &generation("yo"), None);
-        let v = to_value(answer.completion(vec![choice], Usage::new(3, 1))).expect("json");
+        let v = to_value(answer.completion(vec![choice], Usage::new(3, 1, 2))).expect("json");
         assert_eq!(v["object"], "chat.completion");
+        assert_eq!(
+            v["usage"]["prompt_tokens_details"],
+            json!({"cached_tokens": 2})
+        );
         assert_eq!(
             v["choices"][0],
             json!({"index": 1, "message": {"role": "assistant", "content": "yo"},
@@ -518,7 +534,8 @@ mod tests {
             v["choices"][0],
             json!({"index": 2, "text": "b", "logprobs": null, "finish_reason": null})
         );
-        let last = to_value(answer.chunk(Vec::new(), Some(Some(Usage::new(1, 2))))).expect("json");
+        let last =
+            to_value(answer.chunk(Vec::new(), Some(Some(Usage::new(1, 2, 0))))).expect("json");
         assert_eq!(last["choices"], json!([]));
         assert_eq!(last["usage"]["total_tokens"], 3);
     }

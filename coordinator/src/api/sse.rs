@@ -71,10 +71,12 @@ impl<E: Endpoint> Producer<E> {
         let n = self.request.n;
         for i in 0..n {
             if let Some(opening) = E::opening(i) {
-                self.send_chunk(opening, 0)?;
+                self.send_chunk(opening, 0, 0)?;
             }
         }
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        // Choice 0's, as in a whole answer (the prompt counts once); known from its first event.
+        let mut cached_tokens = 0;
         // Tokens streamed so far, every choice together (continuous usage).
         let mut streamed = 0;
         // Where each choice's next token starts in its text (completions' text_offset).
@@ -83,6 +85,9 @@ impl<E: Endpoint> Producer<E> {
             let choice = match event {
                 Event::Token(t) => {
                     streamed += 1;
+                    if i == 0 {
+                        cached_tokens = t.cached_tokens;
+                    }
                     let logprobs = self.request.logprobs().map(|_| {
                         E::logprobs(
                             &self.tokenizer,
@@ -96,10 +101,14 @@ impl<E: Endpoint> Producer<E> {
                 Event::Done {
                     finish_reason,
                     prompt_tokens: p,
+                    cached_tokens: cached,
                     completion_tokens: c,
                     tail,
                 } => {
                     prompt_tokens = p;
+                    if i == 0 {
+                        cached_tokens = cached;
+                    }
                     completion_tokens += c;
                     E::delta(i, tail, None, Some(finish_reason))
                 }
@@ -111,12 +120,16 @@ impl<E: Endpoint> Producer<E> {
                     return self.done();
                 }
             };
-            self.send_chunk(choice, streamed)?;
+            self.send_chunk(choice, streamed, cached_tokens)?;
         }
         if self.request.include_usage {
             let last = self.answer.chunk(
                 Vec::new(),
-                Some(Some(Usage::new(prompt_tokens, completion_tokens))),
+                Some(Some(Usage::new(
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                ))),
             );
             self.send(&last)?;
         }
@@ -132,10 +145,19 @@ impl<E: Endpoint> Producer<E> {
 
     /// One choice's chunk: with continuous usage, the usage so far (`completion_tokens`
     /// streamed); else `usage: null` on it when the last chunk will carry usage.
-    fn send_chunk(&self, choice: E::ChunkChoice, completion_tokens: usize) -> Result<(), Gone> {
+    fn send_chunk(
+        &self,
+        choice: E::ChunkChoice,
+        completion_tokens: usize,
+        cached_tokens: usize,
+    ) -> Result<(), Gone> {
         let prompt_tokens = self.request.spec.prompt.len();
         let usage = match (self.request.continuous_usage, self.request.include_usage) {
-            (true, _) => Some(Some(Usage::new(prompt_tokens, completion_tokens))),
+            (true, _) => Some(Some(Usage::new(
+                prompt_tokens,
+                completion_tokens,
+                cached_tokens,
+            ))),
             (false, true) => Some(None),
             (false, false) => None,
         };

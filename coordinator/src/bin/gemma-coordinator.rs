@@ -83,6 +83,7 @@ async fn serve(
             max_running: settings.max_running,
             max_waiting: settings.max_waiting,
             max_context,
+            prefix_caching: settings.prefix_caching,
             wedged_after: Duration::from_millis(settings.wedged_after_ms),
         },
         Arc::new(Metrics::new()),
