@@ -6,6 +6,7 @@
 //! BENCH_EXTRA=1 adds decode diagnostics on stderr; BENCH_ONLY_REAL=1 runs only the real-model
 //! rows (gemma-3-270m beside llama.cpp, see `real_model`); BENCH_ONLY_ALLREDUCE=1 only the
 //! data plane's rows (all-reduce against raw TCP, and with mutual TLS against without);
+//! BENCH_ONLY_PREFIX=1 only the prefix cache's rows (see `prefix_cache`);
 //! BENCH_THREADS=N runs every side on N
 //! cores with N compute threads in all (default: all cores), and each row says how the threads
 //! were split.
@@ -26,6 +27,7 @@ use gemma_worker::collective::Collective;
 use gemma_worker::data_plane::{DataPlane, PlaneAbort, PlaneCollective, PlaneEndpoint};
 use gemma_worker::{ModelFolder, ShardOptions};
 
+mod prefix_cache;
 mod real_model;
 mod stream_timing;
 
@@ -104,8 +106,14 @@ fn run_all() -> Result<()> {
         print_table(rows);
         return Ok(());
     }
+    if std::env::var_os("BENCH_ONLY_PREFIX").is_some() {
+        rows.extend(prefix_cache::rows(threads)?);
+        print_table(rows);
+        return Ok(());
+    }
     if std::env::var_os("BENCH_ONLY_REAL").is_none() {
         rows.extend(synthetic_rows(threads)?);
+        rows.extend(prefix_cache::rows(threads)?);
     }
     rows.extend(real_model::rows(threads)?);
     print_table(rows);
@@ -549,33 +557,8 @@ fn serving(threads: usize) -> Result<Vec<Row>> {
     );
     let mut rows = Vec::new();
     for tp in [1usize, 2] {
-        let coordinator = Command::new(sibling("gemma-coordinator")?)
-            .args([
-                "--model",
-                &dir.path().display().to_string(),
-                "--tp",
-                &tp.to_string(),
-            ])
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--kv-budget-mib",
-                "512",
-                "--max-running",
-                "64",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut guard = KillOnDrop(coordinator);
-        let mut out = BufReader::new(guard.0.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("gemma-coordinator listening on http://")
-            .ok_or_else(|| anyhow!("coordinator said {line:?}"))?
-            .to_string();
+        let tp_s = tp.to_string();
+        let (_coordinator, addr) = start_coordinator(dir.path(), &["--tp", &tp_s])?;
         let mut base = f64::NAN;
         for c in [1usize, 4, 16, 64] {
             let level = load_level(&addr, c)?;
@@ -611,6 +594,35 @@ fn serving(threads: usize) -> Result<Vec<Row>> {
         }
     }
     Ok(rows)
+}
+
+/// A coordinator (and its local workers) on `model` with `args`, KV budget 512 MiB and up to 64
+/// running sequences; stopped when the guard drops. Returns its address.
+fn start_coordinator(model: &std::path::Path, args: &[&str]) -> Result<(KillOnDrop, String)> {
+    let coordinator = Command::new(sibling("gemma-coordinator")?)
+        .args(["--model", &model.display().to_string()])
+        .args(args)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-budget-mib",
+            "512",
+            "--max-running",
+            "64",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut guard = KillOnDrop(coordinator);
+    let mut out = BufReader::new(guard.0.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("gemma-coordinator listening on http://")
+        .ok_or_else(|| anyhow!("coordinator said {line:?}"))?
+        .to_string();
+    Ok((guard, addr))
 }
 
 struct KillOnDrop(Child);

@@ -18,10 +18,16 @@ use anyhow::{bail, Context, Result};
 
 /// One streamed request's timings, in ms from the moment the request was written.
 pub struct StreamTimes {
-    /// When each SSE event that carried a choice (a token's text, or the finish) was read.
+    /// When each SSE event that carried a choice (a token's text, or the finish; not a chat's
+    /// opening role chunk) was read.
     pub arrivals: Vec<f64>,
     /// `usage.completion_tokens` of the final chunk: what the server says it generated.
     pub completion_tokens: usize,
+    /// `usage.prompt_tokens` and `usage.prompt_tokens_details.cached_tokens` of the final chunk.
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    /// The first choice's text (a completion's `text`, a chat's `delta.content`).
+    pub text: String,
     /// Choice events that came in the same read() as an earlier one.
     pub merged: usize,
 }
@@ -71,6 +77,9 @@ fn read_events(mut sock: impl Read, sent: Instant) -> Result<StreamTimes> {
     let mut times = StreamTimes {
         arrivals: Vec::new(),
         completion_tokens: 0,
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        text: String::new(),
         merged: 0,
     };
     let mut pending: Vec<u8> = Vec::new();
@@ -96,10 +105,22 @@ fn read_events(mut sock: impl Read, sent: Instant) -> Result<StreamTimes> {
             }
             let chunk: serde_json::Value =
                 serde_json::from_str(data).with_context(|| format!("SSE data {data:?}"))?;
-            if let Some(tokens) = chunk["usage"]["completion_tokens"].as_u64() {
+            let usage = &chunk["usage"];
+            if let Some(tokens) = usage["completion_tokens"].as_u64() {
                 times.completion_tokens = tokens as usize;
+                times.prompt_tokens = usage["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+                times.cached_tokens = usage["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0) as usize;
             }
-            if chunk["choices"].as_array().is_some_and(|c| !c.is_empty()) {
+            let choice = &chunk["choices"][0];
+            let piece = choice["text"]
+                .as_str()
+                .or(choice["delta"]["content"].as_str());
+            times.text.push_str(piece.unwrap_or_default());
+            // A chat stream's opening chunk (the role, no token) is sent before any work.
+            let opening = choice["delta"]["role"].is_string();
+            if chunk["choices"].as_array().is_some_and(|c| !c.is_empty()) && !opening {
                 if in_this_read > 0 {
                     times.merged += 1;
                 }
