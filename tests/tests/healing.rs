@@ -78,6 +78,27 @@ fn greedy(addr: &str) -> String {
     v["choices"][0]["text"].as_str().unwrap().to_string()
 }
 
+/// Greedy text of a prompt of several KV blocks, and how many of its tokens the prefix cache
+/// served.
+fn long_greedy(addr: &str) -> (String, u64) {
+    let prompt = "The capital of France is Paris. ".repeat(8);
+    let r = post_json(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}),
+    )
+    .unwrap();
+    let v = r.json().unwrap();
+    assert_eq!(r.status, 200, "{v}");
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    (
+        v["choices"][0]["text"].as_str().unwrap().to_string(),
+        cached,
+    )
+}
+
 /// A request that generates until it is stopped (or fails).
 fn endless(stream: bool) -> Value {
     json!({"prompt": "Count:", "max_tokens": 3000, "temperature": 0, "ignore_eos": true,
@@ -201,6 +222,10 @@ fn kill_and_restart(plan: &[&str], lost: &str) {
     args.extend_from_slice(plan);
     let c = start_coordinator(dir.to_str().unwrap(), &args);
     let before = greedy(&c.addr);
+    let (long_before, _) = long_greedy(&c.addr);
+    let (long_again, cached) = long_greedy(&c.addr);
+    assert_eq!(long_again, long_before);
+    assert!(cached > 0, "the repeated prompt's blocks are cached");
 
     let in_flight = start_in_flight(&c.addr);
     w1.signal(libc::SIGKILL);
@@ -220,6 +245,13 @@ fn kill_and_restart(plan: &[&str], lost: &str) {
         greedy(&c.addr),
         before,
         "the same greedy text after healing"
+    );
+    // The re-assigned workers hold no KV: nothing may be reused from before the loss.
+    let (long_after, cached) = long_greedy(&c.addr);
+    assert_eq!(cached, 0, "healing dropped the prefix cache");
+    assert_eq!(
+        long_after, long_before,
+        "the same long greedy text after healing"
     );
     assert!(
         alive(w0_pid) && w0.pid() == w0_pid,
