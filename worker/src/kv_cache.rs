@@ -117,13 +117,19 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let shape = (num_blocks * block_size, kv_heads, head_dim);
-        // Zeroed pages are only committed when first written, so an idle pool costs no RSS.
+        let slots = num_blocks * block_size;
+        // One zeroed buffer for the whole pool, every layer's K and V a view of it. Zeroed pages
+        // are committed only when first written, so an idle pool costs no RSS, but only if the
+        // buffer is fresh from the kernel: a pool made of one small buffer per layer comes from
+        // the allocator's arenas, and on a re-assignment calloc zeroes the recycled memory by
+        // hand, committing the whole pool at once (the soak saw a re-assigned worker grow by its
+        // KV budget). One buffer is past the allocator's mmap threshold for any real budget.
+        let pool = Tensor::zeros((2 * num_layers * slots, kv_heads, head_dim), dtype, device)?;
         let layers = (0..num_layers)
-            .map(|_| {
+            .map(|l| {
                 Ok(LayerKv {
-                    k: Tensor::zeros(shape, dtype, device)?,
-                    v: Tensor::zeros(shape, dtype, device)?,
+                    k: pool.narrow(0, 2 * l * slots, slots)?,
+                    v: pool.narrow(0, (2 * l + 1) * slots, slots)?,
                 })
             })
             .collect::<Result<_>>()?;
