@@ -7,6 +7,7 @@ pub mod chat;
 pub mod cluster;
 pub mod engine;
 pub mod metrics;
+pub mod names;
 pub mod sampler;
 pub mod settings;
 pub mod tokenizer;

@@ -1,26 +1,30 @@
-//! Per-request sampling: penalties, then greedy or temperature / top-k / top-p / min-p. A
-//! request's randomness is keyed by its own seed and the sampled position, so it never depends
-//! on the cluster's shape or on other requests.
+//! Per-request sampling: logit bias and penalties, then greedy or temperature / top-k / top-p /
+//! min-p. A request's randomness is keyed by its own seed and the sampled position, so it never
+//! depends on the cluster's shape or on other requests.
 //!
-//! The definitions, as vLLM applies them: HF's repetition penalty over prompt and output tokens,
-//! then OpenAI's frequency and presence penalties over output tokens only; then HF's warpers in
-//! HF's order, each on what the one before kept: temperature, top-k, top-p (the smallest set of
-//! most likely tokens holding at least p), min-p (at least min_p times the most likely token's
-//! probability). Log-probabilities are the raw model's, before penalties and temperature (vLLM's
-//! default).
+//! The definitions, as vLLM applies them: OpenAI's logit_bias added to the model's logits, then
+//! HF's repetition penalty over prompt and output tokens, then OpenAI's frequency and presence
+//! penalties over output tokens only, then the bans (a bias of -100, which OpenAI says "should
+//! result in a ban", and stop tokens before min_tokens: never drawn, where vLLM would only add
+//! -100); then HF's warpers in HF's order, each on what the one before kept: temperature, top-k,
+//! top-p (the smallest set of most likely tokens holding at least p), min-p (at least min_p times
+//! the most likely token's probability). Log-probabilities are the raw model's, before bias,
+//! penalties and temperature (vLLM's default).
 //!
 //! Draws are Gumbel-max races: argmax of logit / T + G over the kept tokens, G keyed by (seed,
 //! position, token) (`gemma_proto::noise`), so a draw is the same wherever it is computed: on the
 //! coordinator over candidates or every logit, or on the last stage's ranks over their slices.
 //! The sampler asks the last stage (`ask`) for what its parameters need, never the vocabulary:
 //! the race's winner for plain temperature sampling, candidates for top-k, candidates checked
-//! for coverage for top-p / min-p (`Draw::Retry` asks again with more), penalties applied there. `coordinator/tests/sampling_statistics.rs` holds the draws to these definitions.
+//! for coverage for top-p / min-p (`Draw::Retry` asks again with more), bias and penalties
+//! applied there (greedy included: a bias can move the argmax). `coordinator/tests/sampling_statistics.rs` holds the draws to these definitions.
 
 use std::collections::BTreeMap;
 
 pub use gemma_proto::candidates::argmax;
 use gemma_proto::candidates::{candidate_order, log_sum_exp, top_candidates};
 use gemma_proto::noise::{GumbelRace, NoiseKey};
+use gemma_proto::sampling::MAX_LOGIT_BIAS;
 use gemma_proto::{Compact, Penalties, SampleSpec, SeqLogits};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +42,9 @@ pub struct SamplingParams {
     /// OpenAI-style, over the output: subtract once if present.
     pub presence_penalty: f32,
     pub seed: u64,
+    /// OpenAI's logit_bias: (token, bias) by ascending id, each once, bias in [-100, 100]; added
+    /// to the model's logit before the penalties; -100 bans the token.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -51,6 +58,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             seed: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -99,6 +107,11 @@ pub enum SampleError {
         "the last stage's candidates did not cover the top-p / min-p nucleus; ask again with more"
     )]
     Uncovered,
+    #[error(
+        "every token is banned (logit_bias of -100, and stop tokens before min_tokens): nothing \
+         left to draw"
+    )]
+    AllBanned,
 }
 
 /// Whether the candidates given to `pick` are the whole distribution its filters see (every
@@ -201,11 +214,12 @@ impl Sampler {
         !self.banned.is_empty() && self.position - self.prompt_len < self.min_tokens
     }
 
-    /// Whether the sampling logits differ from the model's: penalties, or stop tokens banned
-    /// before min_tokens.
-    fn has_penalties(&self) -> bool {
+    /// Whether the sampling logits differ from the model's: a logit bias, penalties, or stop
+    /// tokens banned before min_tokens.
+    fn alters_logits(&self) -> bool {
         let p = &self.params;
-        p.repetition_penalty != 1.0
+        !p.logit_bias.is_empty()
+            || p.repetition_penalty != 1.0
             || p.frequency_penalty != 0.0
             || p.presence_penalty != 0.0
             || self.banning()
@@ -220,7 +234,7 @@ impl Sampler {
     /// What the next step must bring back for this sequence: never the vocabulary, except for
     /// top-k beyond [`MAX_CANDIDATES`] or a nucleus wider than it.
     pub fn ask(&self) -> Ask {
-        let penalties = self.has_penalties();
+        let penalties = self.alters_logits();
         // Without penalties the best candidates are also the best for top_logprobs.
         let with_logprobs = |n: usize| match penalties {
             true => n,
@@ -250,12 +264,12 @@ impl Sampler {
             gumbel,
             scaled_log_sum_exp,
             top_logprobs: self.top_logprobs as u32,
-            penalties: self.has_penalties().then(|| self.penalties()),
+            penalties: self.alters_logits().then(|| self.penalties()),
         }
     }
 
-    /// The penalties with the tokens they touch: every token seen for a repetition penalty,
-    /// else only the generated ones.
+    /// The bias and penalties with the tokens they touch: every token seen for a repetition
+    /// penalty, else only the generated ones; a bias of -100 is a ban.
     fn penalties(&self) -> Penalties {
         let p = &self.params;
         let all = p.repetition_penalty != 1.0;
@@ -265,16 +279,23 @@ impl Sampler {
             .filter(|(_, &n)| all || n > 0)
             .map(|(&t, &n)| (t, n))
             .unzip();
+        let is_ban = |b: &&(u32, f32)| b.1 <= -MAX_LOGIT_BIAS;
+        let mut banned: Vec<u32> = p.logit_bias.iter().filter(is_ban).map(|b| b.0).collect();
+        if self.banning() {
+            banned.extend(&self.banned);
+            banned.sort_unstable();
+            banned.dedup();
+        }
+        let (bias_ids, bias) = p.logit_bias.iter().filter(|b| !is_ban(b)).copied().unzip();
         Penalties {
             repetition: p.repetition_penalty,
             frequency: p.frequency_penalty,
             presence: p.presence_penalty,
             ids,
             output_counts,
-            banned: match self.banning() {
-                true => self.banned.clone(),
-                false => Vec::new(),
-            },
+            banned,
+            bias_ids,
+            bias,
         }
     }
 
@@ -310,7 +331,8 @@ impl Sampler {
         Ok(Draw::Token(self.record(token, logprob, top)))
     }
 
-    /// Every logit: penalties applied here, then the filters over the whole distribution.
+    /// Every logit: bias and penalties applied here, then the filters over the whole
+    /// distribution.
     fn sample_full(&mut self, mut row: Vec<f32>) -> Result<Sampled, SampleError> {
         let lse = if self.logprobs {
             log_sum_exp(&row)
@@ -340,7 +362,7 @@ impl Sampler {
             all.sort_unstable_by(candidate_order);
             all
         };
-        // Log-probabilities are the model's: of the raw logits, before penalties.
+        // Log-probabilities are the model's: of the raw logits, before bias and penalties.
         let token = self
             .pick(&cands, Coverage::Whole)?
             .ok_or(SampleError::Uncovered)?;
@@ -350,10 +372,10 @@ impl Sampler {
         Ok(self.record(token, logprob, raw_top))
     }
 
-    /// The last stage's compact answer (penalties already applied there).
+    /// The last stage's compact answer (bias and penalties already applied there).
     fn sample_compact(&mut self, c: Compact) -> Result<Draw, SampleError> {
         let lse = c.log_sum_exp;
-        let top = match self.has_penalties() {
+        let top = match self.alters_logits() {
             true => self.top_list(&c.top_raw, lse),
             false => self.top_list(&c.candidates, lse),
         };
@@ -366,6 +388,10 @@ impl Sampler {
         let (token, logprob) = match self.mode {
             Mode::Gumbel => {
                 let g = c.gumbel.ok_or(SampleError::NoCandidates)?;
+                // Only a banned token scores -inf, and it won only if every token is banned.
+                if g.score == f64::NEG_INFINITY {
+                    return Err(SampleError::AllBanned);
+                }
                 (g.token, g.logit - lse)
             }
             Mode::Nucleus => {
@@ -439,20 +465,10 @@ impl Sampler {
         }
     }
 
+    /// The sampling logits of every token: what the last stage does to its slice.
     fn apply_penalties(&self, logits: &mut [f32]) {
-        if !self.has_penalties() {
-            return;
-        }
-        let penalties = self.penalties();
-        for (t, n) in penalties.ids.iter().zip(&penalties.output_counts) {
-            if let Some(l) = logits.get_mut(*t as usize) {
-                *l = penalties.apply(*l, *n);
-            }
-        }
-        for t in &penalties.banned {
-            if let Some(l) = logits.get_mut(*t as usize) {
-                *l = f32::NEG_INFINITY;
-            }
+        if self.alters_logits() {
+            self.penalties().apply_to_rows(logits, 0, 1, 0);
         }
     }
 
@@ -467,6 +483,10 @@ impl Sampler {
         let Some(&(max, first)) = cands.first() else {
             return Err(SampleError::NoCandidates);
         };
+        // The best candidate is banned only if every token is.
+        if max == f32::NEG_INFINITY {
+            return Err(SampleError::AllBanned);
+        }
         let p = &self.params;
         if p.is_greedy() {
             return Ok(Some(first));
@@ -728,9 +748,22 @@ mod tests {
             (1.0, 0, 0.97, 0.0, 1.0, 0.0, 0.0),
             (1.4, 0, 1.0, 0.002, 1.0, 0.3, 0.0),
             (0.8, 0, 0.9, 0.01, 1.5, 0.1, 0.1),
+            (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0),
+            (1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0),
+        ];
+        // On every rank's slice (1000 tokens each), on a prompt token, a ban, a big lift.
+        let bias = [
+            (5, 2.0),
+            (17, -100.0),
+            (1500, 3.0),
+            (2500, 1.0),
+            (2999, -1.5),
         ];
         let mut retried = false;
-        for (temperature, top_k, top_p, min_p, repetition, frequency, presence) in cases {
+        let cases = cases
+            .into_iter()
+            .flat_map(|c| [(c, Vec::new()), (c, bias.to_vec())]);
+        for ((temperature, top_k, top_p, min_p, repetition, frequency, presence), bias) in cases {
             let p = SamplingParams {
                 temperature,
                 top_k,
@@ -740,6 +773,7 @@ mod tests {
                 frequency_penalty: frequency,
                 presence_penalty: presence,
                 seed: 11,
+                logit_bias: bias,
             };
             let prompt = [5, 17, 5, 2999];
             let mut full = Sampler::with_logprobs(p.clone(), &prompt, 3);
@@ -755,6 +789,7 @@ mod tests {
                 let (b, steps) = draw_compact(&mut compact, &logits, 3);
                 retried |= steps > 1;
                 assert_eq!(a.token, b.token, "{temperature} {top_k} {top_p} {min_p}");
+                assert_ne!(a.token, 17, "banned by a bias of -100");
                 assert!((a.logprob - b.logprob).abs() < 1e-4, "{a:?} {b:?}");
                 assert_eq!(a.top_logprobs.len(), b.top_logprobs.len());
                 for (x, y) in a.top_logprobs.iter().zip(&b.top_logprobs) {
@@ -822,7 +857,10 @@ mod tests {
     fn assert_logits(got: &[f32], want: &[f32]) {
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() < 1e-6, "token {i}: {g} != {w} ({got:?})");
+            assert!(
+                g == w || (g - w).abs() < 1e-6,
+                "token {i}: {g} != {w} ({got:?})"
+            );
         }
     }
 
@@ -886,6 +924,98 @@ mod tests {
         // 0: 3 / 1.25; 2: 0.5 / 1.25 - 1.5 - 0.25; 3: 2 / 1.25; 4: -0.25 * 1.25 - 0.75;
         // 5: 1 / 1.25 - 0.75; 6: 0 - 0.75. (Frequency first would give 5: (1 - 0.75) / 1.25 = 0.2.)
         assert_logits(&got, &[2.4, -1.5, -1.35, 1.6, -1.0625, 0.05, -0.75]);
+    }
+
+    /// vLLM's order: the bias is added to the model's logit before any penalty (token 0: 3 + 1
+    /// = 4, then / 2; token 4: -0.25 + 0.5 = 0.25, then / 2 as a positive logit - 0.5), and a
+    /// bias of -100 bans the token.
+    #[test]
+    fn logit_bias_comes_before_the_penalties() {
+        let got = penalized(SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            logit_bias: vec![(0, 1.0), (1, 2.5), (4, 0.5), (6, -100.0)],
+            ..params(0.0)
+        });
+        assert_logits(
+            &got,
+            &[
+                2.0,
+                1.0,
+                0.25 - 1.5,
+                1.0,
+                -0.375,
+                0.5 - 0.5,
+                f32::NEG_INFINITY,
+            ],
+        );
+    }
+
+    /// +100 on an unlikely token makes greedy take it (the ask carries the bias even with no
+    /// penalty on); -100 keeps a likely token from ever being drawn at temperature 1; one rank
+    /// or three, the same tokens.
+    #[test]
+    fn a_bias_of_100_wins_greedy_and_minus_100_is_never_drawn() {
+        let mut rng = SplitMix64::new(21);
+        let logits: Vec<f32> = (0..3000)
+            .map(|_| (rng.next_f64() * 6.0 - 3.0) as f32)
+            .collect();
+        let best = argmax(&logits);
+        let lifted = || {
+            let p = SamplingParams {
+                logit_bias: vec![(2222, 100.0)],
+                ..params(0.0)
+            };
+            Sampler::with_logprobs(p, &[4], 0)
+        };
+        let spec = lifted()
+            .ask()
+            .sampling
+            .expect("greedy asks the last stage for the bias");
+        assert_eq!(spec.penalties.expect("bias").bias_ids, [2222]);
+        let lse = log_sum_exp(&logits);
+        for ranks in [1, 3] {
+            let (t, _) = draw_compact(&mut lifted(), &logits, ranks);
+            assert_eq!(t.token, 2222);
+            // Its log-probability is the model's, not the biased one.
+            assert!((t.logprob - (logits[2222] - lse)).abs() < 1e-5, "{t:?}");
+        }
+        let mut peaked = logits.clone();
+        peaked[best as usize] = 10.0;
+        let banned = SamplingParams {
+            logit_bias: vec![(best, -100.0)],
+            ..params(1.0)
+        };
+        let mut one = Sampler::new(banned.clone(), &[4]);
+        let mut three = Sampler::new(banned.clone(), &[4]);
+        let mut unbanned = Sampler::new(params(1.0), &[4]);
+        let mut drawn_unbanned = 0;
+        for _ in 0..500 {
+            let (a, _) = draw_compact(&mut one, &peaked, 1);
+            let (b, _) = draw_compact(&mut three, &peaked, 3);
+            assert_eq!(a.token, b.token);
+            assert_ne!(a.token, best);
+            let (c, _) = draw_compact(&mut unbanned, &peaked, 3);
+            drawn_unbanned += usize::from(c.token == best);
+        }
+        assert!(drawn_unbanned > 100, "the token is likely without its ban");
+    }
+
+    #[test]
+    fn a_sequence_whose_every_token_is_banned_fails_instead_of_drawing_one() {
+        let bias: Vec<(u32, f32)> = (0..4).map(|t| (t, -100.0)).collect();
+        for p in [params(0.0), params(1.0), params(0.7)] {
+            let mut s = Sampler::new(
+                SamplingParams {
+                    logit_bias: bias.clone(),
+                    ..p.clone()
+                },
+                &[4],
+            );
+            let ask = s.ask();
+            let answer = last_stage(&[1.0, 2.0, 3.0, 4.0], 2, &ask, s.next_position());
+            assert_eq!(s.draw(answer), Err(SampleError::AllBanned), "{p:?}");
+        }
     }
 
     /// What is sampled is the penalized logits; what is reported is the model's.

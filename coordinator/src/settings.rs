@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use clap::{CommandFactory, FromArgMatches, Parser};
 use serde::{Deserialize, Serialize};
 
+use crate::names::nearest;
+
 /// The Settings field type of a setting: its value type, or an `Option` of it when the setting
 /// has neither a default nor is required.
 macro_rules! setting_type {
@@ -400,37 +402,9 @@ fn unknown(name: &str, origin: &str, valid: &[String], note: &str) -> SettingsEr
     SettingsError::Unknown {
         name: name.to_string(),
         origin: origin.to_string(),
-        nearest: nearest(name, valid).map(str::to_string),
+        nearest: nearest(name, valid.iter().map(String::as_str)).map(str::to_string),
         valid: format!("{}{note}", valid.join(", ")),
     }
-}
-
-/// The valid name closest to `name` by edit distance, if it is close enough to be a misspelling.
-fn nearest<'a>(name: &str, valid: &'a [String]) -> Option<&'a str> {
-    let name = name.to_ascii_lowercase();
-    let (distance, best) = valid
-        .iter()
-        .map(|v| (edit_distance(&name, &v.to_ascii_lowercase()), v.as_str()))
-        .min_by_key(|(d, _)| *d)?;
-    (distance <= (name.chars().count() / 3).max(2)).then_some(best)
-}
-
-/// Levenshtein distance: the fewest single-character insertions, deletions and substitutions
-/// that turn `a` into `b`.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    // row[j]: distance between the prefix of `a` read so far and b[..j].
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let substitute = diagonal + usize::from(ca != cb);
-            diagonal = row[j + 1];
-            row[j + 1] = substitute.min(row[j] + 1).min(row[j + 1] + 1);
-        }
-    }
-    row[b.len()]
 }
 
 impl Settings {
@@ -475,19 +449,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn edit_distance_counts_single_character_edits() {
-        assert_eq!(edit_distance("max_runing", "max_running"), 1);
-        assert_eq!(edit_distance("tp", "pp"), 1);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("same", "same"), 0);
-    }
-
-    #[test]
     fn a_far_name_gets_no_suggestion() {
         let valid: Vec<String> = SETTING_NAMES.iter().map(|s| s.to_string()).collect();
-        assert_eq!(nearest("max_runing", &valid), Some("max_running"));
-        assert_eq!(nearest("Block_Sise", &valid), Some("block_size"));
-        assert_eq!(nearest("completely_unrelated", &valid), None);
+        assert_eq!(
+            nearest("max_runing", valid.iter().map(String::as_str)),
+            Some("max_running")
+        );
+        assert_eq!(
+            nearest("Block_Sise", valid.iter().map(String::as_str)),
+            Some("block_size")
+        );
+        assert_eq!(
+            nearest("completely_unrelated", valid.iter().map(String::as_str)),
+            None
+        );
     }
 }

@@ -208,6 +208,7 @@ fn validator(
         kv_capacity,
         max_tokens_limit: NonZeroUsize::new(limit).expect("limit from 1"),
         has_chat_template: chat,
+        vocab_size: 1000,
     }
 }
 

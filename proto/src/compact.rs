@@ -13,7 +13,7 @@ use crate::step::SeqStep;
 /// One rank's compact answer, or (after [`join_compact`]) the whole vocabulary's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Compact {
-    /// The best candidates by sampling logit (after penalties), as (sampling logit, id) in
+    /// The best candidates by sampling logit (after bias and penalties), as (sampling logit, id) in
     /// candidate order. Joined: only the prefix that is certainly the global order.
     pub candidates: Vec<(f32, u32)>,
     /// The model's logit of each candidate (equal to the sampling logit without penalties).
@@ -38,14 +38,7 @@ impl Compact {
         let spec = seq.sampling.as_ref()?;
         let mut sampling = logits.to_vec();
         if let Some(p) = &spec.penalties {
-            let rows = first_id as usize..first_id as usize + logits.len();
-            for (id, count) in p.within(rows.clone()) {
-                let at = (id - first_id) as usize;
-                sampling[at] = p.apply(sampling[at], count);
-            }
-            for id in p.banned_within(rows) {
-                sampling[(id - first_id) as usize] = f32::NEG_INFINITY;
-            }
+            p.apply_to_rows(&mut sampling, first_id, 1, 0);
         }
         let candidates = top_candidates(&sampling, seq.top_candidates as usize, first_id);
         let top_raw = match spec.penalties {

@@ -1,5 +1,5 @@
 //! What a step asks the last stage to compute from a sequence's logits so that the sampler never
-//! needs the vocabulary: penalties applied where the logits are, the Gumbel-max winner of each
+//! needs the vocabulary: logit bias and penalties applied where the logits are, the Gumbel-max winner of each
 //! rank's slice (plain temperature sampling), the log-sum-exp at the sampling temperature (so
 //! the coordinator can tell whether the candidates cover a top-p / min-p nucleus), and, when
 //! penalties reorder the logits, the model's own best tokens for log-probabilities.
@@ -26,9 +26,11 @@ pub struct SampleSpec {
     pub penalties: Option<Penalties>,
 }
 
-/// Repetition (HF), frequency and presence (OpenAI) penalties with the sequence's token counts:
-/// `ids` ascending, each once, `output_counts[i]` the times `ids[i]` was generated (0: only in the
-/// prompt). Sent only when a penalty is on, and only the tokens it touches.
+/// What turns the model's logits into sampling logits, in vLLM's order: OpenAI's logit bias
+/// added, then the repetition (HF), frequency and presence (OpenAI) penalties with the
+/// sequence's token counts, then the bans. `ids` ascending, each once, `output_counts[i]` the
+/// times `ids[i]` was generated (0: only in the prompt). Sent only when one of them is on, and
+/// only the tokens each touches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Penalties {
     pub repetition: f32,
@@ -36,10 +38,20 @@ pub struct Penalties {
     pub presence: f32,
     pub ids: Vec<u32>,
     pub output_counts: Vec<u32>,
-    /// Tokens that may not be drawn (stop tokens before `min_tokens`): sampling logit -inf.
+    /// Tokens that may not be drawn (a logit_bias of -100; stop tokens before `min_tokens`):
+    /// sampling logit -inf.
     #[serde(default)]
     pub banned: Vec<u32>,
+    /// OpenAI's logit_bias: `bias[i]` is added to the model's logit of `bias_ids[i]` before any
+    /// penalty; ids ascending, each once, biases finite in [-100, 100].
+    #[serde(default)]
+    pub bias_ids: Vec<u32>,
+    #[serde(default)]
+    pub bias: Vec<f32>,
 }
+
+/// The largest logit bias magnitude (OpenAI's).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
 /// Why a sampling request cannot be served (checked on every rank before the step runs).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -59,6 +71,21 @@ pub enum SampleSpecError {
         ids: usize,
         counts: usize,
     },
+    #[error(
+        "sequence {seq_id}: {ids} logit bias ids and {values} biases; ids must ascend, each \
+         once, with one finite bias in [-100, 100] each"
+    )]
+    Bias {
+        seq_id: u64,
+        ids: usize,
+        values: usize,
+    },
+    #[error("sequence {seq_id}: token id {id} is outside the vocabulary of {vocab_size}")]
+    OutsideVocabulary {
+        seq_id: u64,
+        id: u32,
+        vocab_size: usize,
+    },
 }
 
 impl SampleSpec {
@@ -68,7 +95,9 @@ impl SampleSpec {
         NoiseKey::new(self.seed, end_pos)
     }
 
-    pub fn check(&self, seq_id: u64) -> Result<(), SampleSpecError> {
+    /// Refuses what no sampler sends: a temperature that cannot scale, penalties or biases that
+    /// are not finite or not one per id, ids outside a vocabulary of `vocab_size`.
+    pub fn check(&self, seq_id: u64, vocab_size: usize) -> Result<(), SampleSpecError> {
         let needs_t = self.gumbel || self.scaled_log_sum_exp;
         if needs_t && !(self.temperature.is_finite() && self.temperature > 0.0) {
             return Err(SampleSpecError::Temperature {
@@ -77,14 +106,14 @@ impl SampleSpec {
             });
         }
         if let Some(p) = &self.penalties {
-            p.check(seq_id)?;
+            p.check(seq_id, vocab_size)?;
         }
         Ok(())
     }
 }
 
 impl Penalties {
-    fn check(&self, seq_id: u64) -> Result<(), SampleSpecError> {
+    fn check(&self, seq_id: u64, vocab_size: usize) -> Result<(), SampleSpecError> {
         if !(self.repetition.is_finite() && self.repetition > 0.0) {
             return Err(SampleSpecError::Repetition {
                 seq_id,
@@ -102,7 +131,46 @@ impl Penalties {
                 counts: self.output_counts.len(),
             });
         }
+        let ascending = self.bias_ids.windows(2).all(|w| w[0] < w[1]);
+        let in_range = self
+            .bias
+            .iter()
+            .all(|b| (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(b));
+        if self.bias_ids.len() != self.bias.len() || !ascending || !in_range {
+            return Err(SampleSpecError::Bias {
+                seq_id,
+                ids: self.bias_ids.len(),
+                values: self.bias.len(),
+            });
+        }
+        let ids = self.ids.iter().chain(&self.bias_ids).chain(&self.banned);
+        if let Some(&id) = ids.into_iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(SampleSpecError::OutsideVocabulary {
+                seq_id,
+                id,
+                vocab_size,
+            });
+        }
         Ok(())
+    }
+
+    /// Turns one sequence's logits of the vocabulary rows `first_id..` into its sampling logits,
+    /// in vLLM's order: the bias added, the penalties applied, the bans set to -inf; ids outside
+    /// the rows belong to another rank. Row r's logit is `logits[r * stride + column]`: the last
+    /// stage's vocabulary-major `[rows, seqs]` layout, or (stride 1, column 0) one sequence's.
+    pub fn apply_to_rows(&self, logits: &mut [f32], first_id: u32, stride: usize, column: usize) {
+        let first = first_id as usize;
+        let rows = first..first + logits.len() / stride.max(1);
+        let at = |id: u32| (id as usize - first) * stride + column;
+        for (id, bias) in self.bias_within(rows.clone()) {
+            logits[at(id)] += bias;
+        }
+        for (id, count) in self.within(rows.clone()) {
+            logits[at(id)] = self.apply(logits[at(id)], count);
+        }
+        for id in self.banned_within(rows) {
+            logits[at(id)] = f32::NEG_INFINITY;
+        }
     }
 
     /// The penalized logit of a token: HF's repetition penalty for every token seen (prompt or
@@ -130,6 +198,23 @@ impl Penalties {
             .filter(move |&id| rows.contains(&(id as usize)))
     }
 
+    /// The biased ids inside `rows` (global ids) with their biases.
+    pub fn bias_within(
+        &self,
+        rows: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = (u32, f32)> + '_ {
+        let start = self
+            .bias_ids
+            .partition_point(|&id| (id as usize) < rows.start);
+        let end = self
+            .bias_ids
+            .partition_point(|&id| (id as usize) < rows.end);
+        self.bias_ids[start..end]
+            .iter()
+            .copied()
+            .zip(self.bias[start..end].iter().copied())
+    }
+
     /// The ids inside `rows` (global ids) with their counts.
     pub fn within(&self, rows: std::ops::Range<usize>) -> impl Iterator<Item = (u32, u32)> + '_ {
         let start = self.ids.partition_point(|&id| (id as usize) < rows.start);
@@ -138,5 +223,134 @@ impl Penalties {
             .iter()
             .copied()
             .zip(self.output_counts[start..end].iter().copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn penalties() -> Penalties {
+        Penalties {
+            repetition: 2.0,
+            frequency: 0.5,
+            presence: 0.25,
+            ids: vec![1, 4, 7],
+            output_counts: vec![0, 2, 1],
+            banned: vec![5],
+            bias_ids: vec![1, 2, 7, 8],
+            bias: vec![-3.0, 1.5, 10.0, -100.0],
+        }
+    }
+
+    /// Each rank's slice, in global ids and in any layout, gets exactly what the whole row gets:
+    /// the bias first (token 1: 1 - 3 = -2, then x 2 as a negative logit), then the penalties,
+    /// then the bans.
+    #[test]
+    fn a_rank_biases_and_penalizes_its_slice_in_global_ids() {
+        let raw: Vec<f32> = vec![0.5, 1.0, 2.0, -1.0, 3.0, 4.0, 0.0, 1.0, 2.0, 0.25];
+        let mut whole = raw.clone();
+        let p = penalties();
+        p.apply_to_rows(&mut whole, 0, 1, 0);
+        let want = [
+            0.5,
+            (1.0 - 3.0) * 2.0,
+            2.0 + 1.5,
+            -1.0,
+            3.0 / 2.0 - 2.0 * 0.5 - 0.25,
+            f32::NEG_INFINITY,
+            0.0,
+            (1.0 + 10.0) / 2.0 - 0.5 - 0.25,
+            2.0 - 100.0,
+            0.25,
+        ];
+        assert_eq!(whole, want);
+        // Ranks of 4, 4 and 2 rows, each in a vocabulary-major [rows, 3 seqs] layout, column 1.
+        for (first, len) in [(0usize, 4usize), (4, 4), (8, 2)] {
+            let mut layout = vec![7.0f32; len * 3];
+            for r in 0..len {
+                layout[r * 3 + 1] = raw[first + r];
+            }
+            p.apply_to_rows(&mut layout, first as u32, 3, 1);
+            for r in 0..len {
+                assert_eq!(layout[r * 3 + 1], want[first + r], "row {}", first + r);
+                assert_eq!((layout[r * 3], layout[r * 3 + 2]), (7.0, 7.0));
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_biases_and_foreign_ids_are_refused() {
+        let spec = |p: Penalties| SampleSpec {
+            temperature: 1.0,
+            seed: 0,
+            gumbel: true,
+            scaled_log_sum_exp: false,
+            top_logprobs: 0,
+            penalties: Some(p),
+        };
+        assert_eq!(spec(penalties()).check(3, 10), Ok(()));
+        let broken = [
+            Penalties {
+                bias: vec![1.0],
+                ..penalties()
+            },
+            Penalties {
+                bias_ids: vec![2, 1, 7, 8],
+                ..penalties()
+            },
+            Penalties {
+                bias_ids: vec![1, 1, 7, 8],
+                ..penalties()
+            },
+            Penalties {
+                bias: vec![0.0, 0.0, f32::NAN, 0.0],
+                ..penalties()
+            },
+            Penalties {
+                bias: vec![0.0, 0.0, 100.5, 0.0],
+                ..penalties()
+            },
+            Penalties {
+                bias: vec![0.0, 0.0, f32::INFINITY, 0.0],
+                ..penalties()
+            },
+        ];
+        for p in broken {
+            let e = spec(p.clone()).check(3, 10).expect_err("refused");
+            assert!(
+                matches!(e, SampleSpecError::Bias { seq_id: 3, .. }),
+                "{p:?}: {e}"
+            );
+        }
+        for (field, p) in [
+            (
+                "ids",
+                Penalties {
+                    ids: vec![1, 4, 10],
+                    ..penalties()
+                },
+            ),
+            (
+                "bias",
+                Penalties {
+                    bias_ids: vec![1, 2, 7, 10],
+                    ..penalties()
+                },
+            ),
+            (
+                "banned",
+                Penalties {
+                    banned: vec![u32::MAX],
+                    ..penalties()
+                },
+            ),
+        ] {
+            let e = spec(p).check(3, 10).expect_err("refused");
+            assert!(
+                matches!(e, SampleSpecError::OutsideVocabulary { .. }),
+                "{field}: {e}"
+            );
+        }
     }
 }

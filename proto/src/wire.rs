@@ -93,6 +93,8 @@ impl From<&SampleSpec> for pb::SampleSpec {
                 ids: p.ids.clone(),
                 output_counts: p.output_counts.clone(),
                 banned: p.banned.clone(),
+                bias_ids: p.bias_ids.clone(),
+                bias: p.bias.clone(),
             }),
         }
     }
@@ -113,6 +115,8 @@ impl From<pb::SampleSpec> for SampleSpec {
                 ids: p.ids,
                 output_counts: p.output_counts,
                 banned: p.banned,
+                bias_ids: p.bias_ids,
+                bias: p.bias,
             }),
         }
     }

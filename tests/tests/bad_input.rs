@@ -371,6 +371,71 @@ fn cases() -> Vec<Case> {
             400,
             "prompt",
         ),
+        // The field audit (api/fields.rs): nothing is silently ignored.
+        case(
+            "a misspelled field",
+            C,
+            p(json!({"max_token": 5})),
+            400,
+            "did you mean `max_tokens`?",
+        ),
+        case(
+            "a field of no API",
+            H,
+            m(json!({"xyzzy_flag": 1})),
+            400,
+            "xyzzy_flag",
+        ),
+        case(
+            "tools",
+            H,
+            m(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            400,
+            "tool calling is not supported",
+        ),
+        case("echo", C, p(json!({"echo": true})), 400, "echo"),
+        case(
+            "structured output",
+            H,
+            m(json!({"response_format": {"type": "json_object"}})),
+            400,
+            "not supported yet",
+        ),
+        case(
+            "messages on completions",
+            C,
+            p(json!({"messages": user("x")})),
+            400,
+            "/v1/chat/completions",
+        ),
+        case(
+            "best_of above n",
+            C,
+            p(json!({"best_of": 3})),
+            400,
+            "best_of",
+        ),
+        case(
+            "a stream option misspelled",
+            C,
+            p(json!({"stream": true, "stream_options": {"include_usge": true}})),
+            400,
+            "include_usge",
+        ),
+        case(
+            "logit_bias out of range",
+            C,
+            p(json!({"logit_bias": {"5": 101}})),
+            400,
+            "-100 to 100",
+        ),
+        case(
+            "logit_bias past the vocabulary",
+            H,
+            m(json!({"logit_bias": {"256000": 1}})),
+            400,
+            "logit_bias",
+        ),
     ]
 }
 
@@ -440,6 +505,31 @@ fn bad_requests_get_a_4xx_naming_the_problem_and_harm_nothing() {
     // Nothing above harmed the process: it still serves.
     let r = post_json(&c.addr, C, &json!({"prompt": "Hello", "max_tokens": 3})).expect("serves");
     assert_eq!(r.status, 200);
+    // The fields accepted as changing nothing are accepted (nulls as absent).
+    for (path, body) in [
+        (
+            C,
+            json!({"prompt": "Hello", "max_tokens": 2, "user": "u-1", "echo": false,
+                   "suffix": null, "best_of": 2, "n": 2, "logit_bias": {"17": 1.5}}),
+        ),
+        (
+            H,
+            json!({"messages": user("Hello"), "max_tokens": 2, "user": "u-1",
+                   "metadata": {"k": "v"}, "store": false, "service_tier": "auto",
+                   "modalities": ["text"], "tool_choice": "none", "parallel_tool_calls": false,
+                   "response_format": {"type": "text"}, "safety_identifier": "s",
+                   "prompt_cache_key": "p", "verbosity": "medium", "tools": null,
+                   "stream": true, "stream_options": {"include_obfuscation": false}}),
+        ),
+    ] {
+        let r = post_json(&c.addr, path, &body).expect("serves");
+        assert_eq!(
+            r.status,
+            200,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
     assert!(
         wrong.is_empty(),
         "{} of {} cases wrong:\n{}",

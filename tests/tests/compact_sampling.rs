@@ -1,9 +1,9 @@
-//! Every parameter set samples on the compact path: the last stage applies penalties, races
-//! Gumbel noise keyed by (seed, position, token) for plain temperature sampling, and sends
-//! candidates for top-k, top-p and min-p, so no vocabulary crosses the network. Held here over
-//! real processes on the tiny model:
+//! Every parameter set samples on the compact path: the last stage applies logit bias and
+//! penalties, races Gumbel noise keyed by (seed, position, token) for plain temperature
+//! sampling, and sends candidates for top-k, top-p and min-p, so no vocabulary crosses the
+//! network. Held here over real processes on the tiny model:
 //! - the same seed gives the same tokens run after run, and for tp 1, 2, 4 and pp 2 (the noise
-//!   belongs to the token, not to the rank that holds it);
+//!   belongs to the token, and the bias to the token id, not to the rank that holds it);
 //! - what a last-stage rank sends per sequence for OpenAI's default parameters (temperature 1,
 //!   top_p 1), with log-probabilities or without, is at most 1 KiB, measured on the encoded
 //!   message of a real worker (tp = 2 of a 256000-token vocabulary).
@@ -23,6 +23,14 @@ fn cases() -> Vec<Value> {
         json!({"seed": 10, "min_p": 0.05, "temperature": 1.3}),
         json!({"seed": 11, "temperature": 0, "repetition_penalty": 1.3}),
         json!({"seed": 12, "top_k": 20, "top_p": 0.8, "presence_penalty": 1.0}),
+        // logit_bias on ids of every rank's slice at tp=4 (64000 rows each), with each kind of
+        // draw: Gumbel, greedy, top-k + top-p with penalties, min-p.
+        json!({"seed": 13, "logit_bias": {"17": 3, "64003": 5, "128005": -100, "200007": 4}}),
+        json!({"seed": 14, "temperature": 0, "logit_bias": {"200007": 100}}),
+        json!({"seed": 15, "temperature": 0.9, "top_k": 20, "top_p": 0.9,
+               "frequency_penalty": 0.4, "logit_bias": {"17": -100, "64003": 6, "128005": 6}}),
+        json!({"seed": 16, "min_p": 0.05, "repetition_penalty": 1.2,
+               "logit_bias": {"64003": 8, "200007": -2.5}}),
     ]
 }
 

@@ -35,6 +35,7 @@ struct Model {
     tokenizer: TextTokenizer,
     /// Every id of each token text as the API reports it.
     ids_by_text: HashMap<String, Vec<u32>>,
+    vocab_size: usize,
 }
 
 fn model() -> &'static Model {
@@ -58,6 +59,7 @@ fn model() -> &'static Model {
             reference: tiny.reference(),
             tokenizer,
             ids_by_text,
+            vocab_size: tiny.vocab_size,
         }
     })
 }
@@ -399,16 +401,18 @@ const DEFINED: Counting = Counting {
     openai_counts_prompt: false,
 };
 
-/// Greedy decoding of the reference with the penalties applied, in f64, as defined: HF's
-/// repetition penalty (each distinct token once: a positive logit divided by it, a negative one
-/// multiplied), then OpenAI's logit - frequency * count - presence * (count > 0). Stops at a
-/// stop token. Returns the tokens and the smallest lead of the chosen token over the next.
+/// Greedy decoding of the reference with the penalties applied, in f64, as defined: OpenAI's
+/// logit bias added first (vLLM's order; -100 a ban), then HF's repetition penalty (each
+/// distinct token once: a positive logit divided by it, a negative one multiplied), then
+/// OpenAI's logit - frequency * count - presence * (count > 0). Stops at a stop token. Returns
+/// the tokens and the smallest lead of the chosen token over the next.
 fn penalized_greedy(
     m: &Model,
     prompt: &[u32],
     p: Penalties,
     counting: Counting,
     max_tokens: usize,
+    bias: &[(u32, f64)],
 ) -> (Vec<u32>, f64) {
     let mut session = m.reference.session();
     for &t in prompt {
@@ -418,6 +422,12 @@ fn penalized_greedy(
     let mut min_lead = f64::INFINITY;
     while out.len() < max_tokens {
         let mut logits: Vec<f64> = session.logits().into_iter().map(f64::from).collect();
+        for &(t, b) in bias {
+            logits[t as usize] = match b <= -100.0 {
+                true => f64::NEG_INFINITY,
+                false => logits[t as usize] + b,
+            };
+        }
         let mut seen: Vec<u32> = out.clone();
         if counting.repetition_counts_prompt {
             seen.extend_from_slice(prompt);
@@ -490,7 +500,7 @@ fn penalties_over_http_pick_what_their_definitions_predict() {
         ..Penalties::default()
     };
     let predict = |p: Penalties, counting: Counting| {
-        penalized_greedy(m, &prompt, p, counting, PENALIZED_TOKENS)
+        penalized_greedy(m, &prompt, p, counting, PENALIZED_TOKENS, &[])
     };
     let (plain, _) = predict(off, DEFINED);
     let echo = *prompt.last().expect("prompt");
@@ -624,6 +634,151 @@ fn penalties_over_http_pick_what_their_definitions_predict() {
             b.extend(p.clone());
         }
         post(&c.addr, "/v1/completions", b);
+    }
+}
+
+/// A request's `logit_bias` object: token ids as strings.
+fn bias_json(bias: &[(u32, f64)]) -> Value {
+    Value::Object(
+        bias.iter()
+            .map(|&(t, b)| (t.to_string(), json!(b)))
+            .collect(),
+    )
+}
+
+/// logit_bias over HTTP (tp=2: the bias ids fall in both ranks' slices), held to the reference
+/// with the bias applied as defined (added to the model's logit before the penalties; -100 a
+/// ban): +100 makes greedy take an unlikely token, -100 takes the greedy one away, a bias with
+/// penalties picks what both predict together; the log-probabilities stay the model's
+/// (`check_choice`), and a bias on a stop token still waits for min_tokens.
+#[test]
+fn logit_bias_over_http_picks_what_its_definition_predicts() {
+    let m = model();
+    let prompt = m.tokenizer.encode_prompt(ECHO_PROMPT).expect("encode");
+    let off = Penalties {
+        repetition: 1.0,
+        ..Penalties::default()
+    };
+    let predict = |p: Penalties, bias: &[(u32, f64)]| {
+        penalized_greedy(m, &prompt, p, DEFINED, PENALIZED_TOKENS, bias)
+    };
+    let (plain, _) = predict(off, &[]);
+    let echo = plain[0];
+    // An unlikely first token: after the reference's 100 most likely, in the upper half of the
+    // vocabulary (rank 1's slice at tp=2).
+    let mut session = m.reference.session();
+    for &t in &prompt {
+        session.feed(t);
+    }
+    let first = log_softmax(&session.logits());
+    let half = m.vocab_size / 2;
+    let unlikely = top_ids(&first, 400)
+        .into_iter()
+        .skip(100)
+        .find(|&t| t as usize >= half && !m.tokenizer.stop_ids().contains(&t))
+        .expect("an unlikely token in the upper half");
+    let penalties = Penalties {
+        repetition: 1.3,
+        frequency: 0.2,
+        presence: 0.1,
+    };
+    let cases: Vec<(Vec<(u32, f64)>, Penalties)> = vec![
+        (vec![(unlikely, 100.0)], off),
+        (vec![(echo, -100.0)], off),
+        (vec![(echo, -100.0), (unlikely, 100.0)], off),
+        (vec![(echo, -1.5), (unlikely, 6.0)], penalties),
+    ];
+    let c = start(&m.path);
+    for (bias, p) in &cases {
+        let (want, lead) = predict(*p, bias);
+        assert!(lead > 1e-3, "{bias:?}: a near tie ({lead})");
+        assert_ne!(want, plain, "{bias:?} must change the greedy output");
+        assert_ne!(want, predict(*p, &[]).0, "{bias:?} must matter with {p:?}");
+        let mut body = json!({"logit_bias": bias_json(bias)});
+        if p.repetition != 1.0 {
+            body["repetition_penalty"] = json!(p.repetition);
+            body["frequency_penalty"] = json!(p.frequency);
+            body["presence_penalty"] = json!(p.presence);
+        }
+        let got = http_penalized(&c.addr, m, &prompt, body.clone());
+        assert_eq!(got, want, "{body}");
+    }
+    assert!(predict(off, &[(unlikely, 100.0)])
+        .0
+        .iter()
+        .all(|&t| t == unlikely));
+    assert!(!predict(off, &[(echo, -100.0)]).0.contains(&echo));
+
+    // At temperature 1, over 3 x 16 choices of up to 8 tokens (each token checked against the
+    // reference):
+    let draws = |bias: Option<Value>, seed: u64| {
+        let mut body = json!({"prompt": ECHO_PROMPT, "max_tokens": 8, "temperature": 1.0,
+                              "seed": seed, "n": 16, "logprobs": 0});
+        if let Some(bias) = bias {
+            body["logit_bias"] = bias;
+        }
+        let v = post(&c.addr, "/v1/completions", body);
+        let choices = v["choices"].as_array().expect("choices").clone();
+        choices
+            .iter()
+            .flat_map(|choice| {
+                let reported = completion_tokens(choice);
+                check_choice(m, Api::Completions, &prompt, &reported, 0, "sampled")
+                    .into_iter()
+                    .map(|s| s.id)
+            })
+            .collect::<Vec<u32>>()
+    };
+    // The token drawn most often without a ban is never drawn with one.
+    let seeds = [1, 2, 3];
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for seed in seeds {
+        for t in draws(None, seed) {
+            *counts.entry(t).or_default() += 1;
+        }
+    }
+    let (&likely, &free) = counts
+        .iter()
+        .max_by_key(|&(&t, &n)| (n, std::cmp::Reverse(t)))
+        .expect("draws");
+    assert!(
+        free >= 5,
+        "the most likely token was drawn {free} times only"
+    );
+    let mut drawn = 0;
+    for seed in seeds {
+        let banned = draws(Some(bias_json(&[(likely, -100.0)])), seed);
+        assert!(
+            !banned.contains(&likely),
+            "seed {seed}: a banned token was drawn"
+        );
+        drawn += banned.len();
+    }
+    assert!(drawn > 200, "{drawn} draws");
+
+    // min_tokens' ban wins over a bias: <eos> at +100 ends the output right after min_tokens.
+    let eos = m.tokenizer.stop_ids()[0];
+    for (min_tokens, want) in [(0, 0), (3, 3)] {
+        let body = json!({"prompt": ECHO_PROMPT, "max_tokens": 8, "temperature": 0,
+                          "min_tokens": min_tokens, "logit_bias": bias_json(&[(eos, 100.0)])});
+        let v = post(&c.addr, "/v1/completions", body);
+        assert_eq!(v["usage"]["completion_tokens"], want, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    }
+
+    // Refusals name logit_bias and say what is allowed.
+    for (bias, allowed) in [
+        (json!({"x": 1}), "allowed: token ids 0 to"),
+        (json!({"5": 150}), "allowed: -100 to 100"),
+        (json!({ m.vocab_size.to_string(): 1 }), "is not a token id"),
+    ] {
+        let body = json!({"prompt": "x", "logit_bias": bias});
+        let r = post_json(&c.addr, "/v1/completions", &body).expect("request");
+        let v = r.json().expect("json");
+        assert_eq!(r.status, 400, "{body} -> {v}");
+        assert_eq!(v["error"]["param"], "logit_bias", "{v}");
+        let message = v["error"]["message"].as_str().expect("message");
+        assert!(message.contains(allowed), "{body}: {message}");
     }
 }
 

@@ -1,10 +1,12 @@
 //! Property test of the worker's parsing of `StepRequest`s: any request (random sequence
 //! counts, token ids in and out of the vocabulary, positions up to u64::MAX, block tables of any
 //! length and content, any candidate counts) goes through `StepBatch::from_wire` and
-//! `Shard::validate` on a tiny loaded shard; a batch accepted there runs through `Shard::step`.
-//! Each ends in a result or a typed error, never a panic; an accepted batch asks for nothing
-//! unbounded (positions within the model's, candidates within the vocabulary), so what the
-//! worker allocates for it is bounded by the model and the message's own size.
+//! `Shard::validate` on a tiny loaded shard; a batch accepted there runs through `Shard::step`
+//! and the last stage's answer (`last_stage_output`: logit bias, penalties, bans, candidates,
+//! Gumbel races). Each ends in a result or a typed error, never a panic; an accepted batch asks
+//! for nothing unbounded (positions within the model's, candidates within the vocabulary, bias
+//! and penalty ids inside it, biases finite within [-100, 100]), so what the worker allocates
+//! for it is bounded by the model and the message's own size.
 //! Deterministic: a fixed seed and no persistence files.
 
 use std::cell::Cell;
@@ -12,6 +14,7 @@ use std::cell::Cell;
 use candle_core::Device;
 use gemma_proto::{pb, PlanRequest, ShardPlan, StepBatch};
 use gemma_testkit::TinyGemma;
+use gemma_worker::server::last_stage_output;
 use gemma_worker::{ModelFolder, Shard, ShardOptions, SoloCollective, StageOutput, StepError};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -74,25 +77,51 @@ fn any_seq() -> impl Strategy<Value = pb::SeqStep> {
         )
 }
 
-/// Sampling requests, sensible or not: any temperature, penalties with any ids and counts.
+/// Sampling requests, sensible or not: any temperature, penalties with any ids and counts,
+/// logit biases with any ids (ascending or not, inside the vocabulary or not) and any values.
 fn sample_spec() -> impl Strategy<Value = pb::SampleSpec> {
     let float = prop_oneof![3 => -2.0f32..4.0, 1 => any::<f32>()];
+    let id = || prop_oneof![4 => 0..VOCAB as u32, 1 => any::<u32>()];
+    let bias = prop_oneof![
+        4 => -100.0f32..=100.0,
+        1 => Just(-100.0f32),
+        1 => Just(100.0f32),
+        1 => any::<f32>(),
+    ];
+    let sorted = |mut ids: Vec<u32>| {
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    let bias_ids = prop_oneof![
+        3 => vec(0..VOCAB as u32, 0..6).prop_map(sorted),
+        1 => vec(id(), 0..6),
+    ];
     let penalties = (
-        float.clone(),
-        float.clone(),
-        float.clone(),
-        vec(prop_oneof![4 => 0..VOCAB as u32, 1 => any::<u32>()], 0..6),
+        (float.clone(), float.clone(), float.clone()),
+        vec(id(), 0..6),
         vec(0u32..5, 0..6),
-        vec(prop_oneof![4 => 0..VOCAB as u32, 1 => any::<u32>()], 0..3),
+        vec(id(), 0..3),
+        bias_ids,
+        vec(bias, 0..6),
     )
         .prop_map(
-            |(repetition, frequency, presence, ids, output_counts, banned)| pb::Penalties {
-                repetition,
-                frequency,
-                presence,
-                ids,
-                output_counts,
-                banned,
+            |((repetition, frequency, presence), ids, output_counts, banned, bias_ids, bias)| {
+                // Mostly one bias per id, as a coordinator sends them.
+                let bias = match bias.len() % 3 {
+                    0 => bias,
+                    _ => bias.into_iter().cycle().take(bias_ids.len()).collect(),
+                };
+                pb::Penalties {
+                    repetition,
+                    frequency,
+                    presence,
+                    ids,
+                    output_counts,
+                    banned,
+                    bias_ids,
+                    bias,
+                }
             },
         );
     (
@@ -117,9 +146,16 @@ fn sample_spec() -> impl Strategy<Value = pb::SampleSpec> {
         )
 }
 
-/// Sequences as a coordinator sends them: disjoint block tables that cover every position.
+/// Sequences as a coordinator sends them: disjoint block tables that cover every position; now
+/// and then a sampling request of any kind, so that accepted ones reach the last stage's answer.
 fn well_formed_seqs() -> impl Strategy<Value = Vec<pb::SeqStep>> {
-    let seq = (1usize..8, 0u64..20, 0u32..3, any::<bool>());
+    let seq = (
+        1usize..8,
+        0u64..20,
+        0u32..3,
+        any::<bool>(),
+        proptest::option::weighted(0.3, sample_spec()),
+    );
     (
         vec(seq, 1..4),
         Just((0..KV_BLOCKS).collect::<Vec<u32>>()).prop_shuffle(),
@@ -129,7 +165,7 @@ fn well_formed_seqs() -> impl Strategy<Value = Vec<pb::SeqStep>> {
             let mut free = blocks.into_iter();
             seqs.into_iter()
                 .enumerate()
-                .map(|(i, (len, start, top, log_probs))| {
+                .map(|(i, (len, start, top, log_probs, sampling))| {
                     let needed = (start as usize + len).div_ceil(BLOCK_SIZE);
                     pb::SeqStep {
                         seq_id: i as u64,
@@ -138,7 +174,7 @@ fn well_formed_seqs() -> impl Strategy<Value = Vec<pb::SeqStep>> {
                         block_table: free.by_ref().take(needed).collect(),
                         top_candidates: top,
                         log_probs,
-                        sampling: None,
+                        sampling,
                     }
                 })
                 .collect()
@@ -172,8 +208,8 @@ fn any_step_request_is_refused_with_a_reason_or_runs() {
             let batch = StepBatch::from_wire(req);
             let valid = match shard.validate(&batch) {
                 Ok(valid) => valid,
-                Err(StepError::Invalid(reason)) => {
-                    prop_assert!(!reason.is_empty());
+                Err(e @ (StepError::Invalid(_) | StepError::Sampling(_))) => {
+                    prop_assert!(!e.to_string().is_empty());
                     refused.set(refused.get() + 1);
                     return Ok(());
                 }
@@ -183,10 +219,19 @@ fn any_step_request_is_refused_with_a_reason_or_runs() {
                 prop_assert!(seq.tokens.iter().all(|&t| (t as usize) < VOCAB));
                 prop_assert!(seq.end_pos() <= max_positions);
                 prop_assert!(seq.top_candidates as usize <= VOCAB);
+                if let Some(p) = seq.sampling.as_ref().and_then(|s| s.penalties.as_ref()) {
+                    let ids = p.ids.iter().chain(&p.bias_ids).chain(&p.banned);
+                    prop_assert!(ids.into_iter().all(|&id| (id as usize) < VOCAB));
+                    prop_assert!(p.bias.iter().all(|b| b.abs() <= 100.0));
+                    prop_assert_eq!(p.bias.len(), p.bias_ids.len());
+                }
             }
             match shard.step(&valid, None) {
                 Ok(StageOutput::Logits(logits)) => {
                     prop_assert_eq!(logits.dims(), &[VOCAB, batch.seqs.len()]);
+                    let answer = last_stage_output(&batch, &logits, 0)
+                        .map_err(|e| TestCaseError::fail(format!("no answer: {e}")))?;
+                    prop_assert_eq!(answer.seqs.len(), batch.seqs.len());
                     ran.set(ran.get() + 1);
                 }
                 Ok(StageOutput::Hidden(_)) => {

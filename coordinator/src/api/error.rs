@@ -5,6 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::fields::FieldError;
 use super::response::ErrorBody;
 use super::validation::{ValidationError, ValidationErrors};
 use crate::engine::EngineError;
@@ -15,7 +16,7 @@ pub struct ApiError {
     status: StatusCode,
     message: String,
     kind: &'static str,
-    param: Option<&'static str>,
+    param: Option<String>,
     /// 429 only: whole seconds until a retry can succeed (`Retry-After`).
     retry_after: Option<u64>,
 }
@@ -59,7 +60,7 @@ impl ApiError {
     }
 
     pub fn body(&self) -> ErrorBody {
-        ErrorBody::new(self.message.clone(), self.kind, self.param)
+        ErrorBody::new(self.message.clone(), self.kind, self.param.clone())
     }
 }
 
@@ -116,6 +117,24 @@ impl ApiError {
     }
 }
 
+/// Fields the endpoint refuses: every one in the message, the first as `param`.
+impl ApiError {
+    pub fn fields(errors: Vec<FieldError>) -> Self {
+        let message = errors
+            .iter()
+            .map(FieldError::to_string)
+            .collect::<Vec<_>>()
+            .join("; and ");
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message,
+            kind: "invalid_request_error",
+            param: errors.first().map(|e| e.param().to_string()),
+            retry_after: None,
+        }
+    }
+}
+
 /// Every broken rule in the message; the first one's field as `param` and its status.
 impl From<ValidationErrors> for ApiError {
     fn from(errors: ValidationErrors) -> Self {
@@ -123,7 +142,7 @@ impl From<ValidationErrors> for ApiError {
             status: errors.first().status(),
             message: errors.to_string(),
             kind: "invalid_request_error",
-            param: Some(errors.first().param()),
+            param: Some(errors.first().param().to_string()),
             retry_after: None,
         }
     }

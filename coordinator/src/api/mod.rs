@@ -4,13 +4,15 @@
 //! each key (or client address) gets so many requests per second (`limits`); the probes and
 //! metrics stay open and unlimited.
 //!
-//! As in TGI's router, one module per concern: `request` (what clients send), `validation`
+//! As in TGI's router, one module per concern: `request` (what clients send), `fields` (the
+//! audit of OpenAI's request fields: what is served, accepted or refused), `validation`
 //! (nothing reaches the engine unchecked), `limits` (connections, request rate), `prompt`
 //! (tokenizing off the async runtime), `response` (OpenAI's shapes), `sse` (streaming), `error`
 //! (refusals). This module holds the routes and the glue between them.
 
 pub mod auth;
 mod error;
+pub mod fields;
 pub mod limits;
 mod prompt;
 pub mod request;
@@ -52,6 +54,8 @@ pub struct AppState {
     pub max_tokens_per_request: NonZeroUsize,
     /// None: no rate limit.
     pub rate_limiter: Option<limits::RateLimiter>,
+    /// The model's vocabulary size (config.json's): the ids `logit_bias` may name.
+    pub vocab_size: usize,
 }
 
 impl AppState {
@@ -62,6 +66,7 @@ impl AppState {
             kv_capacity: self.engine.kv_capacity_tokens(),
             max_tokens_limit: self.max_tokens_per_request,
             has_chat_template: self.chat.is_some(),
+            vocab_size: self.vocab_size,
         }
     }
 }

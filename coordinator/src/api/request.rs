@@ -1,20 +1,29 @@
 //! The request bodies of /v1/completions and /v1/chat/completions as clients send them, before
 //! any check: numbers stay signed and every field optional, so that a bad value reaches the
-//! validator (which says what is allowed) instead of failing deserialization.
+//! validator (which says what is allowed) instead of failing deserialization. Fields these
+//! types do not hold are refused before deserialization by the audit in `fields`.
+
+use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use super::fields::{self, Api};
 use super::ApiError;
 use crate::chat::ChatMessage;
+
+/// A request body of one endpoint: which column of the field audit it is checked against.
+pub trait RequestBody: DeserializeOwned {
+    const API: Api;
+}
 
 /// A JSON request body whose errors name the field they are in (`max_tokens: invalid type:
 /// string "ten", expected i64`); past the body limit, 413.
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: RequestBody, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
@@ -24,9 +33,16 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 }
 
 /// A body's bytes as `T`, or the refusal naming the field at fault: what [`JsonBody`] does once
-/// the body is read (the property tests feed it arbitrary bodies).
-pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// the body is read (the property tests feed it arbitrary bodies). Fields the endpoint refuses
+/// or does not know are refused first, all of them named.
+pub fn parse_body<T: RequestBody>(bytes: &[u8]) -> Result<T, ApiError> {
     let json: serde_json::Value = serde_json::from_slice(bytes).map_err(ApiError::json)?;
+    if let Some(body) = json.as_object() {
+        let refused = fields::check(T::API, body);
+        if !refused.is_empty() {
+            return Err(ApiError::fields(refused));
+        }
+    }
     match serde_path_to_error::deserialize(&json) {
         Ok(value) => Ok(value),
         Err(e) if e.path().to_string() == "." => Err(culprit::<T>(&json).unwrap_or(e.into())),
@@ -67,11 +83,16 @@ impl OneOrMany {
     }
 }
 
+/// Any other key is refused (a typo of `include_usage` must not pass unnoticed).
 #[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
     /// vLLM's extension: usage (so far) on every chunk, not only the last; needs include_usage.
     pub continuous_usage_stats: Option<bool>,
+    /// OpenAI's random padding of stream events (against length side channels): accepted and
+    /// changes nothing; no padding is sent.
+    pub include_obfuscation: Option<bool>,
 }
 
 /// The fields both endpoints share.
@@ -99,6 +120,9 @@ pub struct SamplingFields {
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// Token id (as a JSON object key: a string) -> bias in [-100, 100]. Values stay f64 so
+    /// that one past f32's range is refused by the validator, not rounded to infinity.
+    pub logit_bias: Option<BTreeMap<String, f64>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -106,8 +130,14 @@ pub struct CompletionRequest {
     pub prompt: Option<OneOrMany>,
     /// Completions: how many alternatives per token (0 to 20).
     pub logprobs: Option<i64>,
+    /// Accepted when equal to n: no extra generations are made to choose the best from.
+    pub best_of: Option<i64>,
     #[serde(flatten)]
     pub fields: SamplingFields,
+}
+
+impl RequestBody for CompletionRequest {
+    const API: Api = Api::Completions;
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -118,4 +148,8 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub fields: SamplingFields,
+}
+
+impl RequestBody for ChatRequest {
+    const API: Api = Api::Chat;
 }

@@ -195,13 +195,13 @@ pub struct ErrorDetail {
     pub message: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub param: Option<&'static str>,
+    pub param: Option<String>,
     /// Always `null`: OpenAI's codes name its own conditions.
     pub code: Option<&'static str>,
 }
 
 impl ErrorBody {
-    pub fn new(message: String, kind: &'static str, param: Option<&'static str>) -> Self {
+    pub fn new(message: String, kind: &'static str, param: Option<String>) -> Self {
         Self {
             error: ErrorDetail {
                 message,
@@ -542,7 +542,7 @@ mod tests {
 
     #[test]
     fn error_model_list_and_readiness_bodies() {
-        let e = ErrorBody::new("bad".into(), "invalid_request_error", Some("top_p"));
+        let e = ErrorBody::new("bad".into(), "invalid_request_error", Some("top_p".into()));
         assert_eq!(
             to_value(e).expect("json"),
             json!({"error": {"message": "bad", "type": "invalid_request_error",

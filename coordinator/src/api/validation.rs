@@ -7,6 +7,7 @@
 //! for the request's shape is refused here, so a streamed request never gets a 200 that ends in
 //! an error event for something its client sent.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -27,6 +28,11 @@ pub const MAX_N: i64 = 16;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// `max_tokens` when the request gives none (OpenAI's default), if the context has room.
 pub const DEFAULT_MAX_TOKENS: usize = 16;
+/// Most `logit_bias` entries per request (OpenAI's limit). Every entry travels to every worker
+/// with each step of the sequence (about 7 bytes each).
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 300;
+/// The largest bias magnitude (OpenAI's); -100 bans the token.
+const MAX_BIAS: f64 = gemma_proto::sampling::MAX_LOGIT_BIAS as f64;
 
 /// One broken rule: what was wrong and what is allowed.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +79,28 @@ pub enum ValidationError {
     MinTokens { value: i64, max_tokens: usize },
     #[error("min_tokens is {0}; allowed: 0 to max_tokens")]
     NegativeMinTokens(i64),
+    #[error(
+        "best_of is {best_of}; allowed: n ({n}): every choice is one generation, none are made \
+         to choose the best from"
+    )]
+    BestOf { best_of: i64, n: i64 },
+    #[error("logit_bias has {0} entries; allowed: at most {MAX_LOGIT_BIAS_ENTRIES}")]
+    LogitBiasSize(usize),
+    #[error(
+        "logit_bias key {key:?} is not a token id; allowed: token ids 0 to {} as strings of \
+         digits",
+        vocab_size.saturating_sub(1)
+    )]
+    LogitBiasKey { key: String, vocab_size: usize },
+    #[error("logit_bias names token {0} twice")]
+    LogitBiasTwice(u32),
+    #[error("logit_bias of token {key} is {value}; allowed: -100 to 100 (-100 bans the token)")]
+    LogitBiasValue { key: String, value: f64 },
+    #[error(
+        "logit_bias bans every token of the vocabulary ({0}); allowed: at least one token left \
+         to draw"
+    )]
+    LogitBiasBansAll(usize),
     /// The conversation does not fit the model's chat template (roles, order).
     #[error(transparent)]
     Chat(#[from] ChatError),
@@ -153,6 +181,12 @@ impl ValidationError {
             TooManyStops(_) | EmptyStop => "stop",
             StreamOptionsWithoutStream | ContinuousUsageWithoutUsage => "stream_options",
             MinTokens { .. } | NegativeMinTokens(_) => "min_tokens",
+            BestOf { .. } => "best_of",
+            LogitBiasSize(_)
+            | LogitBiasKey { .. }
+            | LogitBiasTwice(_)
+            | LogitBiasValue { .. }
+            | LogitBiasBansAll(_) => "logit_bias",
             MaxTokens { .. } => "max_tokens",
         }
     }
@@ -270,6 +304,8 @@ pub struct Validator<'a> {
     /// Most tokens one request may generate (`max_tokens_per_request`).
     pub max_tokens_limit: NonZeroUsize,
     pub has_chat_template: bool,
+    /// The model's vocabulary (its logits): `logit_bias` ids must be below it.
+    pub vocab_size: usize,
 }
 
 impl Validator<'_> {
@@ -291,6 +327,12 @@ impl Validator<'_> {
             }
         };
         let fields = self.fields(&req.fields, req.logprobs, "logprobs", &mut errors);
+        if let Some(best_of) = req.best_of {
+            let n = req.fields.n.unwrap_or(1);
+            if best_of != n {
+                errors.push(ValidationError::BestOf { best_of, n });
+            }
+        }
         match (prompt, ValidationErrors::collect(errors)) {
             (Some(prompt), None) => Ok((prompt, fields)),
             (_, Some(errors)) => Err(errors),
@@ -474,6 +516,13 @@ impl Validator<'_> {
         );
         let min_tokens = f.min_tokens.unwrap_or(0);
         rule(min_tokens >= 0, E::NegativeMinTokens(min_tokens));
+        let logit_bias = match &f.logit_bias {
+            None => Vec::new(),
+            Some(map) => logit_bias(map, self.vocab_size).unwrap_or_else(|e| {
+                errors.push(e);
+                Vec::new()
+            }),
+        };
         ValidFields {
             params: SamplingParams {
                 temperature,
@@ -484,6 +533,7 @@ impl Validator<'_> {
                 frequency_penalty,
                 presence_penalty,
                 seed: f.seed.unwrap_or_else(fresh_u64),
+                logit_bias,
             },
             logprobs: alternatives.map(|k| k.max(0) as usize),
             stop,
@@ -496,6 +546,46 @@ impl Validator<'_> {
             continuous_usage,
         }
     }
+}
+
+/// OpenAI's `logit_bias` as (token id, bias), ids ascending: keys are token ids written as
+/// strings of digits, below `vocab_size`, each once; values in [-100, 100]. The first broken
+/// rule is the refusal (a map of 300 bad entries gets one line, not 300).
+pub fn logit_bias(
+    map: &BTreeMap<String, f64>,
+    vocab_size: usize,
+) -> Result<Vec<(u32, f32)>, ValidationError> {
+    if map.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(ValidationError::LogitBiasSize(map.len()));
+    }
+    let mut bias = Vec::with_capacity(map.len());
+    for (key, &value) in map {
+        let id = key
+            .parse::<u32>()
+            .ok()
+            .filter(|&id| (id as usize) < vocab_size)
+            .ok_or_else(|| ValidationError::LogitBiasKey {
+                key: key.clone(),
+                vocab_size,
+            })?;
+        if !(-MAX_BIAS..=MAX_BIAS).contains(&value) {
+            return Err(ValidationError::LogitBiasValue {
+                key: key.clone(),
+                value,
+            });
+        }
+        bias.push((id, value as f32));
+    }
+    // Keys are ordered as strings ("10" < "9"), and "07" is token 7 too.
+    bias.sort_unstable_by_key(|&(id, _)| id);
+    if let Some(w) = bias.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(ValidationError::LogitBiasTwice(w[0].0));
+    }
+    let banned = bias.iter().filter(|b| f64::from(b.1) <= -MAX_BIAS).count();
+    if banned >= vocab_size {
+        return Err(ValidationError::LogitBiasBansAll(vocab_size));
+    }
+    Ok(bias)
 }
 
 /// A value that differs per call: the seed of requests that give none, and response ids.
@@ -520,6 +610,7 @@ mod tests {
         kv_capacity: 1 << 20,
         max_tokens_limit: NonZeroUsize::MIN.saturating_add(63),
         has_chat_template: true,
+        vocab_size: 1000,
     };
 
     fn completion(body: Value) -> Result<(String, ValidFields), ValidationErrors> {
@@ -814,6 +905,97 @@ mod tests {
         let e = no_template.chat(req).expect_err("no template");
         assert!(matches!(e.first(), ValidationError::NoChatTemplate));
         assert!(e.to_string().contains("/v1/completions"));
+    }
+
+    /// Keys are token ids as strings (ordered as ids, not as text), values -100 to 100.
+    #[test]
+    fn logit_bias_is_carried_by_id() {
+        let r = valid(json!({"logit_bias": {"10": 5, "9": -100, "0": 0.5, "999": 100}}))
+            .expect("valid");
+        assert_eq!(
+            r.spec.params.logit_bias,
+            [(0, 0.5), (9, -100.0), (10, 5.0), (999, 100.0)]
+        );
+        assert!(valid(json!({"logit_bias": {}}))
+            .expect("valid")
+            .spec
+            .params
+            .logit_bias
+            .is_empty());
+        let full: serde_json::Map<String, Value> = (0..MAX_LOGIT_BIAS_ENTRIES)
+            .map(|i| (i.to_string(), json!(1)))
+            .collect();
+        assert!(valid(json!({ "logit_bias": full })).is_ok(), "300 entries");
+    }
+
+    #[test]
+    fn logit_bias_refusals_say_what_is_allowed() {
+        let too_many: serde_json::Map<String, Value> = (0..=MAX_LOGIT_BIAS_ENTRIES)
+            .map(|i| (i.to_string(), json!(1)))
+            .collect();
+        let cases = [
+            (
+                json!({"abc": 1}),
+                "\"abc\" is not a token id; allowed: token ids 0 to 999",
+            ),
+            (json!({"-1": 1}), "allowed: token ids 0 to 999"),
+            (json!({"1000": 1}), "\"1000\" is not a token id"),
+            (json!({"1.5": 1}), "not a token id"),
+            (json!({"": 1}), "not a token id"),
+            (json!({"99999999999": 1}), "not a token id"),
+            (
+                json!({"5": 100.5}),
+                "token 5 is 100.5; allowed: -100 to 100",
+            ),
+            (
+                json!({"5": -101}),
+                "allowed: -100 to 100 (-100 bans the token)",
+            ),
+            (json!({"5": 1e300}), "allowed: -100 to 100"),
+            (json!({"7": 1, "07": 2}), "names token 7 twice"),
+            (
+                Value::Object(too_many),
+                "has 301 entries; allowed: at most 300",
+            ),
+        ];
+        for (bias, allowed) in cases {
+            let e = refused(json!({ "logit_bias": bias }));
+            assert_eq!(
+                (e.param(), e.status()),
+                ("logit_bias", StatusCode::BAD_REQUEST)
+            );
+            assert!(e.to_string().contains(allowed), "{bias}: {e}");
+        }
+    }
+
+    #[test]
+    fn logit_bias_may_not_ban_the_whole_vocabulary() {
+        let tiny = Validator {
+            vocab_size: 3,
+            ..SERVED
+        };
+        let fields = |bias: Value| {
+            let req =
+                serde_json::from_value(json!({"prompt": "x", "logit_bias": bias})).expect("shape");
+            tiny.completion(req).map(drop)
+        };
+        let e = fields(json!({"0": -100, "1": -100, "2": -100})).expect_err("all banned");
+        assert!(
+            matches!(e.first(), ValidationError::LogitBiasBansAll(3)),
+            "{e}"
+        );
+        assert!(fields(json!({"0": -100, "1": -100, "2": -99.9})).is_ok());
+    }
+
+    #[test]
+    fn best_of_must_equal_n() {
+        assert!(valid(json!({"best_of": 1})).is_ok());
+        assert!(valid(json!({"best_of": 3, "n": 3})).is_ok());
+        for fields in [json!({"best_of": 2}), json!({"best_of": 2, "n": 3})] {
+            let e = refused(fields.clone());
+            assert_eq!(e.param(), "best_of");
+            assert!(e.to_string().contains("allowed: n ("), "{fields}: {e}");
+        }
     }
 
     #[test]

@@ -70,6 +70,7 @@ async fn serve(
     guards: Guards,
 ) -> Result<()> {
     let max_context = prepared.config.max_position_embeddings;
+    let vocab_size = prepared.config.vocab_size;
     let cluster = Cluster::connect(prepared, &settings, local).await?;
     let roster = cluster.roster();
     // Every worker, every second, also while idle: the lease stays renewed and a lost worker is
@@ -99,6 +100,7 @@ async fn serve(
             .max_tokens_per_request
             .unwrap_or(NonZeroUsize::new(max_context).unwrap_or(NonZeroUsize::MIN)),
         rate_limiter: guards.rate_limiter,
+        vocab_size,
     });
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await

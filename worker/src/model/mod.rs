@@ -297,6 +297,11 @@ impl Shard {
                     seq.seq_id, seq.top_candidates, self.weights.cfg.vocab_size
                 ));
             }
+            // Sampling asks are checked here too, so every rank refuses the same batch alike
+            // and none waits for a peer that refused.
+            if let Some(spec) = &seq.sampling {
+                spec.check(seq.seq_id, self.weights.cfg.vocab_size)?;
+            }
             if seq.end_pos() > self.weights.rope.max_positions() {
                 return invalid(format!(
                     "sequence {}: positions up to {} exceed max_position_embeddings {}",

@@ -46,7 +46,6 @@ pub fn run_step(
     plane: &DataPlane,
     batch: &StepBatch,
 ) -> Result<pb::step_response::Result, StepError> {
-    check_sampling(batch)?;
     let batch = shard.validate(batch)?;
     let input = match shard.spec().is_first_stage() {
         true => None,
@@ -66,17 +65,6 @@ pub fn run_step(
             Ok(pb::step_response::Result::Output(output))
         }
     }
-}
-
-/// Every sequence's sampling request, checked on every rank before anything runs (so all refuse
-/// the same batch alike, and none waits for a peer that refused).
-fn check_sampling(batch: &StepBatch) -> Result<(), StepError> {
-    for seq in &batch.seqs {
-        if let Some(spec) = &seq.sampling {
-            spec.check(seq.seq_id)?;
-        }
-    }
-    Ok(())
 }
 
 /// Per sequence, what its sampler asked for from this rank's vocabulary slice (`logits`:
@@ -174,24 +162,15 @@ fn with_penalties(seq: &gemma_proto::SeqStep) -> Option<&gemma_proto::Penalties>
     seq.sampling.as_ref()?.penalties.as_ref()
 }
 
-/// The logits after each sequence's penalties (its counted tokens inside this slice), or None
-/// when no sequence of the batch has any.
+/// The sampling logits: each sequence's logit bias, penalties and bans applied to the ids inside
+/// this slice (global ids), or None when no sequence of the batch has any.
 fn penalize(batch: &StepBatch, values: &[f32], first_id: u32) -> Option<Vec<f32>> {
     let seqs = batch.seqs.len();
     batch.seqs.iter().find_map(with_penalties)?;
     let mut out = values.to_vec();
-    let rows = values.len() / seqs.max(1);
-    let slice = first_id as usize..first_id as usize + rows;
     for (s, seq) in batch.seqs.iter().enumerate() {
-        let Some(p) = with_penalties(seq) else {
-            continue;
-        };
-        for (id, count) in p.within(slice.clone()) {
-            let at = (id - first_id) as usize * seqs + s;
-            out[at] = p.apply(out[at], count);
-        }
-        for id in p.banned_within(slice.clone()) {
-            out[(id - first_id) as usize * seqs + s] = f32::NEG_INFINITY;
+        if let Some(p) = with_penalties(seq) {
+            p.apply_to_rows(&mut out, first_id, seqs, s);
         }
     }
     Some(out)
@@ -228,6 +207,9 @@ mod tests {
                 ids: vec![3, 1003, 1100, 1499, 4000],
                 output_counts: vec![1, 0, 2, 1, 7],
                 banned: vec![1001, 1200, 7],
+                // Inside and outside the slice (1000..1500), on a penalized id, past the best.
+                bias_ids: vec![2, 1003, 1004, 1250, 1498, 2000],
+                bias: vec![5.0, -2.5, 100.0, 7.5, -100.0, 3.0],
             }),
         }
     }
