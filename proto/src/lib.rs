@@ -16,6 +16,7 @@ pub mod sampling;
 pub mod session;
 pub mod step;
 pub mod tls;
+pub mod token_mask;
 pub mod wire;
 
 pub use candidates::SeqLogits;
@@ -30,6 +31,7 @@ pub use rng::SplitMix64;
 pub use sampling::{Penalties, SampleSpec, SampleSpecError};
 pub use session::{ClusterId, Session};
 pub use step::{SeqStep, StepBatch};
+pub use token_mask::TokenMask;
 
 /// Generated wire types and gRPC services (proto/gemma.proto).
 #[allow(clippy::all)]

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::noise::NoiseKey;
+use crate::token_mask::TokenMask;
 
 /// The sampling-side request for one sequence of a step. With it, `SeqStep::top_candidates`
 /// counts candidates by *sampling* logit (after penalties; 0: none) and no rank ever sends its
@@ -48,6 +49,10 @@ pub struct Penalties {
     pub bias_ids: Vec<u32>,
     #[serde(default)]
     pub bias: Vec<f32>,
+    /// Structured output: the tokens the sequence's grammar allows next; every other id is
+    /// banned (applied with the bans, last). A rank gets its own slice of it.
+    #[serde(default)]
+    pub allowed: Option<TokenMask>,
 }
 
 /// The largest logit bias magnitude (OpenAI's).
@@ -168,8 +173,15 @@ impl Penalties {
         for (id, count) in self.within(rows.clone()) {
             logits[at(id)] = self.apply(logits[at(id)], count);
         }
-        for id in self.banned_within(rows) {
+        for id in self.banned_within(rows.clone()) {
             logits[at(id)] = f32::NEG_INFINITY;
+        }
+        if let Some(mask) = &self.allowed {
+            for banned in mask.banned_within(rows) {
+                for id in banned {
+                    logits[(id - first) * stride + column] = f32::NEG_INFINITY;
+                }
+            }
         }
     }
 
@@ -240,6 +252,7 @@ mod tests {
             banned: vec![5],
             bias_ids: vec![1, 2, 7, 8],
             bias: vec![-3.0, 1.5, 10.0, -100.0],
+            allowed: None,
         }
     }
 

@@ -12,6 +12,7 @@ use crate::pb;
 use crate::plan::ShardSpec;
 use crate::sampling::{Penalties, SampleSpec};
 use crate::step::{SeqStep, StepBatch};
+use crate::token_mask::{MaskEncoding, TokenMask};
 
 fn span(r: &std::ops::Range<usize>) -> Option<pb::Span> {
     Some(pb::Span {
@@ -95,6 +96,7 @@ impl From<&SampleSpec> for pb::SampleSpec {
                 banned: p.banned.clone(),
                 bias_ids: p.bias_ids.clone(),
                 bias: p.bias.clone(),
+                allowed: p.allowed.as_ref().map(pb::TokenMask::from),
             }),
         }
     }
@@ -117,8 +119,36 @@ impl From<pb::SampleSpec> for SampleSpec {
                 banned: p.banned,
                 bias_ids: p.bias_ids,
                 bias: p.bias,
+                allowed: p.allowed.as_ref().map(TokenMask::from),
             }),
         }
+    }
+}
+
+impl From<&TokenMask> for pb::TokenMask {
+    fn from(m: &TokenMask) -> Self {
+        let (first, len, encoding) = m.encode();
+        let bits = match encoding {
+            MaskEncoding::Runs(lengths) => pb::token_mask::Bits::Runs(pb::RunLengths { lengths }),
+            MaskEncoding::Bitmap(bytes) => pb::token_mask::Bits::Bitmap(bytes),
+        };
+        Self {
+            first,
+            len,
+            bits: Some(bits),
+        }
+    }
+}
+
+/// Never fails: a mask without bits, or bits short of its span, bans what they leave out.
+impl From<&pb::TokenMask> for TokenMask {
+    fn from(m: &pb::TokenMask) -> Self {
+        let encoding = match &m.bits {
+            Some(pb::token_mask::Bits::Runs(r)) => MaskEncoding::Runs(r.lengths.clone()),
+            Some(pb::token_mask::Bits::Bitmap(b)) => MaskEncoding::Bitmap(b.clone()),
+            None => MaskEncoding::Runs(Vec::new()),
+        };
+        TokenMask::decode(m.first, m.len, &encoding)
     }
 }
 
@@ -144,6 +174,43 @@ impl StepBatch {
             seqs: self.seqs.iter().map(pb::SeqStep::from).collect(),
             session: Some(session.into()),
         }
+    }
+
+    /// The step as one shard receives it: token masks cut to a last-stage rank's vocabulary
+    /// rows (a grammar's mask over 262k tokens is up to 32 KiB; a rank needs only its slice)
+    /// and left out for other stages, which sample nothing. Without masks every shard gets
+    /// `to_wire`'s request.
+    pub fn to_wire_for(
+        &self,
+        step_id: u64,
+        session: crate::Session,
+        shard: &ShardSpec,
+    ) -> pb::StepRequest {
+        let mut request = self.to_wire(step_id, session);
+        let last_stage = shard.stage + 1 == shard.pp;
+        let rows = shard.vocab_rows.start as u32..shard.vocab_rows.end as u32;
+        for (wire, seq) in request.seqs.iter_mut().zip(&self.seqs) {
+            let mask = seq
+                .sampling
+                .as_ref()
+                .and_then(|s| s.penalties.as_ref())
+                .and_then(|p| p.allowed.as_ref());
+            let wire_penalties = wire.sampling.as_mut().and_then(|s| s.penalties.as_mut());
+            if let (Some(mask), Some(p)) = (mask, wire_penalties) {
+                p.allowed = last_stage.then(|| pb::TokenMask::from(&mask.slice(rows.clone())));
+            }
+        }
+        request
+    }
+
+    /// Whether any sequence carries a token mask (then each shard gets its own request).
+    pub fn has_token_masks(&self) -> bool {
+        self.seqs.iter().any(|s| {
+            s.sampling
+                .as_ref()
+                .and_then(|s| s.penalties.as_ref())
+                .is_some_and(|p| p.allowed.is_some())
+        })
     }
 
     pub fn from_wire(req: pb::StepRequest) -> Self {

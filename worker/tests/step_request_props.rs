@@ -97,6 +97,18 @@ fn sample_spec() -> impl Strategy<Value = pb::SampleSpec> {
         3 => vec(0..VOCAB as u32, 0..6).prop_map(sorted),
         1 => vec(id(), 0..6),
     ];
+    // Grammar masks as a coordinator cuts them, or anything: spans past the vocabulary, runs
+    // past the span, bitmaps short or long, no bits at all.
+    let bits = prop_oneof![
+        3 => vec(prop_oneof![3 => 0u32..64, 1 => any::<u32>()], 0..12)
+            .prop_map(|lengths| Some(pb::token_mask::Bits::Runs(pb::RunLengths { lengths }))),
+        2 => vec(any::<u8>(), 0..80).prop_map(|b| Some(pb::token_mask::Bits::Bitmap(b))),
+        1 => Just(None),
+    ];
+    let mask = proptest::option::of(
+        (id(), prop_oneof![3 => 0..VOCAB as u32, 1 => any::<u32>()], bits)
+            .prop_map(|(first, len, bits)| pb::TokenMask { first, len, bits }),
+    );
     let penalties = (
         (float.clone(), float.clone(), float.clone()),
         vec(id(), 0..6),
@@ -104,9 +116,18 @@ fn sample_spec() -> impl Strategy<Value = pb::SampleSpec> {
         vec(id(), 0..3),
         bias_ids,
         vec(bias, 0..6),
+        mask,
     )
         .prop_map(
-            |((repetition, frequency, presence), ids, output_counts, banned, bias_ids, bias)| {
+            |(
+                (repetition, frequency, presence),
+                ids,
+                output_counts,
+                banned,
+                bias_ids,
+                bias,
+                allowed,
+            )| {
                 // Mostly one bias per id, as a coordinator sends them.
                 let bias = match bias.len() % 3 {
                     0 => bias,
@@ -121,6 +142,7 @@ fn sample_spec() -> impl Strategy<Value = pb::SampleSpec> {
                     banned,
                     bias_ids,
                     bias,
+                    allowed,
                 }
             },
         );

@@ -306,7 +306,8 @@ impl Cluster {
         }
         let step_id = self.next_step;
         self.next_step += 1;
-        let request = batch.to_wire(step_id, self.session);
+        let links = self.roster.links();
+        let requests = self.requests(batch, step_id, &links);
         let epoch = self.session.epoch;
         let deadline = self.deadline.for_tokens(batch.num_tokens());
         let started = Instant::now();
@@ -314,7 +315,8 @@ impl Cluster {
         let exchanges = join_all(
             self.streams
                 .iter_mut()
-                .map(|s| s.exchange(request.clone(), epoch, deadline)),
+                .zip(requests)
+                .map(|(s, request)| s.exchange(request, epoch, deadline)),
         );
         // The prober may find a worker lost before the deadline does (a hung process).
         let answers = tokio::select! {
@@ -327,7 +329,6 @@ impl Cluster {
             self.lost = Some(why.clone());
             return Err(ClusterError::Lost(why));
         };
-        let links = self.roster.links();
         let mut misses = Vec::new();
         let mut outputs = Vec::with_capacity(answers.len());
         for (i, answer) in answers.into_iter().enumerate() {
@@ -355,6 +356,24 @@ impl Cluster {
             logits,
             collective: Duration::from_micros(collective_us),
         })
+    }
+
+    /// The step's request for each worker, in link order: one for all unless structured output
+    /// masks are cut to each last-stage rank's vocabulary slice.
+    fn requests(
+        &self,
+        batch: &StepBatch,
+        step_id: u64,
+        links: &[WorkerLink],
+    ) -> Vec<pb::StepRequest> {
+        if batch.has_token_masks() {
+            return links
+                .iter()
+                .map(|l| batch.to_wire_for(step_id, self.session, &l.spec))
+                .collect();
+        }
+        let request = batch.to_wire(step_id, self.session);
+        vec![request; self.streams.len()]
     }
 
     /// Names the worker that broke a step. A vanished worker outranks a late one, and a late

@@ -210,6 +210,12 @@ mod tests {
                 // Inside and outside the slice (1000..1500), on a penalized id, past the best.
                 bias_ids: vec![2, 1003, 1004, 1250, 1498, 2000],
                 bias: vec![5.0, -2.5, 100.0, 7.5, -100.0, 3.0],
+                // A grammar's mask: a run across the slice's start, one inside, one past it.
+                allowed: Some(gemma_proto::TokenMask::from_ranges(
+                    0,
+                    4096,
+                    [990..1010, 1100..1300, 1497..1600],
+                )),
             }),
         }
     }
