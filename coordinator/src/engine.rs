@@ -28,6 +28,7 @@ use tracing::Instrument;
 use crate::cluster::{Cluster, ClusterError, ClusterStatus, StepOutput};
 use crate::metrics::{Metrics, Outcome};
 use crate::sampler::{Draw, SampleError, Sampled, Sampler, SamplingParams};
+use crate::structured::{Constraint, GrammarError, Progress};
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,8 @@ pub enum EngineError {
     Sample(#[from] SampleError),
     #[error("detokenizing: {0}")]
     Decode(String),
+    #[error("structured output: {0}")]
+    Grammar(#[from] GrammarError),
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -82,6 +85,9 @@ pub struct RequestSpec {
     /// Generate through the stop tokens (<eos>, <end_of_turn>) until `max_tokens` or a stop
     /// string: a run whose length is known in advance (vLLM's `ignore_eos`).
     pub ignore_eos: bool,
+    /// Structured output: the grammar the output must follow (each choice its own copy). The
+    /// sequence ends when it is complete, `ignore_eos` or not.
+    pub constraint: Option<Constraint>,
 }
 
 /// One generated token as the client sees it.
@@ -414,6 +420,8 @@ struct Sequence {
     context: Vec<u32>,
     generated: usize,
     sampler: Sampler,
+    /// Structured output's grammar state; the sampler holds its mask for the next draw.
+    constraint: Option<Constraint>,
     decoder: IncrementalDecoder,
     /// All text so far and how much of it the client has.
     text: String,
@@ -424,8 +432,15 @@ struct Sequence {
 }
 
 impl Sequence {
-    /// `stop_ids`: the tokens that end a generation, never drawn before `min_tokens`.
-    fn new(id: u64, request: Request, kv: KvAllocation, stop_ids: &[u32]) -> Self {
+    /// `stop_ids`: the tokens that end a generation, never drawn before `min_tokens`. A grammar
+    /// that cannot give its first mask fails the request.
+    fn new(
+        id: u64,
+        mut request: Request,
+        kv: KvAllocation,
+        stop_ids: &[u32],
+    ) -> Result<Self, (Request, GrammarError)> {
+        let mut constraint = request.spec.constraint.take();
         let s = &request.spec;
         let sampler = match s.logprobs {
             Some(k) => Sampler::with_logprobs(s.params.clone(), &s.prompt, k),
@@ -435,9 +450,16 @@ impl Sequence {
             true => &[][..],
             false => stop_ids,
         };
-        let sampler = sampler.with_min_tokens(s.min_tokens, banned);
-        Self {
+        let mut sampler = sampler.with_min_tokens(s.min_tokens, banned);
+        if let Some(c) = &mut constraint {
+            match c.next_mask() {
+                Ok(mask) => sampler.set_allowed(mask),
+                Err(e) => return Err((request, e)),
+            }
+        }
+        Ok(Self {
             id,
+            constraint,
             context: s.prompt.clone(),
             sampler,
             request,
@@ -450,7 +472,7 @@ impl Sequence {
             sent: 0,
             stops_from: 0,
             last_token_at: None,
-        }
+        })
     }
 
     fn prompt_len(&self) -> usize {
@@ -673,7 +695,14 @@ impl<C: StepCluster> Engine<C> {
                     self.next_id += 1;
                     self.metrics
                         .prompt(r.spec.prompt.len(), alloc.reused_tokens());
-                    Sequence::new(self.next_id, r, alloc, self.tokenizer.stop_ids())
+                    match Sequence::new(self.next_id, r, alloc, self.tokenizer.stop_ids()) {
+                        Ok(seq) => seq,
+                        Err((r, e)) => {
+                            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+                            Waiting::Fresh(r).fail(e.into(), &self.metrics);
+                            continue;
+                        }
+                    }
                 }
                 Some(Waiting::Preempted(mut s)) => {
                     s.cached = alloc.reused_tokens();
@@ -924,7 +953,12 @@ fn advance(
     seq.last_token_at = Some(now);
     metrics.generation_tokens.inc();
     let token = sampled.token;
-    if !seq.request.spec.ignore_eos && tok.stop_ids().contains(&token) {
+    let progress = match &mut seq.constraint {
+        Some(c) => c.accept(token)?,
+        None => Progress::Open,
+    };
+    let is_stop = tok.stop_ids().contains(&token);
+    if is_stop && (!seq.request.spec.ignore_eos || progress == Progress::Complete) {
         return Ok(Some(FinishReason::Stop));
     }
     seq.generated += 1;
@@ -963,10 +997,16 @@ fn advance(
         sampled,
         cached_tokens: seq.prompt_cached,
     });
-    Ok(match (stopped, at_limit) {
-        (Some(_), _) => Some(FinishReason::Stop),
-        (None, true) => Some(FinishReason::Length),
-        (None, false) => None,
+    Ok(match (stopped, at_limit, progress) {
+        (Some(_), _, _) | (None, _, Progress::Complete) => Some(FinishReason::Stop),
+        (None, true, Progress::Open) => Some(FinishReason::Length),
+        (None, false, Progress::Open) => {
+            // The grammar's mask for the next draw.
+            if let Some(c) = &mut seq.constraint {
+                seq.sampler.set_allowed(c.next_mask()?);
+            }
+            None
+        }
     })
 }
 
@@ -1157,6 +1197,7 @@ mod tests {
             stop: Vec::new(),
             min_tokens: 0,
             ignore_eos: false,
+            constraint: None,
         }
     }
 

@@ -10,4 +10,5 @@ pub mod metrics;
 pub mod names;
 pub mod sampler;
 pub mod settings;
+pub mod structured;
 pub mod tokenizer;

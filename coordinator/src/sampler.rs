@@ -25,7 +25,7 @@ pub use gemma_proto::candidates::argmax;
 use gemma_proto::candidates::{candidate_order, log_sum_exp, top_candidates};
 use gemma_proto::noise::{GumbelRace, NoiseKey};
 use gemma_proto::sampling::MAX_LOGIT_BIAS;
-use gemma_proto::{Compact, Penalties, SampleSpec, SeqLogits};
+use gemma_proto::{Compact, Penalties, SampleSpec, SeqLogits, TokenMask};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -164,6 +164,9 @@ pub struct Sampler {
     /// Tokens not drawn while fewer than `min_tokens` were output (vLLM's min_tokens).
     banned: Vec<u32>,
     min_tokens: usize,
+    /// Structured output: the tokens the sequence's grammar allows at the next draw (set by the
+    /// engine after every token); every other token is banned.
+    allowed: Option<TokenMask>,
 }
 
 impl Sampler {
@@ -200,6 +203,7 @@ impl Sampler {
             prompt_len: prompt.len(),
             banned: Vec::new(),
             min_tokens: 0,
+            allowed: None,
         }
     }
 
@@ -210,12 +214,17 @@ impl Sampler {
         self
     }
 
+    /// Structured output: only `mask`'s tokens may be drawn next (until the next call).
+    pub fn set_allowed(&mut self, mask: TokenMask) {
+        self.allowed = Some(mask);
+    }
+
     fn banning(&self) -> bool {
         !self.banned.is_empty() && self.position - self.prompt_len < self.min_tokens
     }
 
-    /// Whether the sampling logits differ from the model's: a logit bias, penalties, or stop
-    /// tokens banned before min_tokens.
+    /// Whether the sampling logits differ from the model's: a logit bias, penalties, stop
+    /// tokens banned before min_tokens, or a grammar's mask.
     fn alters_logits(&self) -> bool {
         let p = &self.params;
         !p.logit_bias.is_empty()
@@ -223,6 +232,7 @@ impl Sampler {
             || p.frequency_penalty != 0.0
             || p.presence_penalty != 0.0
             || self.banning()
+            || self.allowed.is_some()
     }
 
     /// How many candidates the last stage sends per rank (0 with `Mode::Full`: every logit; or,
@@ -296,6 +306,7 @@ impl Sampler {
             banned,
             bias_ids,
             bias,
+            allowed: self.allowed.clone(),
         }
     }
 

@@ -106,6 +106,29 @@ impl TextTokenizer {
         }
     }
 
+    /// What token `id` stands for in generated text, for the grammar engine's token trie:
+    /// None for an id the tokenizer does not know.
+    pub fn piece(&self, id: u32) -> Option<TokenPiece> {
+        let piece = self.inner.id_to_token(id)?;
+        if self.inner.get_added_vocabulary().is_special_token(&piece) {
+            return Some(TokenPiece::Special(piece));
+        }
+        Some(match fallback_byte(&piece) {
+            Some(byte) => TokenPiece::Byte(byte),
+            // SentencePiece's space marker is a space in the text (the decoder's rule).
+            None => TokenPiece::Text(piece.replace('\u{2581}', " ")),
+        })
+    }
+
+    /// Text -> ids, no <bos>, special tokens written in the text recognised.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Whether `id` is a byte-fallback piece that [`Self::decode`] shows: its text depends on
     /// the byte pieces next to it, which are decoded together (a run that is not valid UTF-8 as
     /// a whole becomes one U+FFFD per byte, even where a prefix of it was valid).
@@ -130,6 +153,17 @@ impl TextTokenizer {
             .decode(ids, true)
             .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
+}
+
+/// A token as text generation sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenPiece {
+    /// A special token (`<eos>`, `<start_of_turn>`): never part of generated text.
+    Special(String),
+    /// A byte-fallback piece: one byte of a character.
+    Byte(u8),
+    /// Ordinary text, spaces as spaces.
+    Text(String),
 }
 
 /// The byte of a byte-fallback piece such as `<0xE2>`.

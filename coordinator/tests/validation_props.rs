@@ -285,7 +285,7 @@ proptest! {
             Ok((_, fields)) => fields,
             Err(e) => return check_validation_refusal(e),
         };
-        match v.with_prompt(fields, vec![7; prompt_len]) {
+        match v.with_prompt(fields, vec![7; prompt_len], None) {
             Ok(r) => check_accepted(&r, limits)?,
             Err(e) => check_validation_refusal(e)?,
         }
@@ -310,7 +310,7 @@ proptest! {
             }
             Err(e) => return check_validation_refusal(e),
         };
-        match v.with_prompt(fields, vec![7; prompt_len]) {
+        match v.with_prompt(fields, vec![7; prompt_len], None) {
             Ok(r) => check_accepted(&r, limits)?,
             Err(e) => check_validation_refusal(e)?,
         }
@@ -334,7 +334,7 @@ fn the_generated_bodies_are_often_accepted_and_often_refused() {
         let outcome = parse_body::<CompletionRequest>(&bytes)
             .ok()
             .and_then(|req| v.completion(req).ok())
-            .and_then(|(_, fields)| v.with_prompt(fields, vec![7; 10]).ok());
+            .and_then(|(_, fields)| v.with_prompt(fields, vec![7; 10], None).ok());
         match outcome {
             Some(_) => accepted += 1,
             None => refused += 1,

@@ -144,11 +144,6 @@ fn is_none_or_auto(v: &Value) -> bool {
     matches!(v.as_str(), Some("none" | "auto"))
 }
 
-fn is_text_format(v: &Value) -> bool {
-    v.as_object()
-        .is_some_and(|m| m.len() == 1 && m.get("type").and_then(Value::as_str) == Some("text"))
-}
-
 fn is_auto_or_default(v: &Value) -> bool {
     matches!(v.as_str(), Some("auto" | "default"))
 }
@@ -272,14 +267,12 @@ pub const FIELDS: &[Field] = &[
         Refused,
         "Refused: not a reasoning model.",
     ),
-    chat_only(
+    both(
         "response_format",
-        accepted(
-            is_text_format,
-            "{\"type\": \"text\"} (json_object and json_schema are not supported yet)",
-        ),
-        "`{\"type\": \"text\"}` only; structured output (`json_object`, `json_schema`) is not \
-         supported yet.",
+        Served,
+        "`text`, `json_object`, or `json_schema` (`strict` either way: the output always follows \
+         the schema; a schema llguidance cannot serve is a 400 naming why). JSON comes compact, \
+         on one line. On /v1/completions too, as vLLM takes it.",
     ),
     chat_only(
         "safety_identifier",
@@ -367,6 +360,33 @@ pub const FIELDS: &[Field] = &[
         "min_tokens",
         Served,
         "vLLM's: no stop token or string ends the output before this many tokens.",
+    ),
+    both(
+        "structured_outputs",
+        Served,
+        "vLLM's: exactly one of `json` (a JSON Schema), `regex`, `choice` (a list of strings), \
+         `grammar` (Lark, llguidance's dialect), `json_object: true`; not with a \
+         `response_format` other than `text`.",
+    ),
+    both(
+        "guided_json",
+        Refused,
+        "Refused: vLLM's older spelling; send `structured_outputs: {\"json\": ...}`.",
+    ),
+    both(
+        "guided_regex",
+        Refused,
+        "Refused: vLLM's older spelling; send `structured_outputs: {\"regex\": ...}`.",
+    ),
+    both(
+        "guided_choice",
+        Refused,
+        "Refused: vLLM's older spelling; send `structured_outputs: {\"choice\": [...]}`.",
+    ),
+    both(
+        "guided_grammar",
+        Refused,
+        "Refused: vLLM's older spelling; send `structured_outputs: {\"grammar\": ...}`.",
     ),
 ];
 
@@ -527,10 +547,11 @@ mod tests {
                 (json!("client-7"), Some(json!(7)))
             }
             "reasoning_effort" => (json!("low"), None),
-            "response_format" => (
-                json!({"type": "text"}),
-                Some(json!({"type": "json_object"})),
-            ),
+            "response_format" => (json!({"type": "json_object"}), None),
+            "structured_outputs" => (json!({"regex": "[0-9]+"}), None),
+            "guided_json" | "guided_regex" | "guided_choice" | "guided_grammar" => {
+                (json!("x"), None)
+            }
             "seed" => (json!(3), None),
             "service_tier" => (json!("auto"), Some(json!("flex"))),
             "stop" => (json!("\n"), None),
@@ -642,11 +663,12 @@ mod tests {
             e[0].to_string(),
             "`tools` is not supported: tool calling is not supported."
         );
-        let e = refusal(
-            Api::Chat,
-            json!({"response_format": {"type": "json_schema"}}),
+        let e = refusal(Api::Completions, json!({"guided_json": {}}));
+        assert_eq!(
+            e[0].to_string(),
+            "`guided_json` is not supported: vLLM's older spelling; send `structured_outputs: \
+             {\"json\": ...}`."
         );
-        assert!(e[0].to_string().contains("not supported yet"), "{}", e[0]);
         let e = refusal(Api::Completions, json!({"messages": []}));
         assert_eq!(
             e[0].to_string(),

@@ -40,6 +40,7 @@ use validation::{ValidRequest, Validator};
 
 use crate::chat::ChatTemplate;
 use crate::engine::EngineHandle;
+use crate::structured::LazyGrammars;
 use crate::tokenizer::TextTokenizer;
 
 pub struct AppState {
@@ -56,6 +57,8 @@ pub struct AppState {
     pub rate_limiter: Option<limits::RateLimiter>,
     /// The model's vocabulary size (config.json's): the ids `logit_bias` may name.
     pub vocab_size: usize,
+    /// Structured output's compiler for this model's vocabulary.
+    pub grammars: LazyGrammars,
 }
 
 impl AppState {
@@ -98,8 +101,9 @@ async fn completions(
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let (text, fields) = state.validator().completion(req)?;
+    let constraint = prompt::compile_output(state.clone(), fields.output()).await?;
     let prompt = prompt::encode_text(state.clone(), text).await?;
-    let request = state.validator().with_prompt(fields, prompt)?;
+    let request = state.validator().with_prompt(fields, prompt, constraint)?;
     respond::<Completions>(state, request).await
 }
 
@@ -108,8 +112,9 @@ async fn chat_completions(
     JsonBody(req): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let (messages, fields) = state.validator().chat(req)?;
+    let constraint = prompt::compile_output(state.clone(), fields.output()).await?;
     let prompt = prompt::encode_chat(state.clone(), messages).await?;
-    let request = state.validator().with_prompt(fields, prompt)?;
+    let request = state.validator().with_prompt(fields, prompt, constraint)?;
     respond::<ChatCompletions>(state, request).await
 }
 

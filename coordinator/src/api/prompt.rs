@@ -9,6 +9,7 @@ use super::error::ApiError;
 use super::validation::ValidationError;
 use super::AppState;
 use crate::chat::ChatMessage;
+use crate::structured::{Constraint, OutputFormat};
 
 /// A completion prompt's ids (<bos> first).
 pub async fn encode_text(state: Arc<AppState>, text: String) -> Result<Vec<u32>, ApiError> {
@@ -38,6 +39,34 @@ pub async fn encode_chat(
             .map_err(|source| ValidationError::Tokenize {
                 param: "messages",
                 source,
+            })
+    })
+    .await
+}
+
+/// A structured output format compiled for this model (the first one also builds the grammar
+/// engine's view of the vocabulary); a format llguidance refuses is a 400 with its reason.
+pub async fn compile_output(
+    state: Arc<AppState>,
+    output: Option<(&'static str, OutputFormat)>,
+) -> Result<Option<Constraint>, ApiError> {
+    let Some((param, format)) = output else {
+        return Ok(None);
+    };
+    off_runtime(move || {
+        let grammars = state
+            .grammars
+            .get()
+            .map_err(|e| ValidationError::OutputFormat {
+                param,
+                reason: e.to_string(),
+            })?;
+        grammars
+            .compile(&format)
+            .map(Some)
+            .map_err(|e| ValidationError::OutputFormat {
+                param,
+                reason: e.to_string(),
             })
     })
     .await

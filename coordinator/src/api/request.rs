@@ -123,6 +123,44 @@ pub struct SamplingFields {
     /// Token id (as a JSON object key: a string) -> bias in [-100, 100]. Values stay f64 so
     /// that one past f32's range is refused by the validator, not rounded to infinity.
     pub logit_bias: Option<BTreeMap<String, f64>>,
+    /// OpenAI's structured output (and, as vLLM takes it, on /v1/completions too).
+    pub response_format: Option<ResponseFormat>,
+    /// vLLM's structured output: exactly one of its keys.
+    pub structured_outputs: Option<StructuredOutputs>,
+}
+
+/// OpenAI's `response_format`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// `response_format.json_schema`: OpenAI's fields, no others.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Absent: any JSON value.
+    pub schema: Option<serde_json::Value>,
+    /// Accepted either way: the output always follows the schema exactly.
+    pub strict: Option<bool>,
+}
+
+/// vLLM's `structured_outputs` (its `StructuredOutputsParams`), the keys this server serves.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StructuredOutputs {
+    /// A JSON Schema, as an object or as a string holding one.
+    pub json: Option<serde_json::Value>,
+    pub regex: Option<String>,
+    pub choice: Option<Vec<String>>,
+    /// A Lark grammar (llguidance's dialect).
+    pub grammar: Option<String>,
+    pub json_object: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -485,7 +485,8 @@ mod tests {
             json!({"index": 1, "message": {"role": "assistant", "content": "yo"},
                    "logprobs": null, "finish_reason": "length"})
         );
-        let keys: Vec<_> = v.as_object().expect("object").keys().cloned().collect();
+        let mut keys: Vec<_> = v.as_object().expect("object").keys().cloned().collect();
+        keys.sort();
         assert_eq!(
             keys,
             ["choices", "created", "id", "model", "object", "usage"]

@@ -14,10 +14,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
 
-use super::request::{ChatRequest, CompletionRequest, OneOrMany, SamplingFields};
+use super::request::{ChatRequest, CompletionRequest, OneOrMany, ResponseFormat, SamplingFields};
 use crate::chat::{ChatError, ChatMessage};
 use crate::engine::RequestSpec;
 use crate::sampler::SamplingParams;
+use crate::structured::{Constraint, OutputFormat};
 use crate::tokenizer::TokenizerError;
 
 /// Most stop strings per request (OpenAI allows 4).
@@ -128,6 +129,13 @@ pub enum ValidationError {
         allowed: usize,
         limit: TokenLimit,
     },
+    #[error(
+        "response_format and structured_outputs both ask for a format; allowed: one of them \
+         (response_format {{\"type\": \"text\"}} with structured_outputs)"
+    )]
+    TwoOutputFormats,
+    #[error("{param}: {reason}")]
+    OutputFormat { param: &'static str, reason: String },
 }
 
 /// A bound on a request's tokens, as a refusal names it.
@@ -188,6 +196,8 @@ impl ValidationError {
             | LogitBiasValue { .. }
             | LogitBiasBansAll(_) => "logit_bias",
             MaxTokens { .. } => "max_tokens",
+            TwoOutputFormats => "structured_outputs",
+            OutputFormat { param, .. } => param,
         }
     }
 
@@ -265,6 +275,16 @@ pub struct ValidFields {
     stream: bool,
     include_usage: bool,
     continuous_usage: bool,
+    /// The structured output asked for, with the field that asked.
+    output: Option<(&'static str, OutputFormat)>,
+}
+
+impl ValidFields {
+    /// The structured output asked for and the field that asked (compiled before the prompt
+    /// is tokenized).
+    pub fn output(&self) -> Option<(&'static str, OutputFormat)> {
+        self.output.clone()
+    }
 }
 
 /// A request that may run: what each choice asks of the engine.
@@ -376,6 +396,7 @@ impl Validator<'_> {
         &self,
         fields: ValidFields,
         prompt: Vec<u32>,
+        constraint: Option<Constraint>,
     ) -> Result<ValidRequest, ValidationErrors> {
         let prompt_tokens = prompt.len();
         // The engine refuses a sequence whose prompt + max_tokens outgrows the pool; the
@@ -427,6 +448,7 @@ impl Validator<'_> {
                 min_tokens: fields.min_tokens.max(0) as usize,
                 stop: fields.stop,
                 ignore_eos: fields.ignore_eos,
+                constraint,
             },
             n: fields.n,
             stream: fields.stream,
@@ -516,6 +538,10 @@ impl Validator<'_> {
         );
         let min_tokens = f.min_tokens.unwrap_or(0);
         rule(min_tokens >= 0, E::NegativeMinTokens(min_tokens));
+        let output = output_format(f).unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        });
         let logit_bias = match &f.logit_bias {
             None => Vec::new(),
             Some(map) => logit_bias(map, self.vocab_size).unwrap_or_else(|e| {
@@ -544,7 +570,69 @@ impl Validator<'_> {
             stream,
             include_usage,
             continuous_usage,
+            output,
         }
+    }
+}
+
+/// The output format a request asks for: OpenAI's `response_format` or vLLM's
+/// `structured_outputs` (one of them; in the latter, exactly one key).
+fn output_format(
+    f: &SamplingFields,
+) -> Result<Option<(&'static str, OutputFormat)>, ValidationError> {
+    use ValidationError as E;
+    let from_openai = match &f.response_format {
+        None | Some(ResponseFormat::Text) => None,
+        Some(ResponseFormat::JsonObject) => Some(OutputFormat::JsonObject),
+        Some(ResponseFormat::JsonSchema { json_schema }) => Some(OutputFormat::JsonSchema(
+            json_schema.schema.clone().unwrap_or(serde_json::json!({})),
+        )),
+    };
+    let Some(so) = &f.structured_outputs else {
+        return Ok(from_openai.map(|o| ("response_format", o)));
+    };
+    if from_openai.is_some() {
+        return Err(E::TwoOutputFormats);
+    }
+    let mut chosen = Vec::new();
+    if let Some(json) = &so.json {
+        chosen.push(OutputFormat::JsonSchema(match json {
+            serde_json::Value::String(text) => {
+                serde_json::from_str(text).map_err(|e| E::OutputFormat {
+                    param: "structured_outputs",
+                    reason: format!("`json` is a string that does not hold JSON: {e}"),
+                })?
+            }
+            schema => schema.clone(),
+        }));
+    }
+    if let Some(rx) = &so.regex {
+        chosen.push(OutputFormat::Regex(rx.clone()));
+    }
+    if let Some(choice) = &so.choice {
+        if choice.is_empty() {
+            return Err(E::OutputFormat {
+                param: "structured_outputs",
+                reason: "`choice` is empty; allowed: at least one string".into(),
+            });
+        }
+        chosen.push(OutputFormat::Choice(choice.clone()));
+    }
+    if let Some(grammar) = &so.grammar {
+        chosen.push(OutputFormat::Lark(grammar.clone()));
+    }
+    if so.json_object == Some(true) {
+        chosen.push(OutputFormat::JsonObject);
+    }
+    match chosen.len() {
+        0 | 1 => Ok(chosen.pop().map(|o| ("structured_outputs", o))),
+        n => Err(E::OutputFormat {
+            param: "structured_outputs",
+            reason: format!(
+                "{n} formats were given; allowed: exactly one of `json`, `regex`, `choice`, \
+                 `grammar`, `json_object`"
+            ),
+        }),
     }
 }
 
@@ -628,7 +716,7 @@ mod tests {
             .expect("object")
             .extend(fields.as_object().expect("object").clone());
         let (_, fields) = completion(body)?;
-        SERVED.with_prompt(fields, vec![2, 10, 11, 12])
+        SERVED.with_prompt(fields, vec![2, 10, 11, 12], None)
     }
 
     /// The one error a request gets, with its param; its message says what is allowed.
@@ -806,7 +894,7 @@ mod tests {
     fn the_prompt_must_leave_room_in_the_context() {
         let (_, fields) = completion(json!({"prompt": "x"})).expect("fields");
         let e = SERVED
-            .with_prompt(fields.clone(), vec![1; 64])
+            .with_prompt(fields.clone(), vec![1; 64], None)
             .expect_err("full context");
         assert!(matches!(
             e.first(),
@@ -817,7 +905,7 @@ mod tests {
         ));
         assert_eq!(e.first().param(), "prompt");
         // The default shrinks to what room there is.
-        let r = SERVED.with_prompt(fields, vec![1; 60]).expect("room for 4");
+        let r = SERVED.with_prompt(fields, vec![1; 60], None).expect("room for 4");
         assert_eq!(r.spec.max_tokens, 4);
     }
 
@@ -848,7 +936,7 @@ mod tests {
         };
         let (_, fields) = completion(json!({"prompt": "x", "max_tokens": 29})).expect("fields");
         let e = small_pool
-            .with_prompt(fields.clone(), vec![1; 4])
+            .with_prompt(fields.clone(), vec![1; 4], None)
             .expect_err("past the pool");
         assert_eq!(e.first().param(), "max_tokens");
         let message = e.to_string();
@@ -856,9 +944,9 @@ mod tests {
             message.contains("must be 1 to 28") && message.contains("KV cache, 32 tokens"),
             "{message}"
         );
-        assert!(small_pool.with_prompt(fields.clone(), vec![1; 3]).is_ok());
+        assert!(small_pool.with_prompt(fields.clone(), vec![1; 3], None).is_ok());
         let e = small_pool
-            .with_prompt(fields, vec![1; 32])
+            .with_prompt(fields, vec![1; 32], None)
             .expect_err("prompt fills the pool");
         assert_eq!(e.first().param(), "prompt");
         assert!(
@@ -874,7 +962,7 @@ mod tests {
             ..SERVED
         };
         let (_, fields) = completion(json!({"prompt": "x", "max_tokens": 9})).expect("fields");
-        let e = limited.with_prompt(fields, vec![1; 4]).expect_err("past 8");
+        let e = limited.with_prompt(fields, vec![1; 4], None).expect_err("past 8");
         assert_eq!(e.first().param(), "max_tokens");
         let message = e.to_string();
         assert!(
@@ -884,10 +972,10 @@ mod tests {
         // The default shrinks to the limit; the room still wins when it is smaller.
         let (_, fields) = completion(json!({"prompt": "x"})).expect("fields");
         let r = limited
-            .with_prompt(fields.clone(), vec![1; 4])
+            .with_prompt(fields.clone(), vec![1; 4], None)
             .expect("valid");
         assert_eq!(r.spec.max_tokens, 8);
-        let r = limited.with_prompt(fields, vec![1; 61]).expect("valid");
+        let r = limited.with_prompt(fields, vec![1; 61], None).expect("valid");
         assert_eq!(r.spec.max_tokens, 3);
     }
 

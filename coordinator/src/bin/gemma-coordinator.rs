@@ -18,6 +18,7 @@ use gemma_coordinator::cluster::{Cluster, LocalWorkers, Prepared, Prober};
 use gemma_coordinator::engine::{self, EngineConfig};
 use gemma_coordinator::metrics::Metrics;
 use gemma_coordinator::settings::{Args, Settings};
+use gemma_coordinator::structured::LazyGrammars;
 use gemma_coordinator::tokenizer::TextTokenizer;
 
 fn main() -> Result<()> {
@@ -91,6 +92,7 @@ async fn serve(
     );
     let state = Arc::new(AppState {
         engine,
+        grammars: LazyGrammars::new(tokenizer.clone(), vocab_size),
         tokenizer,
         chat,
         model_name: settings.model_name(),
