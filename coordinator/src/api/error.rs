@@ -94,13 +94,15 @@ impl From<serde_path_to_error::Error<serde_json::Error>> for ApiError {
 }
 
 impl ApiError {
-    /// A field of the wrong type or shape.
+    /// A field of the wrong type or shape; `param` is its top-level field
+    /// (`messages[0].content` -> `messages`).
     pub fn field(path: &str, e: &serde_json::Error) -> Self {
+        let top = path.split(['.', '[']).next().unwrap_or(path);
         Self {
             status: StatusCode::BAD_REQUEST,
             message: format!("invalid JSON body: `{path}`: {e}"),
             kind: "invalid_request_error",
-            param: None,
+            param: (!top.is_empty()).then(|| top.to_string()),
             retry_after: None,
         }
     }

@@ -146,7 +146,8 @@ pub struct JsonSchemaFormat {
     pub description: Option<String>,
     /// Absent: any JSON value.
     pub schema: Option<serde_json::Value>,
-    /// Accepted either way: the output always follows the schema exactly.
+    /// OpenAI's strict mode: objects allow only the properties they list. The output follows
+    /// the schema exactly either way.
     pub strict: Option<bool>,
 }
 

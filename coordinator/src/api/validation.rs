@@ -584,9 +584,10 @@ fn output_format(
     let from_openai = match &f.response_format {
         None | Some(ResponseFormat::Text) => None,
         Some(ResponseFormat::JsonObject) => Some(OutputFormat::JsonObject),
-        Some(ResponseFormat::JsonSchema { json_schema }) => Some(OutputFormat::JsonSchema(
-            json_schema.schema.clone().unwrap_or(serde_json::json!({})),
-        )),
+        Some(ResponseFormat::JsonSchema { json_schema }) => Some(OutputFormat::JsonSchema {
+            schema: json_schema.schema.clone().unwrap_or(serde_json::json!({})),
+            strict: json_schema.strict.unwrap_or(false),
+        }),
     };
     let Some(so) = &f.structured_outputs else {
         return Ok(from_openai.map(|o| ("response_format", o)));
@@ -596,15 +597,18 @@ fn output_format(
     }
     let mut chosen = Vec::new();
     if let Some(json) = &so.json {
-        chosen.push(OutputFormat::JsonSchema(match json {
+        chosen.push(OutputFormat::JsonSchema {
+            strict: false,
+            schema: match json {
             serde_json::Value::String(text) => {
                 serde_json::from_str(text).map_err(|e| E::OutputFormat {
                     param: "structured_outputs",
                     reason: format!("`json` is a string that does not hold JSON: {e}"),
                 })?
             }
-            schema => schema.clone(),
-        }));
+                schema => schema.clone(),
+            },
+        });
     }
     if let Some(rx) = &so.regex {
         chosen.push(OutputFormat::Regex(rx.clone()));

@@ -26,8 +26,10 @@ pub use vocabulary::GrammarVocabulary;
 pub enum OutputFormat {
     /// Any JSON object (`response_format: {"type": "json_object"}`).
     JsonObject,
-    /// A JSON value valid under the schema.
-    JsonSchema(Value),
+    /// A JSON value valid under the schema; `strict` as OpenAI's strict mode means it: an
+    /// object schema with `properties` allows only those (`additionalProperties: false` where
+    /// the schema does not say).
+    JsonSchema { schema: Value, strict: bool },
     /// Text matching the regex (whole output).
     Regex(String),
     /// Text of a Lark grammar (llguidance's dialect).
@@ -43,8 +45,12 @@ impl OutputFormat {
             OutputFormat::JsonObject => {
                 TopLevelGrammar::from_json_schema(compact_json(json!({"type": "object"})))
             }
-            OutputFormat::JsonSchema(schema) => {
-                TopLevelGrammar::from_json_schema(compact_json(schema.clone()))
+            OutputFormat::JsonSchema { schema, strict } => {
+                let mut schema = schema.clone();
+                if *strict {
+                    close_objects(&mut schema);
+                }
+                TopLevelGrammar::from_json_schema(compact_json(schema))
             }
             OutputFormat::Regex(rx) => TopLevelGrammar::from_regex(rx),
             OutputFormat::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
@@ -70,6 +76,33 @@ fn compact_json(schema: Value) -> Value {
             Value::Object(o)
         }
         other => json!({"allOf": [other], "x-guidance": options}),
+    }
+}
+
+/// Strict mode: every object schema that lists `properties` and says nothing of others gets
+/// `additionalProperties: false`, in every subschema (values of `properties`, `$defs`,
+/// `items`, `anyOf`...; never inside `const`, `enum`, `default` or `examples`, which are data).
+fn close_objects(schema: &mut Value) {
+    match schema {
+        Value::Object(o) => {
+            if o.contains_key("properties") && !o.contains_key("additionalProperties") {
+                o.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            for (key, value) in o.iter_mut() {
+                match key.as_str() {
+                    "const" | "enum" | "default" | "examples" => {}
+                    // Maps of name -> schema: each value is a schema, the map is not.
+                    "properties" | "$defs" | "definitions" | "patternProperties" => {
+                        if let Value::Object(map) = value {
+                            map.values_mut().for_each(close_objects);
+                        }
+                    }
+                    _ => close_objects(value),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(close_objects),
+        _ => {}
     }
 }
 
