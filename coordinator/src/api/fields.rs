@@ -270,9 +270,10 @@ pub const FIELDS: &[Field] = &[
     both(
         "response_format",
         Served,
-        "`text`, `json_object`, or `json_schema` (`strict` either way: the output always follows \
-         the schema; a schema llguidance cannot serve is a 400 naming why). JSON comes compact, \
-         on one line. On /v1/completions too, as vLLM takes it.",
+        "`text`, `json_object`, or `json_schema`: the output follows it exactly (llguidance; \
+         `strict: true` as OpenAI's strict mode: objects allow only their listed properties); a \
+         schema it cannot serve is a 400 naming why. JSON comes compact, on one line. On \
+         /v1/completions too, as vLLM takes it.",
     ),
     chat_only(
         "safety_identifier",

@@ -6,7 +6,8 @@
 //! BENCH_EXTRA=1 adds decode diagnostics on stderr; BENCH_ONLY_REAL=1 runs only the real-model
 //! rows (gemma-3-270m beside llama.cpp, see `real_model`); BENCH_ONLY_ALLREDUCE=1 only the
 //! data plane's rows (all-reduce against raw TCP, and with mutual TLS against without);
-//! BENCH_ONLY_PREFIX=1 only the prefix cache's rows (see `prefix_cache`);
+//! BENCH_ONLY_PREFIX=1 only the prefix cache's rows (see `prefix_cache`); BENCH_ONLY_STRUCTURED=1
+//! only structured output's (see `structured`);
 //! BENCH_THREADS=N runs every side on N
 //! cores with N compute threads in all (default: all cores), and each row says how the threads
 //! were split.
@@ -30,6 +31,7 @@ use gemma_worker::{ModelFolder, ShardOptions};
 mod prefix_cache;
 mod real_model;
 mod stream_timing;
+mod structured;
 
 const HIDDEN: usize = 3072;
 
@@ -111,11 +113,17 @@ fn run_all() -> Result<()> {
         print_table(rows);
         return Ok(());
     }
+    if std::env::var_os("BENCH_ONLY_STRUCTURED").is_some() {
+        rows.extend(structured::rows(threads)?);
+        print_table(rows);
+        return Ok(());
+    }
     if std::env::var_os("BENCH_ONLY_REAL").is_none() {
         rows.extend(synthetic_rows(threads)?);
         rows.extend(prefix_cache::rows(threads)?);
     }
     rows.extend(real_model::rows(threads)?);
+    rows.extend(structured::rows(threads)?);
     print_table(rows);
     Ok(())
 }

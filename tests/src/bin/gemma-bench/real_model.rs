@@ -79,7 +79,7 @@ pub fn rows(threads: usize) -> Result<Vec<Row>> {
     ])
 }
 
-fn model_path() -> Option<PathBuf> {
+pub(super) fn model_path() -> Option<PathBuf> {
     let path = gemma_testkit::real_model_path();
     path.exists().then_some(path)
 }
