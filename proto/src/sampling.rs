@@ -55,6 +55,43 @@ pub struct Penalties {
     pub allowed: Option<TokenMask>,
 }
 
+/// Sets to -inf every logit a grammar's mask bans, for each `(column, mask)` of a
+/// vocabulary-major `[rows, stride]` slice whose first row is id `first_id`. Rows are visited in
+/// blocks that stay in cache while every column's bans are written: a mask usually bans most of
+/// the vocabulary, and one pass per column over the whole slice would read it from memory once
+/// per sequence.
+pub fn ban_outside_masks(
+    logits: &mut [f32],
+    first_id: u32,
+    stride: usize,
+    masks: &[(usize, &TokenMask)],
+) {
+    const BLOCK_ROWS: usize = 2048;
+    let stride = stride.max(1);
+    let first = first_id as usize;
+    let rows = logits.len() / stride;
+    let banned: Vec<Vec<std::ops::Range<usize>>> = masks
+        .iter()
+        .map(|(_, m)| m.banned_within(first..first + rows))
+        .collect();
+    let mut next = vec![0usize; masks.len()];
+    for block in (0..rows).step_by(BLOCK_ROWS) {
+        let end = (block + BLOCK_ROWS).min(rows);
+        for (m, &(column, _)) in masks.iter().enumerate() {
+            while let Some(r) = banned[m].get(next[m]) {
+                let (lo, hi) = ((r.start - first).max(block), (r.end - first).min(end));
+                for row in lo..hi {
+                    logits[row * stride + column] = f32::NEG_INFINITY;
+                }
+                if r.end - first > end {
+                    break; // continues in the next block
+                }
+                next[m] += 1;
+            }
+        }
+    }
+}
+
 /// The largest logit bias magnitude (OpenAI's).
 pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
@@ -164,6 +201,22 @@ impl Penalties {
     /// the rows belong to another rank. Row r's logit is `logits[r * stride + column]`: the last
     /// stage's vocabulary-major `[rows, seqs]` layout, or (stride 1, column 0) one sequence's.
     pub fn apply_to_rows(&self, logits: &mut [f32], first_id: u32, stride: usize, column: usize) {
+        self.apply_sparse_to_rows(logits, first_id, stride, column);
+        if let Some(mask) = &self.allowed {
+            ban_outside_masks(logits, first_id, stride, &[(column, mask)]);
+        }
+    }
+
+    /// `apply_to_rows` without the grammar's mask: the bias, penalties and bans, which touch
+    /// only the ids they list. The last stage applies every sequence's mask afterwards in one
+    /// pass ([`ban_outside_masks`]).
+    pub fn apply_sparse_to_rows(
+        &self,
+        logits: &mut [f32],
+        first_id: u32,
+        stride: usize,
+        column: usize,
+    ) {
         let first = first_id as usize;
         let rows = first..first + logits.len() / stride.max(1);
         let at = |id: u32| (id as usize - first) * stride + column;
@@ -173,15 +226,8 @@ impl Penalties {
         for (id, count) in self.within(rows.clone()) {
             logits[at(id)] = self.apply(logits[at(id)], count);
         }
-        for id in self.banned_within(rows.clone()) {
+        for id in self.banned_within(rows) {
             logits[at(id)] = f32::NEG_INFINITY;
-        }
-        if let Some(mask) = &self.allowed {
-            for banned in mask.banned_within(rows) {
-                for id in banned {
-                    logits[(id - first) * stride + column] = f32::NEG_INFINITY;
-                }
-            }
         }
     }
 
@@ -290,6 +336,40 @@ mod tests {
                 assert_eq!((layout[r * 3], layout[r * 3 + 2]), (7.0, 7.0));
             }
         }
+    }
+
+    /// The one-pass, blocked application of many masks equals applying each column's mask on
+    /// its own, across block boundaries and at the slice's edges.
+    #[test]
+    fn masks_banned_in_one_pass_equal_each_column_alone() {
+        let (first, rows, seqs) = (3000u32, 5000usize, 3usize);
+        let masks = [
+            TokenMask::from_ranges(0, 10_000, [3000..3001, 4000..6100, 7999..8000]),
+            TokenMask::from_ranges(3500, 4000, [3500..7500]),
+            TokenMask::from_ranges(0, 10_000, []),
+        ];
+        let raw: Vec<f32> = (0..rows * seqs).map(|i| (i % 97) as f32).collect();
+        let mut one_pass = raw.clone();
+        let pairs: Vec<(usize, &TokenMask)> = masks.iter().enumerate().collect();
+        ban_outside_masks(&mut one_pass, first, seqs, &pairs);
+        let mut each = raw;
+        for (column, mask) in masks.iter().enumerate() {
+            let p = Penalties {
+                repetition: 1.0,
+                frequency: 0.0,
+                presence: 0.0,
+                ids: vec![],
+                output_counts: vec![],
+                banned: vec![],
+                bias_ids: vec![],
+                bias: vec![],
+                allowed: Some(mask.clone()),
+            };
+            p.apply_to_rows(&mut each, first, seqs, column);
+        }
+        assert_eq!(one_pass, each);
+        let allowed = |c: usize| (0..rows).filter(|r| one_pass[r * seqs + c].is_finite()).count();
+        assert_eq!((allowed(0), allowed(1), allowed(2)), (1 + 2100 + 1, 4000, 0));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One step on the compute thread: checked, run through the shard, handed on or answered.
 
 use gemma_proto::noise::{self, GumbelRace};
+use gemma_proto::sampling::ban_outside_masks;
 use gemma_proto::{candidates, pb, Compact, SampleSpec, SeqLogits, StepBatch};
 
 use crate::data_plane::DataPlane;
@@ -168,11 +169,15 @@ fn penalize(batch: &StepBatch, values: &[f32], first_id: u32) -> Option<Vec<f32>
     let seqs = batch.seqs.len();
     batch.seqs.iter().find_map(with_penalties)?;
     let mut out = values.to_vec();
+    let mut masks = Vec::new();
     for (s, seq) in batch.seqs.iter().enumerate() {
         if let Some(p) = with_penalties(seq) {
-            p.apply_to_rows(&mut out, first_id, seqs, s);
+            p.apply_sparse_to_rows(&mut out, first_id, seqs, s);
+            masks.extend(p.allowed.as_ref().map(|m| (s, m)));
         }
     }
+    // Every grammar's bans in one pass over the slice (what apply_to_rows does per column).
+    ban_outside_masks(&mut out, first_id, seqs, &masks);
     Some(out)
 }
 
