@@ -151,9 +151,16 @@ declare_settings! {
         value_parser = clap::builder::BoolishValueParser::new(),
     )]
     dequantize: bool = false;
-    /// KV cache memory per worker, MiB.
+    /// KV cache memory per worker, MiB; overrides kv_memory_fraction. Default: sized from each
+    /// worker's host (kv_memory_fraction).
     #[arg(value_name = "MIB")]
-    kv_budget_mib: u64 = 256;
+    kv_budget_mib: u64, optional;
+    /// Without kv_budget_mib: the part of the memory available on a worker's host (MemAvailable,
+    /// or its cgroup's room if less) that the cluster's workers there fill with their weights
+    /// and KV caches, split equally between them; each pool holds at most max_running sequences
+    /// of the model's whole context. As vLLM's gpu_memory_utilization.
+    #[arg(value_name = "FRACTION")]
+    kv_memory_fraction: f64 = 0.5;
     /// Tokens per KV cache block.
     #[arg(value_name = "N")]
     block_size: usize = gemma_proto::DEFAULT_BLOCK_SIZE;

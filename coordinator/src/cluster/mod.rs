@@ -85,6 +85,11 @@ pub enum ClusterError {
          schedules; give them the same kv_budget_mib as before"
     )]
     KvShrunk { before: usize, now: usize },
+    #[error(
+        "kv_memory_fraction {0} is outside (0, 1]; give a fraction of the host's memory, or \
+         kv_budget_mib"
+    )]
+    KvFraction(f64),
     /// The cluster was already down (or went down during the step): why.
     #[error("{0}")]
     Lost(String),
@@ -149,6 +154,10 @@ impl Prepared {
             });
         }
         dtype_of(&settings.dtype)?;
+        let fraction = settings.kv_memory_fraction;
+        if settings.kv_budget_mib.is_none() && !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(ClusterError::KvFraction(fraction));
+        }
         Ok(Self {
             model_path,
             tokenizer_dir: files.tokenizer_dir,
