@@ -174,6 +174,16 @@ declare_settings! {
         value_parser = clap::builder::BoolishValueParser::new(),
     )]
     prefix_caching: bool = true;
+    /// With pp > 1, keep one step in flight per pipeline stage, each carrying its own
+    /// sequences, so that every stage works at once instead of waiting for the others; output
+    /// is the same either way. `--pipeline-overlap=false` runs one step at a time.
+    #[arg(
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pipeline_overlap: bool = true;
     /// The gemma-worker binary for local workers (default: next to this binary).
     #[arg(value_name = "PATH")]
     worker_bin: PathBuf, optional;
