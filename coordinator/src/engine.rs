@@ -10,6 +10,9 @@
 //!   cache holds, and registers each of its blocks once full and computed; a request that
 //!   would share blocks another sequence is still prefilling waits for them (so `n > 1`
 //!   choices and concurrent conversations prefill a common prompt once);
+//! - with a pipeline (pp stages) up to pp steps are in flight at once, each carrying its own
+//!   sequences (a micro-batch), so every stage computes while the others do; a sequence joins
+//!   its next step only once its token is sampled (`pipeline_overlap`);
 //! - the waiting queue is bounded: past it, submissions are refused at once;
 //! - a cluster that loses a worker fails every request it holds and is healed by this loop,
 //!   which meanwhile refuses new requests at once (503) and keeps its heartbeat going, so that
