@@ -5,9 +5,8 @@
 //! Two models. The serving rows' model split evenly (2 + 2 layers of 512): its last stage also
 //! holds the 256k-row lm_head, about 16x the first stage's work, so overlap can win at most
 //! 1/16 and pays for it with micro-batches half the size (each reads the weights once). And a
-//! model whose stages can be balanced (8 layers of 512, a 32k vocabulary, `--layers-per-stage
-//! 6,2`: both stages about 25M parameters), which shows what overlap does when both stages have
-//! work to overlap.
+//! model whose stages can be balanced (24 narrow layers, `--layers-per-stage 22,2`: both stages
+//! about 36M parameters), which shows what overlap does when both stages have work to overlap.
 //!
 //! Each of the two workers gets half the cores (one compute thread each on a 2-core machine)
 //! and the coordinator shares them: without overlap one worker computes while the other waits
@@ -24,6 +23,14 @@ const RUNS: usize = 3;
 
 pub fn rows(threads: usize) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
+    let balanced = tempfile::tempdir()?;
+    balanced_model(balanced.path())?;
+    rows.extend(overlap_rows(
+        balanced.path(),
+        "layers 22,2 (balanced)",
+        &["--layers-per-stage", "22,2"],
+        threads,
+    )?);
     let uneven = tempfile::tempdir()?;
     serving_model(uneven.path())?;
     rows.extend(overlap_rows(
@@ -32,28 +39,22 @@ pub fn rows(threads: usize) -> Result<Vec<Row>> {
         &[],
         threads,
     )?);
-    let balanced = tempfile::tempdir()?;
-    balanced_model(balanced.path())?;
-    rows.extend(overlap_rows(
-        balanced.path(),
-        "layers 6,2 (balanced)",
-        &["--layers-per-stage", "6,2"],
-        threads,
-    )?);
     Ok(rows)
 }
 
-/// 8 layers of 512 and a 32k vocabulary (the bench's prompts tokenize below it): 6 layers on
-/// stage 0 weigh as much as 2 layers and the lm_head on stage 1.
+/// 24 narrow layers (hidden 128, MLP 4096: 1.6M parameters each) and the tokenizer's 256k
+/// vocabulary (a 33M-parameter lm_head): 22 layers on stage 0 weigh as much as 2 layers and
+/// the lm_head on stage 1.
 fn balanced_model(dir: &Path) -> Result<()> {
     let model = TinyGemma {
-        vocab_size: 32_768,
-        hidden_size: 512,
-        intermediate_size: 2048,
-        num_hidden_layers: 8,
+        vocab_size: 256_000,
+        hidden_size: 128,
+        intermediate_size: 4096,
+        num_hidden_layers: 24,
         num_attention_heads: 8,
         num_key_value_heads: 8,
-        head_dim: 64,
+        head_dim: 16,
+        query_pre_attn_scalar: 16.0,
         ..TinyGemma::mha_like_7b()
     };
     model.write(dir)?;
