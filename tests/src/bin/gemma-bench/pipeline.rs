@@ -78,7 +78,9 @@ fn overlap_rows(model: &Path, what: &str, plan: &[&str], threads: usize) -> Resu
             with.push(load_level(&on, streams)?.tokens_per_s);
         }
         let (with, without) = (super::median(&mut with), super::median(&mut without));
-        eprintln!("pp=2 ({what}), {streams} streams: overlap {with:.1} tok/s, without {without:.1}");
+        eprintln!(
+            "pp=2 ({what}), {streams} streams: overlap {with:.1} tok/s, without {without:.1}"
+        );
         rows.push(Row {
             figure: format!("pp=2 {what}, {streams} streams: overlap"),
             value: with,
