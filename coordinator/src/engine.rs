@@ -1645,7 +1645,7 @@ mod tests {
         /// A token that is a function of the sequence's own step: 0 or 2, never <eos>.
         fn next_token(seq: &SeqStep) -> u32 {
             let last = seq.tokens.last().copied().unwrap_or(0) as usize;
-            if (seq.end_pos() * 7 + last) % 3 == 0 {
+            if (seq.end_pos() * 7 + last).is_multiple_of(3) {
                 0
             } else {
                 2
