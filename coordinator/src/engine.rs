@@ -10,6 +10,9 @@
 //!   cache holds, and registers each of its blocks once full and computed; a request that
 //!   would share blocks another sequence is still prefilling waits for them (so `n > 1`
 //!   choices and concurrent conversations prefill a common prompt once);
+//! - with a pipeline (pp stages) up to pp steps are in flight at once, each carrying its own
+//!   sequences (a micro-batch), so every stage computes while the others do; a sequence joins
+//!   its next step only once its token is sampled (`pipeline_overlap`);
 //! - the waiting queue is bounded: past it, submissions are refused at once;
 //! - a cluster that loses a worker fails every request it holds and is healed by this loop,
 //!   which meanwhile refuses new requests at once (503) and keeps its heartbeat going, so that
@@ -25,7 +28,7 @@ use gemma_proto::{KvAllocation, KvBlockManager, SeqStep, StepBatch};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::cluster::{Cluster, ClusterError, ClusterStatus, StepOutput};
+use crate::cluster::{Cluster, ClusterError, ClusterStatus, SentStep, StepOutput};
 use crate::metrics::{Metrics, Outcome};
 use crate::sampler::{Draw, SampleError, Sampled, Sampler, SamplingParams};
 use crate::structured::{Constraint, GrammarError, Progress};
@@ -306,10 +309,13 @@ impl EngineHandle {
     }
 }
 
-/// What the engine needs of a cluster: the shape of its KV pool, one step at a time, whether it
-/// serves, and healing when it does not. [`Cluster`] is the real one; the engine's tests step a
-/// stand-in.
+/// What the engine needs of a cluster: the shape of its KV pool, steps sent and answered in
+/// order (several may be in flight: a pipeline's stages work on different steps at once),
+/// whether it serves, and healing when it does not. [`Cluster`] is the real one; the engine's
+/// tests step a stand-in.
 pub trait StepCluster: Send + 'static {
+    /// A step sent and not yet answered.
+    type Sent: Send;
     /// KV blocks every shard holds.
     fn kv_blocks(&self) -> usize;
     fn block_size(&self) -> usize;
@@ -317,8 +323,16 @@ pub trait StepCluster: Send + 'static {
     fn deadline(&self, tokens: usize) -> Duration;
     /// Whether the cluster serves; a failed step marks it down.
     fn status(&self) -> &ClusterStatus;
-    fn step(
+    /// Sends a step without waiting for its answer.
+    fn send(
         &mut self,
+        batch: &StepBatch,
+    ) -> impl Future<Output = Result<Self::Sent, ClusterError>> + Send;
+    /// The answer to `sent`, the oldest step sent and not yet received; `batch` is what it
+    /// carried.
+    fn receive(
+        &mut self,
+        sent: Self::Sent,
         batch: &StepBatch,
     ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send;
     /// Brings a down cluster back; returns once it serves.
@@ -326,6 +340,8 @@ pub trait StepCluster: Send + 'static {
 }
 
 impl StepCluster for Cluster {
+    type Sent = SentStep;
+
     fn kv_blocks(&self) -> usize {
         self.kv_blocks
     }
@@ -342,11 +358,19 @@ impl StepCluster for Cluster {
         Cluster::status(self)
     }
 
-    fn step(
+    fn send(
         &mut self,
         batch: &StepBatch,
+    ) -> impl Future<Output = Result<SentStep, ClusterError>> + Send {
+        Cluster::send(self, batch)
+    }
+
+    fn receive(
+        &mut self,
+        sent: SentStep,
+        batch: &StepBatch,
     ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
-        Cluster::step(self, batch)
+        Cluster::receive(self, sent, batch)
     }
 
     fn heal(&mut self) -> impl Future<Output = ()> + Send {
@@ -361,6 +385,9 @@ pub struct EngineConfig {
     pub max_context: usize,
     /// Reuse the KV of cached prompt prefixes (`prefix_caching`).
     pub prefix_caching: bool,
+    /// Most steps in flight at once: the pipeline's stages with `pipeline_overlap`, else 1.
+    /// Each carries its own sequences (a micro-batch), about 1/depth of those running.
+    pub pipeline_depth: usize,
     /// `/health` fails once the engine loop is this late past what it may take.
     pub wedged_after: Duration,
 }
@@ -398,6 +425,8 @@ pub fn spawn<C: StepCluster>(
         waiting_count: waiting,
         waiting: VecDeque::new(),
         running: Vec::new(),
+        in_flight: VecDeque::new(),
+        next_step: 0,
         next_id: 0,
         stepped_since_trim: false,
         heartbeat,
@@ -429,6 +458,10 @@ struct Sequence {
     /// Where stop strings may start in `text`: past the text of the tokens before min_tokens.
     stops_from: usize,
     last_token_at: Option<Instant>,
+    /// The engine's number of the step carrying it, until that step's answer is taken: no
+    /// other step may carry it meanwhile (its next token is not known yet). Only that step's
+    /// answer applies to it (a sequence preempted and readmitted meanwhile ignores it).
+    in_flight: Option<u64>,
 }
 
 impl Sequence {
@@ -472,6 +505,7 @@ impl Sequence {
             sent: 0,
             stops_from: 0,
             last_token_at: None,
+            in_flight: None,
         })
     }
 
@@ -572,7 +606,15 @@ impl Waiting {
     }
 }
 
-struct Engine<C> {
+/// A step in the pipeline: what it carries, and the cluster's handle on its answer.
+struct InFlight<S> {
+    step: u64,
+    batch: StepBatch,
+    sent: S,
+    started: Instant,
+}
+
+struct Engine<C: StepCluster> {
     cluster: C,
     /// Submitted requests not yet taken into `waiting`.
     requests: mpsc::UnboundedReceiver<Request>,
@@ -585,6 +627,10 @@ struct Engine<C> {
     waiting: VecDeque<Waiting>,
     /// In admission order: the last is the newest (preempted first).
     running: Vec<Sequence>,
+    /// Steps sent and not yet answered, oldest first (at most `pipeline_depth`).
+    in_flight: VecDeque<InFlight<C::Sent>>,
+    /// The engine's number for the next step it sends.
+    next_step: u64,
     next_id: u64,
     heartbeat: Heartbeat,
     /// Whether a step ran since freed memory was last given back (done once per idle spell).
@@ -601,7 +647,7 @@ impl<C: StepCluster> Engine<C> {
                 self.heal().await;
                 continue;
             }
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.in_flight.is_empty() {
                 self.update_gauges();
                 let status = self.cluster.status().clone();
                 // Back within a beat at the latest.
@@ -627,12 +673,25 @@ impl<C: StepCluster> Engine<C> {
             }
             self.drop_cancelled();
             self.admit();
-            let batch = self.schedule();
+            self.fill_pipeline().await;
             self.update_gauges();
-            if batch.seqs.is_empty() {
-                continue;
+            if !self.in_flight.is_empty() {
+                self.receive_oldest().await;
             }
-            self.step(batch).await;
+        }
+    }
+
+    /// Sends steps until `pipeline_depth` are in flight or no sequence is left to carry: each
+    /// takes sequences no other step in flight carries.
+    async fn fill_pipeline(&mut self) {
+        while self.in_flight.len() < self.cfg.pipeline_depth.max(1) {
+            let batch = self.schedule();
+            if batch.seqs.is_empty() {
+                return;
+            }
+            if let Err(e) = self.send(batch).await {
+                return self.fail_all(e);
+            }
         }
     }
 
@@ -745,12 +804,15 @@ impl<C: StepCluster> Engine<C> {
 
     /// Builds the next step: every decoding sequence's token first, then prefill chunks under
     /// the remaining token budget. Preempts the newest sequences when blocks run out.
+    /// With several steps in flight, a step carries only sequences no other one carries, and
+    /// at most its share (1/depth) of the running ones, so the micro-batches stay even.
     fn schedule(&mut self) -> StepBatch {
         // Growth for decodes: each needs room for one more token.
         let mut i = 0;
         while i < self.running.len() {
             let s = &mut self.running[i];
-            if s.is_decoding() && s.kv.ensure_capacity(s.context.len()).is_err() {
+            let free = s.in_flight.is_none();
+            if free && s.is_decoding() && s.kv.ensure_capacity(s.context.len()).is_err() {
                 // Free the newest sequence (possibly this one) and try again.
                 self.preempt_newest();
                 continue;
@@ -758,11 +820,13 @@ impl<C: StepCluster> Engine<C> {
             i += 1;
         }
         let mut budget = self.cfg.max_batch_tokens.max(1);
+        let share = self.running.len().div_ceil(self.cfg.pipeline_depth.max(1));
         let mut batch = StepBatch::default();
-        let decoding = self.running.iter().filter(|s| s.is_decoding());
-        let prefilling = self.running.iter().filter(|s| !s.is_decoding());
+        let free = || self.running.iter().filter(|s| s.in_flight.is_none());
+        let decoding = free().filter(|s| s.is_decoding());
+        let prefilling = free().filter(|s| !s.is_decoding());
         for s in decoding.chain(prefilling) {
-            if budget == 0 {
+            if budget == 0 || batch.seqs.len() == share {
                 break;
             }
             let end = (s.cached + budget).min(s.context.len());
@@ -792,23 +856,56 @@ impl<C: StepCluster> Engine<C> {
             "preempted: KV blocks exhausted"
         );
         self.metrics.preemptions.inc();
-        // Its blocks go back now; it recomputes prompt + output when readmitted.
+        // Its blocks go back now; it recomputes prompt + output when readmitted. A step in
+        // flight that carries it still writes them, but every worker runs steps in order, so a
+        // later step that reuses them writes after it; its answer is ignored.
         s.kv = self.kv.allocation();
         s.cached = 0;
+        s.in_flight = None;
         self.waiting_count.fetch_add(1, Ordering::SeqCst);
         self.waiting.push_front(Waiting::Preempted(Box::new(s)));
     }
 
-    async fn step(&mut self, batch: StepBatch) {
-        let started = Instant::now();
+    /// Sends `batch` as the next step; its sequences are in flight until its answer is taken.
+    async fn send(&mut self, batch: StepBatch) -> Result<(), ClusterError> {
+        let step = self.next_step;
+        self.next_step += 1;
         self.stepped_since_trim = true;
         self.metrics.step_sequences.observe(batch.seqs.len() as f64);
         self.metrics.step_tokens.observe(batch.num_tokens() as f64);
+        self.heartbeat
+            .busy_for(self.cluster.deadline(batch.num_tokens()));
+        let sent = self.cluster.send(&batch).await?;
+        for seq in &mut self.running {
+            if batch.seqs.iter().any(|s| s.seq_id == seq.id) {
+                seq.in_flight = Some(step);
+            }
+        }
+        self.in_flight.push_back(InFlight {
+            step,
+            batch,
+            sent,
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Waits for the oldest step in flight and takes its answer: samples, streams, finishes.
+    async fn receive_oldest(&mut self) {
+        let Some(InFlight {
+            step: number,
+            batch,
+            sent,
+            started,
+        }) = self.in_flight.pop_front()
+        else {
+            return;
+        };
         let span =
             tracing::debug_span!("step", seqs = batch.seqs.len(), tokens = batch.num_tokens());
         self.heartbeat
             .busy_for(self.cluster.deadline(batch.num_tokens()));
-        let output = match self.cluster.step(&batch).instrument(span).await {
+        let output = match self.cluster.receive(sent, &batch).instrument(span).await {
             Ok(o) => o,
             Err(e) => return self.fail_all(e),
         };
@@ -821,10 +918,13 @@ impl<C: StepCluster> Engine<C> {
             .observe(output.collective.as_secs_f64());
         let mut finished = Vec::new();
         for (step, logits) in batch.seqs.iter().zip(output.logits) {
-            let Some(i) = self.running.iter().position(|s| s.id == step.seq_id) else {
+            // Gone (finished, cancelled) or preempted since: the answer is not its own.
+            let carried = |s: &Sequence| s.id == step.seq_id && s.in_flight == Some(number);
+            let Some(i) = self.running.iter().position(carried) else {
                 continue;
             };
             let seq = &mut self.running[i];
+            seq.in_flight = None;
             seq.cached = step.end_pos();
             if seq.cached < seq.context.len() {
                 continue; // a prefill chunk that is not the last
@@ -879,6 +979,8 @@ impl<C: StepCluster> Engine<C> {
 
     /// Ends every request the engine holds with `error()`; their blocks return first.
     fn fail_everything(&mut self, error: impl Fn() -> EngineError) {
+        // Their answers will never come: the cluster's streams are gone with the epoch.
+        self.in_flight.clear();
         let mut waiting: Vec<Waiting> = self.waiting.drain(..).collect();
         while let Ok(r) = self.requests.try_recv() {
             waiting.push(Waiting::Fresh(r));
@@ -1046,6 +1148,8 @@ mod tests {
     }
 
     impl StepCluster for ScriptedCluster {
+        type Sent = ();
+
         fn kv_blocks(&self) -> usize {
             64
         }
@@ -1062,8 +1166,13 @@ mod tests {
             &self.status
         }
 
-        fn step(
+        fn send(&mut self, _: &StepBatch) -> impl Future<Output = Result<(), ClusterError>> + Send {
+            std::future::ready(Ok(()))
+        }
+
+        fn receive(
             &mut self,
+            _: (),
             _: &StepBatch,
         ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
             self.steps.fetch_add(1, Ordering::SeqCst);
@@ -1086,6 +1195,8 @@ mod tests {
     }
 
     impl StepCluster for SilentCluster {
+        type Sent = ();
+
         fn kv_blocks(&self) -> usize {
             64
         }
@@ -1102,8 +1213,13 @@ mod tests {
             &self.status
         }
 
-        fn step(
+        fn send(&mut self, _: &StepBatch) -> impl Future<Output = Result<(), ClusterError>> + Send {
+            std::future::ready(Ok(()))
+        }
+
+        fn receive(
             &mut self,
+            _: (),
             _: &StepBatch,
         ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
             std::future::pending()
@@ -1150,14 +1266,14 @@ mod tests {
         max_running: usize,
         max_batch_tokens: usize,
     ) -> (EngineHandle, tempfile::TempDir) {
-        engine_configured(cluster, max_running, max_batch_tokens, true)
+        engine_configured(cluster, max_running, max_batch_tokens, true, 1)
     }
 
     fn engine_with_caching(
         cluster: impl StepCluster,
         prefix_caching: bool,
     ) -> (EngineHandle, tempfile::TempDir) {
-        engine_configured(cluster, 1, 64, prefix_caching)
+        engine_configured(cluster, 1, 64, prefix_caching, 1)
     }
 
     fn engine_configured(
@@ -1165,6 +1281,7 @@ mod tests {
         max_running: usize,
         max_batch_tokens: usize,
         prefix_caching: bool,
+        pipeline_depth: usize,
     ) -> (EngineHandle, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("temp dir");
         let tokenizer = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
@@ -1179,6 +1296,7 @@ mod tests {
             max_waiting: 16,
             max_context: 1024,
             prefix_caching,
+            pipeline_depth,
             wedged_after: WEDGED_AFTER,
         };
         let handle = spawn(cluster, Arc::new(tokenizer), cfg, Arc::new(Metrics::new()));
@@ -1376,6 +1494,8 @@ mod tests {
     }
 
     impl StepCluster for RecordingCluster {
+        type Sent = ();
+
         fn kv_blocks(&self) -> usize {
             64
         }
@@ -1392,8 +1512,13 @@ mod tests {
             &self.status
         }
 
-        fn step(
+        fn send(&mut self, _: &StepBatch) -> impl Future<Output = Result<(), ClusterError>> + Send {
+            std::future::ready(Ok(()))
+        }
+
+        fn receive(
             &mut self,
+            _: (),
             batch: &StepBatch,
         ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
             self.batches.lock().expect("batches").push(batch.clone());
@@ -1532,6 +1657,154 @@ mod tests {
         let again = done(&engine, prompt_request(long_prompt())).await;
         assert_eq!(again.cached_tokens, 0, "nothing survives a re-assignment");
         assert_eq!(engine.kv_blocks_cached(), 2, "and it caches anew");
+    }
+
+    /// A pipeline stand-in: steps are answered only when received, in the order sent, so up
+    /// to the engine's depth are in flight at once. Each sequence's next token depends only on
+    /// its own step (its last token and end position), never on its micro-batch. It notes any
+    /// sequence sent while a step in flight already carries it.
+    struct PipelineCluster {
+        kv_blocks: usize,
+        status: ClusterStatus,
+        /// Sequence ids of each step in flight, oldest first.
+        in_flight: VecDeque<Vec<u64>>,
+        most_in_flight: Arc<AtomicUsize>,
+        violations: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl PipelineCluster {
+        fn new(kv_blocks: usize) -> Self {
+            Self {
+                kv_blocks,
+                status: ClusterStatus::serving(1),
+                in_flight: VecDeque::new(),
+                most_in_flight: Arc::default(),
+                violations: Arc::default(),
+            }
+        }
+
+        /// A token that is a function of the sequence's own step: 0 or 2, never <eos>.
+        fn next_token(seq: &SeqStep) -> u32 {
+            let last = seq.tokens.last().copied().unwrap_or(0) as usize;
+            if (seq.end_pos() * 7 + last).is_multiple_of(3) {
+                0
+            } else {
+                2
+            }
+        }
+    }
+
+    impl StepCluster for PipelineCluster {
+        type Sent = ();
+
+        fn kv_blocks(&self) -> usize {
+            self.kv_blocks
+        }
+
+        fn block_size(&self) -> usize {
+            16
+        }
+
+        fn deadline(&self, _: usize) -> Duration {
+            Duration::from_secs(1)
+        }
+
+        fn status(&self) -> &ClusterStatus {
+            &self.status
+        }
+
+        fn send(
+            &mut self,
+            batch: &StepBatch,
+        ) -> impl Future<Output = Result<(), ClusterError>> + Send {
+            let ids: Vec<u64> = batch.seqs.iter().map(|s| s.seq_id).collect();
+            for id in &ids {
+                if self.in_flight.iter().any(|step| step.contains(id)) {
+                    let mut v = self.violations.lock().expect("violations");
+                    v.push(format!("sequence {id} sent while in flight"));
+                }
+            }
+            self.in_flight.push_back(ids);
+            self.most_in_flight
+                .fetch_max(self.in_flight.len(), Ordering::SeqCst);
+            std::future::ready(Ok(()))
+        }
+
+        fn receive(
+            &mut self,
+            _: (),
+            batch: &StepBatch,
+        ) -> impl Future<Output = Result<StepOutput, ClusterError>> + Send {
+            self.in_flight.pop_front();
+            let logits = batch
+                .seqs
+                .iter()
+                .map(|s| SeqLogits::Top {
+                    candidates: vec![(0.0, Self::next_token(s))],
+                    log_sum_exp: 0.0,
+                })
+                .collect();
+            std::future::ready(Ok(StepOutput {
+                logits,
+                collective: Duration::ZERO,
+            }))
+        }
+
+        fn heal(&mut self) -> impl Future<Output = ()> + Send {
+            std::future::ready(())
+        }
+    }
+
+    /// Eight concurrent requests (prompts of 20-30 tokens, 40 tokens each, chunks of 16) on a
+    /// pool too small for all at once, so some are preempted: the tokens of every request.
+    async fn pipelined_outputs(depth: usize) -> (Vec<Vec<u32>>, usize, Vec<String>, String) {
+        let cluster = PipelineCluster::new(16);
+        let most = cluster.most_in_flight.clone();
+        let violations = cluster.violations.clone();
+        let (engine, _dir) = engine_configured(cluster, 8, 16, true, depth);
+        let requests = (0..8).map(|i| {
+            let prompt = (0..20 + i)
+                .map(|j| if j == 0 { 2 } else { (j % 2) * 2 })
+                .collect();
+            let spec = RequestSpec {
+                max_tokens: 40,
+                ignore_eos: true,
+                ..prompt_request(prompt)
+            };
+            done(&engine, spec)
+        });
+        let outputs = futures_util::future::join_all(requests)
+            .await
+            .into_iter()
+            .map(|g| g.tokens.iter().map(|t| t.token).collect())
+            .collect();
+        assert_eq!(engine.kv_blocks_used(), 0);
+        let violations = violations.lock().expect("violations").clone();
+        (
+            outputs,
+            most.load(Ordering::SeqCst),
+            violations,
+            engine.metrics.render(),
+        )
+    }
+
+    /// Two micro-batches in flight give every request the tokens one step at a time gives, no
+    /// sequence is in two steps at once, and preemption of sequences in flight keeps holding.
+    #[tokio::test]
+    async fn steps_in_flight_together_give_the_same_tokens() {
+        let (one, most_one, v_one, _) = pipelined_outputs(1).await;
+        let (two, most_two, v_two, metrics) = pipelined_outputs(2).await;
+        assert_eq!(most_one, 1);
+        assert_eq!(most_two, 2, "two steps were in flight at once");
+        assert!(v_one.is_empty() && v_two.is_empty(), "{v_one:?} {v_two:?}");
+        assert!(one.iter().all(|t| t.len() == 40));
+        assert_eq!(one, two);
+        let preempted = metrics
+            .lines()
+            .find(|l| l.starts_with("gemma_cluster_preemptions_total "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(preempted > 0.0, "the pool was too small for all: {metrics}");
     }
 
     #[test]

@@ -151,9 +151,16 @@ declare_settings! {
         value_parser = clap::builder::BoolishValueParser::new(),
     )]
     dequantize: bool = false;
-    /// KV cache memory per worker, MiB.
+    /// KV cache memory per worker, MiB; overrides kv_memory_fraction. Default: sized from each
+    /// worker's host (kv_memory_fraction).
     #[arg(value_name = "MIB")]
-    kv_budget_mib: u64 = 256;
+    kv_budget_mib: u64, optional;
+    /// Without kv_budget_mib: the part of the memory available on a worker's host (MemAvailable,
+    /// or its cgroup's room if less) that the cluster's workers there fill with their weights
+    /// and KV caches, split equally between them; each pool holds at most max_running sequences
+    /// of the model's whole context. As vLLM's gpu_memory_utilization.
+    #[arg(value_name = "FRACTION")]
+    kv_memory_fraction: f64 = 0.5;
     /// Tokens per KV cache block.
     #[arg(value_name = "N")]
     block_size: usize = gemma_proto::DEFAULT_BLOCK_SIZE;
@@ -167,6 +174,17 @@ declare_settings! {
         value_parser = clap::builder::BoolishValueParser::new(),
     )]
     prefix_caching: bool = true;
+    /// With pp > 1, keep one step in flight per pipeline stage, each carrying its own
+    /// sequences, so that every stage works at once instead of waiting for the others; output
+    /// is the same either way. Off by default: on two shared cores it measured slower (smaller
+    /// batches, and no idle core to overlap on); `--pipeline-overlap` turns it on.
+    #[arg(
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pipeline_overlap: bool = false;
     /// The gemma-worker binary for local workers (default: next to this binary).
     #[arg(value_name = "PATH")]
     worker_bin: PathBuf, optional;

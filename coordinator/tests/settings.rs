@@ -63,7 +63,7 @@ fn file_then_environment_then_flags() {
     };
     let s = Settings::load(&args(None)).expect("file");
     assert_eq!(s.model, PathBuf::from("/models/gemma-7b"));
-    assert_eq!((s.tp, s.pp, s.kv_budget_mib), (2, 2, 1024));
+    assert_eq!((s.tp, s.pp, s.kv_budget_mib), (2, 2, Some(1024)));
     assert_eq!(s.listen, "0.0.0.0:9000");
     assert_eq!(s.workers.len(), 4);
     assert_eq!(s.block_size, 16, "defaults fill what the file leaves out");
@@ -134,8 +134,10 @@ fn one_value_per_setting() -> Vec<(&'static str, &'static str, Value)> {
         ("dtype", "bf16", json!("bf16")),
         ("dequantize", "true", json!(true)),
         ("kv_budget_mib", "17", json!(17)),
+        ("kv_memory_fraction", "0.25", json!(0.25)),
         ("block_size", "32", json!(32)),
         ("prefix_caching", "false", json!(false)),
+        ("pipeline_overlap", "false", json!(false)),
         ("worker_bin", "/bin/w", json!("/bin/w")),
         ("served_model_name", "mine", json!("mine")),
         ("step_timeout_ms", "11", json!(11)),

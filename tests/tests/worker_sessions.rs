@@ -113,6 +113,7 @@ fn assign_request(
         dequantize: false,
         session: Some(session.into()),
         lease_ms,
+        ..Default::default()
     }
 }
 

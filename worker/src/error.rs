@@ -95,6 +95,11 @@ pub enum AssignError {
         block_size: usize,
         per_block: u64,
     },
+    #[error(
+        "cannot size the KV cache from this host's memory ({0}); give the coordinator \
+         --kv-budget-mib"
+    )]
+    HostMemory(String),
     #[error(transparent)]
     DataPlane(#[from] CollectiveError),
 }

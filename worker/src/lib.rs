@@ -11,6 +11,7 @@ pub mod data_plane;
 pub mod error;
 pub mod folder;
 pub mod kv_cache;
+pub mod kv_sizing;
 pub mod model;
 pub mod peer_stream;
 pub mod server;

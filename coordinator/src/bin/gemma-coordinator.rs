@@ -72,6 +72,11 @@ async fn serve(
 ) -> Result<()> {
     let max_context = prepared.config.max_position_embeddings;
     let vocab_size = prepared.config.vocab_size;
+    // With overlap, as many steps in flight as there are stages: each stage works on its own.
+    let pipeline_depth = match settings.pipeline_overlap {
+        true => prepared.plan.pp,
+        false => 1,
+    };
     let cluster = Cluster::connect(prepared, &settings, local).await?;
     let roster = cluster.roster();
     // Every worker, every second, also while idle: the lease stays renewed and a lost worker is
@@ -86,6 +91,7 @@ async fn serve(
             max_waiting: settings.max_waiting,
             max_context,
             prefix_caching: settings.prefix_caching,
+            pipeline_depth,
             wedged_after: Duration::from_millis(settings.wedged_after_ms),
         },
         Arc::new(Metrics::new()),

@@ -20,7 +20,7 @@ pub struct AssignTemplate {
     pp: u32,
     layers_per_stage: Vec<u32>,
     dtype: pb::DType,
-    kv_budget_bytes: u64,
+    kv: KvRequest,
     block_size: u32,
     collective_timeout_ms: u64,
     lease_ms: u64,
@@ -42,7 +42,7 @@ impl AssignTemplate {
                 .map(|&l| l as u32)
                 .collect(),
             dtype: dtype_of(&settings.dtype)?,
-            kv_budget_bytes: settings.kv_budget_mib << 20,
+            kv: KvRequest::new(prepared, settings),
             block_size: settings.block_size as u32,
             collective_timeout_ms: settings.collective_timeout_ms,
             lease_ms: settings.lease_ms,
@@ -65,7 +65,16 @@ impl AssignTemplate {
             shard: Some((&link.spec).into()),
             data_addrs: data_addrs.to_vec(),
             dtype: self.dtype as i32,
-            kv_budget_bytes: self.kv_budget_bytes,
+            kv_blocks: self.kv.blocks as u32,
+            kv_budget_bytes: self.kv.budget_bytes,
+            kv_memory_fraction: self.kv.memory_fraction,
+            host_share: self
+                .kv
+                .host_shares
+                .get(link.spec.stage * self.tp as usize + link.spec.rank)
+                .copied()
+                .unwrap_or(1),
+            kv_max_tokens: self.kv.max_tokens,
             block_size: self.block_size,
             collective_timeout_ms: self.collective_timeout_ms,
             session: Some(session.into()),
@@ -73,6 +82,56 @@ impl AssignTemplate {
             dequantize: self.dequantize,
         }
     }
+}
+
+impl AssignTemplate {
+    /// Every later assignment asks for exactly `blocks` KV blocks: the pool the engine
+    /// schedules, whatever memory the workers' hosts have then (a survivor's own weights and
+    /// a busier host would otherwise shrink a pool sized from memory).
+    pub fn keep_kv_blocks(&mut self, blocks: usize) {
+        self.kv.blocks = blocks;
+    }
+}
+
+/// How each worker sizes its KV cache (see `AssignRequest`): exactly `blocks` once the pool
+/// is known, else `budget_bytes` when `kv_budget_mib` is set, else from its host's memory.
+#[derive(Debug, Clone)]
+struct KvRequest {
+    blocks: usize,
+    budget_bytes: u64,
+    memory_fraction: f64,
+    /// Per shard (plan order): how many of the cluster's workers share its host.
+    host_shares: Vec<u32>,
+    /// Every running sequence at the model's whole context: more is never used.
+    max_tokens: u64,
+}
+
+impl KvRequest {
+    fn new(prepared: &Prepared, settings: &Settings) -> Self {
+        let world = prepared.plan.world_size();
+        Self {
+            blocks: 0,
+            budget_bytes: settings.kv_budget_mib.map_or(0, |mib| mib << 20),
+            memory_fraction: settings.kv_memory_fraction,
+            host_shares: match settings.workers.is_empty() {
+                true => vec![world as u32; world],
+                false => host_shares(&settings.workers),
+            },
+            max_tokens: (settings.max_running as u64)
+                .saturating_mul(prepared.config.max_position_embeddings as u64),
+        }
+    }
+}
+
+/// Per worker address, how many of the addresses name its host: workers given by address
+/// share a host exactly when their addresses name the same one (loopback workers of one
+/// machine do; pods of a StatefulSet do not).
+fn host_shares(addrs: &[String]) -> Vec<u32> {
+    let host = |a: &str| gemma_proto::tls::host_of(a).to_ascii_lowercase();
+    addrs
+        .iter()
+        .map(|a| addrs.iter().filter(|b| host(b) == host(a)).count() as u32)
+        .collect()
 }
 
 /// A group that took its assignment: one step stream per worker (plan order) and the KV blocks
@@ -204,5 +263,24 @@ fn refusal(link: &WorkerLink, status: tonic::Status) -> ClusterError {
         }
     } else {
         load_error(link, status.message().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_shares;
+
+    #[test]
+    fn workers_share_a_host_when_their_addresses_name_it() {
+        let addrs: Vec<String> = [
+            "127.0.0.1:5001",
+            "127.0.0.1:5002",
+            "w-1.gemma:50051",
+            "[::1]:7",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(host_shares(&addrs), [2, 2, 1, 1]);
     }
 }

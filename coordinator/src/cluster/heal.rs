@@ -140,6 +140,7 @@ impl Cluster {
         if !self.assigned_once {
             self.kv_blocks = assigned.kv_blocks;
             self.assigned_once = true;
+            self.template.keep_kv_blocks(assigned.kv_blocks);
         } else if assigned.kv_blocks < self.kv_blocks {
             return Err(ClusterError::KvShrunk {
                 before: self.kv_blocks,

@@ -172,26 +172,30 @@ impl StepStream {
         })
     }
 
-    /// Sends the step and waits, at most `deadline`, for its answer: the response of this epoch
-    /// and step id. Anything older (a worker that hung and woke up answering what it was asked
-    /// before) is logged and dropped, never taken for this step's answer.
-    pub async fn exchange(
-        &mut self,
-        request: pb::StepRequest,
-        epoch: u64,
-        deadline: Duration,
-    ) -> Result<pb::StepResponse, Miss> {
-        let step_id = request.step_id;
+    /// Sends a step; its answer is read by [`StepStream::answer`]. Several steps may be sent
+    /// before the first is answered: the worker answers them one by one, in order.
+    pub async fn send(&mut self, request: pb::StepRequest) -> Result<(), Miss> {
         self.requests
             .send(request)
             .await
-            .map_err(|_| Miss::Gone("its step stream is closed".into()))?;
-        tokio::time::timeout(deadline, self.answer(epoch, step_id))
+            .map_err(|_| Miss::Gone("its step stream is closed".into()))
+    }
+
+    /// Waits, at most `deadline`, for the answer to step `step_id` of `epoch`: the oldest step
+    /// sent and not yet answered. Anything older (a worker that hung and woke up answering what
+    /// it was asked before) is logged and dropped, never taken for this step's answer.
+    pub async fn answer(
+        &mut self,
+        epoch: u64,
+        step_id: u64,
+        deadline: Duration,
+    ) -> Result<pb::StepResponse, Miss> {
+        tokio::time::timeout(deadline, self.next_answer(epoch, step_id))
             .await
             .map_err(|_| Miss::Late(deadline))?
     }
 
-    async fn answer(&mut self, epoch: u64, step_id: u64) -> Result<pb::StepResponse, Miss> {
+    async fn next_answer(&mut self, epoch: u64, step_id: u64) -> Result<pb::StepResponse, Miss> {
         loop {
             let response = self
                 .responses

@@ -85,6 +85,11 @@ pub enum ClusterError {
          schedules; give them the same kv_budget_mib as before"
     )]
     KvShrunk { before: usize, now: usize },
+    #[error(
+        "kv_memory_fraction {0} is outside (0, 1]; give a fraction of the host's memory, or \
+         kv_budget_mib"
+    )]
+    KvFraction(f64),
     /// The cluster was already down (or went down during the step): why.
     #[error("{0}")]
     Lost(String),
@@ -149,6 +154,10 @@ impl Prepared {
             });
         }
         dtype_of(&settings.dtype)?;
+        let fraction = settings.kv_memory_fraction;
+        if settings.kv_budget_mib.is_none() && !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(ClusterError::KvFraction(fraction));
+        }
         Ok(Self {
             model_path,
             tokenizer_dir: files.tokenizer_dir,
@@ -293,30 +302,67 @@ impl Cluster {
         self.deadline.for_tokens(tokens)
     }
 
-    /// Runs one step on every worker; returns, per sequence, what its sampler asked for (every
-    /// logit, or the global top candidates) joined from the last stage's ranks. A worker that
-    /// fails, closes its stream or misses the deadline takes the cluster down (see `heal`).
+    /// Runs one step on every worker and waits for its answer: [`Cluster::send`], then
+    /// [`Cluster::receive`].
     pub async fn step(&mut self, batch: &StepBatch) -> Result<StepOutput, ClusterError> {
+        let sent = self.send(batch).await?;
+        self.receive(sent, batch).await
+    }
+
+    /// Sends a step to every worker without waiting for its answer, so that several steps can
+    /// be in the pipeline at once (stage 0 on the newest while later stages finish older ones).
+    /// Every worker runs its steps in the order sent, and answers them in that order.
+    pub async fn send(&mut self, batch: &StepBatch) -> Result<SentStep, ClusterError> {
         if self.streams.is_empty() {
-            let why = self
-                .status
-                .outage()
-                .unwrap_or_else(|| "the cluster is down".into());
-            return Err(ClusterError::Lost(why));
+            return Err(self.already_down());
         }
         let step_id = self.next_step;
         self.next_step += 1;
         let links = self.roster.links();
         let requests = self.requests(batch, step_id, &links);
-        let epoch = self.session.epoch;
+        let sends = join_all(
+            self.streams
+                .iter_mut()
+                .zip(requests)
+                .map(|(s, request)| s.send(request)),
+        );
+        let misses: Vec<(usize, Miss)> = sends
+            .await
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, sent)| sent.err().map(|miss| (i, miss)))
+            .collect();
+        if !misses.is_empty() {
+            let error = self.diagnose(&links, misses).await;
+            return Err(self.go_down(error));
+        }
+        Ok(SentStep {
+            step_id,
+            epoch: self.session.epoch,
+            sent: Instant::now(),
+        })
+    }
+
+    /// Waits for the answers to `sent`, the oldest step not yet received, from every worker;
+    /// returns, per sequence, what its sampler asked for (every logit, or the global top
+    /// candidates) joined from the last stage's ranks. A worker that fails, closes its stream or
+    /// misses the deadline takes the cluster down (see `heal`). The deadline counts from now:
+    /// the steps sent before this one have been answered, so only this one's own work is left.
+    pub async fn receive(
+        &mut self,
+        sent: SentStep,
+        batch: &StepBatch,
+    ) -> Result<StepOutput, ClusterError> {
+        if self.streams.is_empty() || sent.epoch != self.session.epoch {
+            return Err(self.already_down());
+        }
         let deadline = self.deadline.for_tokens(batch.num_tokens());
-        let started = Instant::now();
+        let started = Instant::now().max(sent.sent);
         let status = self.status.clone();
         let exchanges = join_all(
             self.streams
                 .iter_mut()
-                .zip(requests)
-                .map(|(s, request)| s.exchange(request, epoch, deadline)),
+                .map(|s| s.answer(sent.epoch, sent.step_id, deadline)),
         );
         // The prober may find a worker lost before the deadline does (a hung process).
         let answers = tokio::select! {
@@ -329,6 +375,7 @@ impl Cluster {
             self.lost = Some(why.clone());
             return Err(ClusterError::Lost(why));
         };
+        let links = self.roster.links();
         let mut misses = Vec::new();
         let mut outputs = Vec::with_capacity(answers.len());
         for (i, answer) in answers.into_iter().enumerate() {
@@ -374,6 +421,15 @@ impl Cluster {
         }
         let request = batch.to_wire(step_id, self.session);
         vec![request; self.streams.len()]
+    }
+
+    /// Why no step can run: the cluster is down (or a step belongs to an epoch already lost).
+    fn already_down(&self) -> ClusterError {
+        let why = self
+            .status
+            .outage()
+            .unwrap_or_else(|| "the cluster is down".into());
+        ClusterError::Lost(why)
     }
 
     /// Names the worker that broke a step. A vanished worker outranks a late one, and a late
@@ -489,6 +545,15 @@ fn last_stage_logits(
             "answered without logits, but the last stage must send its vocabulary slice",
         )),
     }
+}
+
+/// A step sent to every worker whose answers are still to come ([`Cluster::receive`]).
+#[derive(Debug)]
+pub struct SentStep {
+    step_id: u64,
+    /// The session's epoch it was sent under: a step of a lost epoch has no answer to wait for.
+    epoch: u64,
+    sent: Instant,
 }
 
 /// One step's result.

@@ -23,6 +23,7 @@ use crate::data_plane::{DataPlane, PlaneAbort, PlaneCollective, PlaneEndpoint};
 use crate::error::{AssignError, HoldError, LoadError};
 use crate::folder::ModelFolder;
 use crate::kv_cache::KvCache;
+use crate::kv_sizing::{available_memory, KvSizing, MemoryShare, ShardFootprint};
 use crate::model::{Shard, ShardOptions, ShardWeights};
 use crate::peer_stream::PlaneTls;
 use crate::weights::QuantizedWeights;
@@ -43,7 +44,7 @@ pub struct Assignment {
     pub session: Session,
     pub lease: Duration,
     opts: ShardOptions,
-    kv_budget: u64,
+    kv: KvSizing,
     timeout: Duration,
 }
 
@@ -51,6 +52,7 @@ impl TryFrom<pb::AssignRequest> for Assignment {
     type Error = Status;
 
     fn try_from(req: pb::AssignRequest) -> Result<Self, Status> {
+        let kv = kv_sizing(&req)?;
         let session = gemma_proto::session::required(req.session)
             .map_err(|e| Status::invalid_argument(format!("assignment: {e}")))?;
         let expected: ShardSpec = req
@@ -96,10 +98,32 @@ impl TryFrom<pb::AssignRequest> for Assignment {
                     QuantizedWeights::Keep
                 },
             },
-            kv_budget: req.kv_budget_bytes,
+            kv,
             timeout: Duration::from_millis(req.collective_timeout_ms.max(1)),
         })
     }
+}
+
+/// What the request asks of the KV pool; the first field set wins.
+fn kv_sizing(req: &pb::AssignRequest) -> Result<KvSizing, Status> {
+    if req.kv_blocks > 0 {
+        return Ok(KvSizing::Blocks(req.kv_blocks as usize));
+    }
+    if req.kv_budget_bytes > 0 {
+        return Ok(KvSizing::Budget(req.kv_budget_bytes));
+    }
+    let fraction = req.kv_memory_fraction;
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(Status::invalid_argument(format!(
+            "kv_memory_fraction {fraction} is outside (0, 1], and neither kv_blocks nor \
+             kv_budget_bytes is given"
+        )));
+    }
+    Ok(KvSizing::FromMemory(MemoryShare {
+        fraction,
+        host_share: req.host_share.max(1),
+        max_tokens: req.kv_max_tokens,
+    }))
 }
 
 /// What makes two assignments' weights the same: the model file (by canonical path), the shard,
@@ -376,8 +400,9 @@ fn rejoin(
     ctx: &Context,
 ) -> Result<(usize, Arc<DataPlane>), AssignError> {
     let spec = planned_spec(a, weights.config())?;
-    let blocks = kv_blocks(a, weights.config(), &spec)?;
     let bytes = weights.weight_bytes();
+    // Resident already: the host's available memory no longer counts them.
+    let blocks = kv_blocks(a, weights.config(), &spec, bytes, bytes)?;
     ctx.shared.if_current(ctx.serial, |slot| {
         slot.status.bytes_total = bytes;
         slot.status.progress = Arc::new(AtomicU64::new(bytes));
@@ -393,9 +418,11 @@ fn load(
 ) -> Result<(Shard, Arc<DataPlane>), AssignError> {
     let folder = ModelFolder::open(&a.model)?;
     let spec = planned_spec(a, &folder.config)?;
-    let blocks = kv_blocks(a, &folder.config, &spec)?;
     let total =
         (spec.num_parameters(&folder.config) as f64 * folder.weights.bytes_per_parameter()) as u64;
+    // Sized before any shard of the group loads (they load only once the plane is connected),
+    // so co-located workers read the same available memory.
+    let blocks = kv_blocks(a, &folder.config, &spec, total, 0)?;
     let progress = folder.weights.progress();
     ctx.shared.if_current(ctx.serial, |slot| {
         slot.status.bytes_total = total;
@@ -432,8 +459,15 @@ fn planned_spec(a: &Assignment, cfg: &ModelConfig) -> Result<ShardSpec, AssignEr
         })
 }
 
-/// How many KV blocks the assignment's budget holds on this shard.
-fn kv_blocks(a: &Assignment, cfg: &ModelConfig, spec: &ShardSpec) -> Result<usize, AssignError> {
+/// How many KV blocks this shard's cache holds, as the assignment asks (`kv_sizing`): its
+/// weights take `weight_bytes`, of which `resident` are already in memory.
+fn kv_blocks(
+    a: &Assignment,
+    cfg: &ModelConfig,
+    spec: &ShardSpec,
+    weight_bytes: u64,
+    resident: u64,
+) -> Result<usize, AssignError> {
     let per_block = KvCache::bytes_per_block(
         spec.layers.len(),
         a.opts.block_size,
@@ -441,14 +475,13 @@ fn kv_blocks(a: &Assignment, cfg: &ModelConfig, spec: &ShardSpec) -> Result<usiz
         cfg.head_dim,
         a.opts.dtype,
     ) as u64;
-    match (a.kv_budget / per_block.max(1)) as usize {
-        0 => Err(AssignError::NoKvBlock {
-            budget: a.kv_budget,
-            block_size: a.opts.block_size,
-            per_block,
-        }),
-        blocks => Ok(blocks),
-    }
+    let shard = ShardFootprint {
+        per_block,
+        block_size: a.opts.block_size,
+        weight_bytes,
+        resident_weight_bytes: resident,
+    };
+    a.kv.blocks(shard, available_memory)
 }
 
 fn connect_plane(

@@ -6,7 +6,8 @@
 //! BENCH_EXTRA=1 adds decode diagnostics on stderr; BENCH_ONLY_REAL=1 runs only the real-model
 //! rows (gemma-3-270m beside llama.cpp, see `real_model`); BENCH_ONLY_ALLREDUCE=1 only the
 //! data plane's rows (all-reduce against raw TCP, and with mutual TLS against without);
-//! BENCH_ONLY_PREFIX=1 only the prefix cache's rows (see `prefix_cache`); BENCH_ONLY_STRUCTURED=1
+//! BENCH_ONLY_PREFIX=1 only the prefix cache's rows (see `prefix_cache`); BENCH_ONLY_PIPELINE=1
+//! only pp=2 with pipeline overlap against without (see `pipeline`); BENCH_ONLY_STRUCTURED=1
 //! only structured output's (see `structured`);
 //! BENCH_THREADS=N runs every side on N
 //! cores with N compute threads in all (default: all cores), and each row says how the threads
@@ -28,6 +29,7 @@ use gemma_worker::collective::Collective;
 use gemma_worker::data_plane::{DataPlane, PlaneAbort, PlaneCollective, PlaneEndpoint};
 use gemma_worker::{ModelFolder, ShardOptions};
 
+mod pipeline;
 mod prefix_cache;
 mod real_model;
 mod stream_timing;
@@ -118,9 +120,15 @@ fn run_all() -> Result<()> {
         print_table(rows);
         return Ok(());
     }
+    if std::env::var_os("BENCH_ONLY_PIPELINE").is_some() {
+        rows.extend(pipeline::rows(threads)?);
+        print_table(rows);
+        return Ok(());
+    }
     if std::env::var_os("BENCH_ONLY_REAL").is_none() {
         rows.extend(synthetic_rows(threads)?);
         rows.extend(prefix_cache::rows(threads)?);
+        rows.extend(pipeline::rows(threads)?);
     }
     rows.extend(real_model::rows(threads)?);
     rows.extend(structured::rows(threads)?);
@@ -545,8 +553,8 @@ fn time_decode(
 /// Serving throughput: generated tokens/s (the server's own usage counts) at concurrency 1, 4, 16,
 /// 64 against a coordinator with tp=1 and tp=2, with time to first token, inter-token latency
 /// (kernel arrival times of each token's event) and time per output token, on a 590 MB model.
-fn serving(threads: usize) -> Result<Vec<Row>> {
-    let dir = tempfile::tempdir()?;
+/// The serving rows' model (4 layers of 512, f32) with the real tokenizer, in `dir`.
+fn serving_model(dir: &std::path::Path) -> Result<()> {
     let model = TinyGemma {
         vocab_size: 256_000,
         hidden_size: 512,
@@ -557,12 +565,18 @@ fn serving(threads: usize) -> Result<Vec<Row>> {
         head_dim: 64,
         ..TinyGemma::mha_like_7b()
     };
-    model.write(dir.path())?;
-    gemma_testkit::add_tokenizer(dir.path())?;
+    model.write(dir)?;
+    gemma_testkit::add_tokenizer(dir)?;
     eprintln!(
         "serving model: {} MiB of f32 weights",
         model.f32_bytes() >> 20
     );
+    Ok(())
+}
+
+fn serving(threads: usize) -> Result<Vec<Row>> {
+    let dir = tempfile::tempdir()?;
+    serving_model(dir.path())?;
     let mut rows = Vec::new();
     for tp in [1usize, 2] {
         let tp_s = tp.to_string();
