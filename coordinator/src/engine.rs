@@ -472,7 +472,7 @@ impl Sequence {
         mut request: Request,
         kv: KvAllocation,
         stop_ids: &[u32],
-    ) -> Result<Self, (Request, GrammarError)> {
+    ) -> Result<Self, Box<(Request, GrammarError)>> {
         let mut constraint = request.spec.constraint.take();
         let s = &request.spec;
         let sampler = match s.logprobs {
@@ -487,7 +487,7 @@ impl Sequence {
         if let Some(c) = &mut constraint {
             match c.next_mask() {
                 Ok(mask) => sampler.set_allowed(mask),
-                Err(e) => return Err((request, e)),
+                Err(e) => return Err(Box::new((request, e))),
             }
         }
         Ok(Self {
@@ -756,7 +756,8 @@ impl<C: StepCluster> Engine<C> {
                         .prompt(r.spec.prompt.len(), alloc.reused_tokens());
                     match Sequence::new(self.next_id, r, alloc, self.tokenizer.stop_ids()) {
                         Ok(seq) => seq,
-                        Err((r, e)) => {
+                        Err(failed) => {
+                            let (r, e) = *failed;
                             self.waiting_count.fetch_sub(1, Ordering::SeqCst);
                             Waiting::Fresh(r).fail(e.into(), &self.metrics);
                             continue;

@@ -137,7 +137,7 @@ fn one_value_per_setting() -> Vec<(&'static str, &'static str, Value)> {
         ("kv_memory_fraction", "0.25", json!(0.25)),
         ("block_size", "32", json!(32)),
         ("prefix_caching", "false", json!(false)),
-        ("pipeline_overlap", "false", json!(false)),
+        ("pipeline_overlap", "true", json!(true)),
         ("worker_bin", "/bin/w", json!("/bin/w")),
         ("served_model_name", "mine", json!("mine")),
         ("step_timeout_ms", "11", json!(11)),

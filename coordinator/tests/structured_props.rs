@@ -27,7 +27,10 @@ fn tokenizer_dir() -> PathBuf {
 fn tokenizer() -> Arc<TextTokenizer> {
     static T: OnceLock<Arc<TextTokenizer>> = OnceLock::new();
     T.get_or_init(|| {
-        Arc::new(TextTokenizer::from_dir(&tokenizer_dir(), 2, 1).expect("run scripts/fetch-tokenizer.sh"))
+        Arc::new(
+            TextTokenizer::from_dir(&tokenizer_dir(), 2, 1)
+                .expect("run scripts/fetch-tokenizer.sh"),
+        )
     })
     .clone()
 }
@@ -61,7 +64,10 @@ fn a_schema_allows_its_json_and_completes_on_the_closing_brace() {
     let person = json!({"type": "object", "properties": {"name": {"type": "string"},
                         "age": {"type": "integer"}}, "required": ["name", "age"]});
     let f = schema(person.clone(), false);
-    assert_eq!(follow(&f, r#"{"name": "Ada", "age": 36}"#), Ok(Progress::Complete));
+    assert_eq!(
+        follow(&f, r#"{"name": "Ada", "age": 36}"#),
+        Ok(Progress::Complete)
+    );
     // Compact single-line JSON: no other whitespace; required fields first as listed.
     assert!(follow(&f, "{ \"name\"").is_err());
     assert!(follow(&f, r#"{"age": 36"#).is_err());
@@ -93,11 +99,17 @@ fn stop_tokens_are_allowed_exactly_where_the_grammar_may_end() {
     let f = OutputFormat::Regex("[0-9]{1,3}".into());
     let mut c = grammars().compile(&f).expect("compiles");
     let first = c.next_mask().expect("mask");
-    assert!(tok.stop_ids().iter().all(|&s| !first.allows(s)), "nothing yet");
+    assert!(
+        tok.stop_ids().iter().all(|&s| !first.allows(s)),
+        "nothing yet"
+    );
     let seven = tok.encode_text("7").expect("ids");
     assert_eq!(c.accept(seven[0]).expect("a digit"), Progress::Open);
     let after = c.next_mask().expect("mask");
-    assert!(tok.stop_ids().iter().all(|&s| after.allows(s)), "may end after one digit");
+    assert!(
+        tok.stop_ids().iter().all(|&s| after.allows(s)),
+        "may end after one digit"
+    );
     // n > 1 choices: a clone follows its own path.
     let mut other = c.clone();
     for &stop in tok.stop_ids() {
@@ -120,7 +132,10 @@ fn choices_and_lark_compile_and_refusals_say_why() {
         OutputFormat::Regex("[a-".into()),
         OutputFormat::Lark("start: missing".into()),
         schema(json!({"$ref": "https://example.com/s.json"}), false),
-        schema(json!({"type": "integer", "minimum": 5, "maximum": 1}), false),
+        schema(
+            json!({"type": "integer", "minimum": 5, "maximum": 1}),
+            false,
+        ),
     ] {
         let e = grammars().compile(&bad).expect_err("refused");
         assert!(!e.to_string().is_empty(), "{bad:?}");

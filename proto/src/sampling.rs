@@ -285,6 +285,8 @@ impl Penalties {
 }
 
 #[cfg(test)]
+// A list of one allowed range is what a mask often is.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
 
@@ -368,8 +370,15 @@ mod tests {
             p.apply_to_rows(&mut each, first, seqs, column);
         }
         assert_eq!(one_pass, each);
-        let allowed = |c: usize| (0..rows).filter(|r| one_pass[r * seqs + c].is_finite()).count();
-        assert_eq!((allowed(0), allowed(1), allowed(2)), (1 + 2100 + 1, 4000, 0));
+        let allowed = |c: usize| {
+            (0..rows)
+                .filter(|r| one_pass[r * seqs + c].is_finite())
+                .count()
+        };
+        assert_eq!(
+            (allowed(0), allowed(1), allowed(2)),
+            (1 + 2100 + 1, 4000, 0)
+        );
     }
 
     #[test]

@@ -45,7 +45,11 @@ impl TokenMask {
     }
 
     /// A mask of `[first, first + len)` allowing exactly `allowed` (clamped into it, merged).
-    pub fn from_ranges(first: u32, len: u32, allowed: impl IntoIterator<Item = Range<u32>>) -> Self {
+    pub fn from_ranges(
+        first: u32,
+        len: u32,
+        allowed: impl IntoIterator<Item = Range<u32>>,
+    ) -> Self {
         let end = first.saturating_add(len);
         let mut merged: Vec<Range<u32>> = Vec::new();
         let mut ranges: Vec<Range<u32>> = allowed
@@ -90,7 +94,11 @@ impl TokenMask {
     /// The same mask with `ids` allowed too (a grammar that allows <eos> allows every stop id).
     pub fn with_allowed(&self, ids: &[u32]) -> Self {
         let extra = ids.iter().map(|&id| id..id.saturating_add(1));
-        Self::from_ranges(self.first, self.len, self.allowed.iter().cloned().chain(extra))
+        Self::from_ranges(
+            self.first,
+            self.len,
+            self.allowed.iter().cloned().chain(extra),
+        )
     }
 
     /// What a rank holding the vocabulary rows `rows` needs of the mask.
@@ -236,6 +244,8 @@ fn varint_len(n: u32) -> usize {
 }
 
 #[cfg(test)]
+// A list of one allowed range is what a mask often is.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -260,7 +270,10 @@ mod tests {
         let s = m.slice(8..40);
         assert_eq!((s.span(), s.allowed()), (8..40, &[9..10][..]));
         assert_eq!(s.banned_within(0..64), vec![0..9, 10..64]);
-        assert_eq!(m.with_allowed(&[6, 1]).allowed(), &[1..2, 3..7, 9..10, 63..64]);
+        assert_eq!(
+            m.with_allowed(&[6, 1]).allowed(),
+            &[1..2, 3..7, 9..10, 63..64]
+        );
     }
 
     #[test]

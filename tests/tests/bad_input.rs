@@ -404,8 +404,10 @@ fn cases() -> Vec<Case> {
         case(
             "a schema no value meets",
             H,
-            m(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
-                     "schema": {"type": "integer", "minimum": 3, "maximum": 1}}}})),
+            m(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                     "schema": {"type": "integer", "minimum": 3, "maximum": 1}}}}),
+            ),
             400,
             "response_format",
         ),

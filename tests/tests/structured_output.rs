@@ -280,7 +280,10 @@ fn regex_choice_and_lark_follow_their_grammar() {
             "{code:?}"
         );
         let pick = complete(json!({"choice": ["yes", "no", "not sure"]}), seed);
-        assert!(["yes", "no", "not sure"].contains(&pick.as_str()), "{pick:?}");
+        assert!(
+            ["yes", "no", "not sure"].contains(&pick.as_str()),
+            "{pick:?}"
+        );
         let lark = "start: \"(\" NUMBER (\" + \" NUMBER)* \")\"\nNUMBER: /[1-9][0-9]?/";
         let sum = complete(json!({"grammar": lark}), seed);
         let inner = sum

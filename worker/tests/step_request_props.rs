@@ -106,7 +106,11 @@ fn sample_spec() -> impl Strategy<Value = pb::SampleSpec> {
         1 => Just(None),
     ];
     let mask = proptest::option::of(
-        (id(), prop_oneof![3 => 0..VOCAB as u32, 1 => any::<u32>()], bits)
+        (
+            id(),
+            prop_oneof![3 => 0..VOCAB as u32, 1 => any::<u32>()],
+            bits,
+        )
             .prop_map(|(first, len, bits)| pb::TokenMask { first, len, bits }),
     );
     let penalties = (

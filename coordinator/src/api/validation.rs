@@ -134,6 +134,12 @@ pub enum ValidationError {
          (response_format {{\"type\": \"text\"}} with structured_outputs)"
     )]
     TwoOutputFormats,
+    #[error(
+        "the prompt tokenizes to id {id}, outside the model's vocabulary of {vocab_size}; \
+         allowed: text whose tokens the model has (the tokenizer knows more tokens than the \
+         model)"
+    )]
+    OutsideVocabulary { id: u32, vocab_size: usize },
     #[error("{param}: {reason}")]
     OutputFormat { param: &'static str, reason: String },
 }
@@ -174,7 +180,9 @@ impl ValidationError {
         use ValidationError::*;
         match self {
             UnknownModel { .. } => "model",
-            MissingPrompt | SeveralPrompts { .. } | NoRoom { .. } => "prompt",
+            MissingPrompt | SeveralPrompts { .. } | NoRoom { .. } | OutsideVocabulary { .. } => {
+                "prompt"
+            }
             MissingMessages | NoChatTemplate | Chat(_) => "messages",
             N(_) => "n",
             Alternatives { param, .. } | Tokenize { param, .. } => param,
@@ -399,6 +407,15 @@ impl Validator<'_> {
         constraint: Option<Constraint>,
     ) -> Result<ValidRequest, ValidationErrors> {
         let prompt_tokens = prompt.len();
+        // A tokenizer with more ids than the model's vocabulary (added tokens past it) must not
+        // reach the workers, which would refuse the whole step and every request in it.
+        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(ValidationError::OutsideVocabulary {
+                id,
+                vocab_size: self.vocab_size,
+            }
+            .into());
+        }
         // The engine refuses a sequence whose prompt + max_tokens outgrows the pool; the
         // context bounds every sequence.
         let sequence = match self.kv_capacity < self.max_context {
@@ -600,12 +617,12 @@ fn output_format(
         chosen.push(OutputFormat::JsonSchema {
             strict: false,
             schema: match json {
-            serde_json::Value::String(text) => {
-                serde_json::from_str(text).map_err(|e| E::OutputFormat {
-                    param: "structured_outputs",
-                    reason: format!("`json` is a string that does not hold JSON: {e}"),
-                })?
-            }
+                serde_json::Value::String(text) => {
+                    serde_json::from_str(text).map_err(|e| E::OutputFormat {
+                        param: "structured_outputs",
+                        reason: format!("`json` is a string that does not hold JSON: {e}"),
+                    })?
+                }
                 schema => schema.clone(),
             },
         });
@@ -909,7 +926,9 @@ mod tests {
         ));
         assert_eq!(e.first().param(), "prompt");
         // The default shrinks to what room there is.
-        let r = SERVED.with_prompt(fields, vec![1; 60], None).expect("room for 4");
+        let r = SERVED
+            .with_prompt(fields, vec![1; 60], None)
+            .expect("room for 4");
         assert_eq!(r.spec.max_tokens, 4);
     }
 
@@ -932,6 +951,20 @@ mod tests {
         assert_eq!(r.spec.max_tokens, 5);
     }
 
+    /// SERVED's vocabulary has 1000 ids: a prompt id past it never reaches the engine.
+    #[test]
+    fn a_prompt_id_outside_the_models_vocabulary_is_refused() {
+        let (_, fields) = completion(json!({"prompt": "x"})).expect("fields");
+        assert!(SERVED
+            .with_prompt(fields.clone(), vec![2, 999], None)
+            .is_ok());
+        let e = SERVED
+            .with_prompt(fields, vec![2, 1000], None)
+            .expect_err("outside");
+        assert_eq!(e.first().param(), "prompt");
+        assert!(e.to_string().contains("id 1000"), "{e}");
+    }
+
     #[test]
     fn a_kv_pool_smaller_than_the_context_bounds_prompt_and_output() {
         let small_pool = Validator {
@@ -948,7 +981,9 @@ mod tests {
             message.contains("must be 1 to 28") && message.contains("KV cache, 32 tokens"),
             "{message}"
         );
-        assert!(small_pool.with_prompt(fields.clone(), vec![1; 3], None).is_ok());
+        assert!(small_pool
+            .with_prompt(fields.clone(), vec![1; 3], None)
+            .is_ok());
         let e = small_pool
             .with_prompt(fields, vec![1; 32], None)
             .expect_err("prompt fills the pool");
@@ -966,7 +1001,9 @@ mod tests {
             ..SERVED
         };
         let (_, fields) = completion(json!({"prompt": "x", "max_tokens": 9})).expect("fields");
-        let e = limited.with_prompt(fields, vec![1; 4], None).expect_err("past 8");
+        let e = limited
+            .with_prompt(fields, vec![1; 4], None)
+            .expect_err("past 8");
         assert_eq!(e.first().param(), "max_tokens");
         let message = e.to_string();
         assert!(
@@ -979,7 +1016,9 @@ mod tests {
             .with_prompt(fields.clone(), vec![1; 4], None)
             .expect("valid");
         assert_eq!(r.spec.max_tokens, 8);
-        let r = limited.with_prompt(fields, vec![1; 61], None).expect("valid");
+        let r = limited
+            .with_prompt(fields, vec![1; 61], None)
+            .expect("valid");
         assert_eq!(r.spec.max_tokens, 3);
     }
 

@@ -152,7 +152,7 @@ impl Grammars {
             .factory
             .create_parser(format.grammar())
             .map_err(|e| GrammarError::Refused(e.to_string()))?;
-        let matcher = Matcher::new(Ok(parser));
+        let matcher = Box::new(Matcher::new(Ok(parser)));
         if let Some(e) = matcher.get_error() {
             return Err(GrammarError::Refused(e));
         }
@@ -166,7 +166,8 @@ impl Grammars {
 
 /// One sequence's grammar state: the mask of its next token, advanced by each token drawn.
 pub struct Constraint {
-    matcher: Matcher,
+    /// Boxed: a matcher is over a kilobyte, and requests move through queues by value.
+    matcher: Box<Matcher>,
     stop_ids: Arc<[u32]>,
     vocab_size: usize,
 }
@@ -229,7 +230,7 @@ impl Constraint {
 impl Clone for Constraint {
     fn clone(&self) -> Self {
         Self {
-            matcher: self.matcher.deep_clone(),
+            matcher: Box::new(self.matcher.deep_clone()),
             stop_ids: self.stop_ids.clone(),
             vocab_size: self.vocab_size,
         }
