@@ -24,29 +24,57 @@ pub fn rows(threads: usize) -> Result<Vec<Row>> {
     };
     let (_coordinator, addr) = start_coordinator(&model, &["--tp", "1"])?;
     // Warm-up: builds the grammar engine's token trie and runs the workers once.
-    load(&addr, 1, 1, true)?;
+    load(&addr, 1, 1, Side::Schema)?;
     let mut rows = Vec::new();
+    let row = |figure: String, value: f64, reference: &str, ref_value: f64| Row {
+        figure,
+        value,
+        unit: "tok/s",
+        reference: reference.into(),
+        ref_value,
+        threads: format!("{t} | {t}", t = split(threads, 1)),
+    };
     for streams in [1, 16] {
-        let free = load(&addr, streams, REQUESTS_PER_STREAM, false)?;
-        let constrained = load(&addr, streams, REQUESTS_PER_STREAM, true)?;
-        rows.push(Row {
-            figure: format!("gemma-3-270m, {streams} stream(s): JSON Schema output"),
-            value: constrained,
-            unit: "tok/s",
-            reference: "the same requests unconstrained".into(),
-            ref_value: free,
-            threads: format!("{t} | {t}", t = split(threads, 1)),
-        });
+        let free = load(&addr, streams, REQUESTS_PER_STREAM, Side::Free)?;
+        let constrained = load(&addr, streams, REQUESTS_PER_STREAM, Side::Schema)?;
+        let figure = format!("gemma-3-270m, {streams} stream(s): JSON Schema output");
+        rows.push(row(
+            figure,
+            constrained,
+            "the same requests unconstrained",
+            free,
+        ));
+        if streams > 1 {
+            // What any request that changes the logits on the last stage costs (there, a
+            // copy of the slice), without a grammar: where the schema's cost comes from.
+            let penalized = load(&addr, streams, REQUESTS_PER_STREAM, Side::Penalized)?;
+            let figure = format!("gemma-3-270m, {streams} streams: frequency_penalty 0.01");
+            rows.push(row(
+                figure,
+                penalized,
+                "the same requests unconstrained",
+                free,
+            ));
+        }
     }
     Ok(rows)
 }
 
-fn body(seed: usize, constrained: bool) -> String {
-    let format = match constrained {
-        true => {
+/// What one side's requests add to the same chat request.
+#[derive(Clone, Copy)]
+enum Side {
+    Free,
+    Schema,
+    Penalized,
+}
+
+fn body(seed: usize, side: Side) -> String {
+    let format = match side {
+        Side::Schema => {
             r#","response_format":{"type":"json_schema","json_schema":{"name":"basket","strict":true,"schema":{"type":"array","minItems":12,"maxItems":12,"items":{"type":"object","properties":{"name":{"type":"string","maxLength":16},"qty":{"type":"integer","minimum":1,"maximum":99}},"required":["name","qty"]}}}}"#
         }
-        false => "",
+        Side::Penalized => r#","frequency_penalty":0.01"#,
+        Side::Free => "",
     };
     format!(
         r#"{{"messages":[{{"role":"user","content":{}}}],"max_tokens":{MAX_TOKENS},"seed":{seed},"ignore_eos":true,"stream":true,"stream_options":{{"include_usage":true}}{format}}}"#,
@@ -55,7 +83,7 @@ fn body(seed: usize, constrained: bool) -> String {
 }
 
 /// `streams` clients, each sending `requests` back to back: output tokens per second of wall.
-fn load(addr: &str, streams: usize, requests: usize, constrained: bool) -> Result<f64> {
+fn load(addr: &str, streams: usize, requests: usize, side: Side) -> Result<f64> {
     let started = Instant::now();
     let tokens: Vec<Result<usize>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..streams)
@@ -63,7 +91,7 @@ fn load(addr: &str, streams: usize, requests: usize, constrained: bool) -> Resul
                 s.spawn(move || {
                     let mut tokens = 0;
                     for r in 0..requests {
-                        let body = body(c * 100 + r, constrained);
+                        let body = body(c * 100 + r, side);
                         let times = stream_timing::stream(addr, "/v1/chat/completions", &body)?;
                         tokens += times.completion_tokens;
                     }
