@@ -3,7 +3,9 @@
 //! tokens where it may end, strict mode closes objects, clones follow their own path, refusals
 //! carry llguidance's reason, and masks stay small on the wire.
 
-use std::path::PathBuf;
+mod common;
+
+use common::tokenizer_dir;
 use std::sync::{Arc, OnceLock};
 
 use gemma_coordinator::structured::{Grammars, OutputFormat, Progress};
@@ -11,18 +13,6 @@ use gemma_coordinator::tokenizer::TextTokenizer;
 use serde_json::json;
 
 const VOCAB: usize = 262_144;
-
-fn tokenizer_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("GEMMA_TOKENIZER_DIR") {
-        return dir.into();
-    }
-    let cache = std::env::var_os("GEMMA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gemma-cluster")
-        });
-    cache.join("tokenizer-gemma")
-}
 
 fn tokenizer() -> Arc<TextTokenizer> {
     static T: OnceLock<Arc<TextTokenizer>> = OnceLock::new();

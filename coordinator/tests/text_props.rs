@@ -9,7 +9,9 @@
 //!
 //! Deterministic: a fixed seed and no persistence files.
 
-use std::path::PathBuf;
+mod common;
+
+use common::tokenizer_dir;
 use std::sync::OnceLock;
 
 use gemma_coordinator::chat::{ChatError, ChatMessage, ChatTemplate};
@@ -25,19 +27,6 @@ fn config(cases: u32) -> Config {
         rng_seed: RngSeed::Fixed(0x7E47_0001),
         ..Config::default()
     }
-}
-
-/// Where scripts/fetch-tokenizer.sh keeps the real tokenizer (as the test kit finds it).
-fn tokenizer_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("GEMMA_TOKENIZER_DIR") {
-        return dir.into();
-    }
-    let cache = std::env::var_os("GEMMA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gemma-cluster")
-        });
-    cache.join("tokenizer-gemma")
 }
 
 fn tokenizer() -> &'static TextTokenizer {
