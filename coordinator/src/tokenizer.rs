@@ -73,17 +73,11 @@ impl TextTokenizer {
     /// (`<bos>`, `<start_of_turn>`) are recognised, and a text that already starts with <bos>
     /// gets no second one.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        let ids = enc.get_ids();
-        let mut out = Vec::with_capacity(ids.len() + 1);
+        let mut ids = self.encode_text(text)?;
         if ids.first() != Some(&self.bos) {
-            out.push(self.bos);
+            ids.insert(0, self.bos);
         }
-        out.extend_from_slice(ids);
-        Ok(out)
+        Ok(ids)
     }
 
     /// One token's text as a client sees it in log-probabilities.

@@ -75,26 +75,8 @@ fn connections_past_max_connections_get_503_until_one_closes() {
     assert!(took < Duration::from_secs(2), "refused in {took:?}");
     // A request with a body is refused the same way, its body read and dropped.
     let body = json!({"prompt": "Hello", "max_tokens": 2}).to_string();
-    let r = request_raw(
-        &c.addr,
-        "POST",
-        "/v1/completions",
-        Some(body.as_bytes()),
-        &[],
-        WAIT,
-    )
-    .expect("an answer");
-    assert_eq!(r.status, 503);
-
-    // Closing a held connection gives its place back (noticed by the server asynchronously:
-    // wait for it with a deadline). Each probe's own connection is given back the same way, so
-    // the completion that follows may still find the place taken for a moment: it too is
-    // retried until the deadline, and every answer before the 200 must be the 503.
-    drop(first);
-    let deadline = Instant::now() + WAIT;
-    let body = json!({"prompt": "Hello", "max_tokens": 2}).to_string();
-    loop {
-        let r = request_raw(
+    let complete = || {
+        request_raw(
             &c.addr,
             "POST",
             "/v1/completions",
@@ -102,7 +84,18 @@ fn connections_past_max_connections_get_503_until_one_closes() {
             &[],
             WAIT,
         )
-        .expect("an answer");
+        .expect("an answer")
+    };
+    assert_eq!(complete().status, 503);
+
+    // Closing a held connection gives its place back (noticed by the server asynchronously:
+    // wait for it with a deadline). Each probe's own connection is given back the same way, so
+    // the completion that follows may still find the place taken for a moment: it too is
+    // retried until the deadline, and every answer before the 200 must be the 503.
+    drop(first);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = complete();
         if r.status == 200 {
             break;
         }
