@@ -14,6 +14,7 @@ pub mod kv_cache;
 pub mod kv_sizing;
 pub mod model;
 pub mod peer_stream;
+pub mod q8_matmul;
 pub mod server;
 pub mod weights;
 pub mod wire;

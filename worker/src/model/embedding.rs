@@ -8,22 +8,21 @@ use std::sync::Arc;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, QTensor};
 use candle_core::{DType, Result, Tensor};
 
-use super::linear::Linear;
+use super::linear::{quantize_rows, Linear};
 use super::ShardOptions;
 use crate::error::LoadError;
-use crate::weights::{Matrix, Slice, WeightFiles, EMBED_TOKENS};
+use crate::q8_matmul::{Layout, Q8Matrix};
+use crate::weights::{Matrix, QuantizedMatrix, Slice, WeightFiles, EMBED_TOKENS};
 
 #[derive(Debug, Clone)]
 enum Table {
     /// [v1 - v0, hidden] in the compute dtype.
     Dense(Tensor),
     /// The rows in their GGUF blocks: looked up by copying a token's row of blocks; `logits`
-    /// multiplies by the same blocks. `pad`: zero columns after the hidden ones in each row.
-    Quantized {
-        rows: Arc<QTensor>,
-        pad: usize,
-        logits: Linear,
-    },
+    /// multiplies by the same blocks.
+    Quantized { rows: Arc<QTensor>, logits: Linear },
+    /// Q8_0 repacked for `q8_matmul`: rows looked up from the same repacked matrix.
+    Q8(Arc<Q8Matrix>),
 }
 
 #[derive(Debug, Clone)]
@@ -51,11 +50,14 @@ impl VocabParallelEmbedding {
             opts.quantized,
         )? {
             Matrix::Dense(w) => Table::Dense(w),
-            Matrix::Quantized(q) => Table::Quantized {
-                rows: q.blocks.clone(),
-                pad: q.pad,
-                logits: Linear::from_matrix(EMBED_TOKENS, Matrix::Quantized(q))?,
+            Matrix::Quantized(QuantizedMatrix::Blocks(blocks)) => Table::Quantized {
+                rows: blocks.clone(),
+                logits: Linear::from_matrix(
+                    EMBED_TOKENS,
+                    Matrix::Quantized(QuantizedMatrix::Blocks(blocks)),
+                )?,
             },
+            Matrix::Quantized(QuantizedMatrix::Q8(q8)) => Table::Q8(q8),
         };
         Ok(Self {
             table,
@@ -86,7 +88,17 @@ impl VocabParallelEmbedding {
                 let keep = Tensor::from_vec(keep, (n, 1), device)?.to_dtype(weight.dtype())?;
                 rows.broadcast_mul(&keep)
             }
-            Table::Quantized { rows, pad, .. } => {
+            Table::Q8(table) => {
+                let mut x = vec![0f32; tokens.len() * self.hidden];
+                for (t, row) in tokens.iter().zip(x.chunks_exact_mut(self.hidden)) {
+                    if let Some(r) = local(*t) {
+                        table.dequantize_row(r, row);
+                    }
+                }
+                Tensor::from_vec(x, (tokens.len(), self.hidden), &candle_core::Device::Cpu)?
+                    .to_dtype(self.dtype)
+            }
+            Table::Quantized { rows, .. } => {
                 // Copy each token's row of blocks (all-zero blocks decode to zeros in every
                 // format), then dequantize the [tokens, hidden] result in one call.
                 let data = rows.data()?;
@@ -103,15 +115,10 @@ impl VocabParallelEmbedding {
                 let picked = qtensor_from_ggml(
                     rows.dtype(),
                     &bytes[..tokens.len() * row_bytes],
-                    vec![tokens.len(), self.hidden + pad],
+                    vec![tokens.len(), self.hidden],
                     &device,
                 )?;
-                let x = picked.dequantize(&device)?;
-                let x = match pad {
-                    0 => x,
-                    _ => x.narrow(1, 0, self.hidden)?.contiguous()?,
-                };
-                x.to_dtype(self.dtype)
+                picked.dequantize(&device)?.to_dtype(self.dtype)
             }
         }
     }
@@ -130,6 +137,13 @@ impl VocabParallelEmbedding {
                 .forward(&hidden.to_dtype(DType::F32)?)?
                 .t()?
                 .contiguous(),
+            // Vocabulary-major straight from the kernel.
+            Table::Q8(table) => {
+                let seqs = hidden.dim(0)?;
+                let xq = quantize_rows(hidden, self.hidden)?;
+                let logits = table.matmul(&xq, Layout::ColumnMajor);
+                Tensor::from_vec(logits, (table.rows(), seqs), hidden.device())
+            }
         }
     }
 }

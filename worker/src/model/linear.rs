@@ -2,23 +2,24 @@
 //!
 //! Column-parallel (q, k, v, gate, up) holds rows of w; row-parallel (o, down) holds columns and
 //! yields a partial sum that the stage all-reduces. A GGUF weight may stay in its quantized blocks
-//! and be multiplied by candle's quantized kernels (which take f32 activations).
+//! and be multiplied by candle's quantized kernels (which take f32 activations), or, Q8_0 on
+//! AVX512-VNNI CPUs, by `q8_matmul`'s.
+
+use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Result, Tensor};
 
 use super::ShardOptions;
 use crate::error::LoadError;
-use crate::weights::{Matrix, Slice, WeightFiles};
+use crate::q8_matmul::{Layout, Q8Matrix, QuantizedRows};
+use crate::weights::{Matrix, QuantizedMatrix, Slice, WeightFiles};
 
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense(Tensor),
-    /// `pad`: zero columns the blocks carry after the real inputs (see `GgufFile::load_quantized`).
-    Quantized {
-        matmul: QMatMul,
-        pad: usize,
-    },
+    Quantized(QMatMul),
+    Q8(Arc<Q8Matrix>),
 }
 
 impl Linear {
@@ -45,35 +46,39 @@ impl Linear {
     pub fn from_matrix(name: &str, matrix: Matrix) -> std::result::Result<Self, LoadError> {
         match matrix {
             Matrix::Dense(w) => Ok(Self::Dense(w)),
-            Matrix::Quantized(q) => Ok(Self::Quantized {
-                matmul: QMatMul::from_arc(q.blocks).map_err(|source| LoadError::Candle {
+            Matrix::Quantized(QuantizedMatrix::Blocks(blocks)) => Ok(Self::Quantized(
+                QMatMul::from_arc(blocks).map_err(|source| LoadError::Candle {
                     tensor: name.to_string(),
                     source,
                 })?,
-                pad: q.pad,
-            }),
+            )),
+            Matrix::Quantized(QuantizedMatrix::Q8(q8)) => Ok(Self::Q8(q8)),
         }
     }
 
-    /// Projections of one input, sharing the input's conversion (f32, zero-padded to the
-    /// blocks' width) where their kernels take the same: q, k and v; gate and up. Decoding a
-    /// small model is bounded by the number of ops per layer as much as by bandwidth.
+    /// Projections of one input, sharing the input's conversion where their kernels take the
+    /// same (f32 for candle's; the quantized rows for Q8_0): q, k and v; gate and up. Decoding
+    /// a small model is bounded by the number of ops per layer as much as by bandwidth.
     pub fn forward_shared<const N: usize>(x: &Tensor, layers: [&Linear; N]) -> Result<[Tensor; N]> {
-        let mut prepared: Vec<(usize, Tensor)> = Vec::new();
+        let mut as_f32: Option<Tensor> = None;
+        let mut as_q8: Option<QuantizedRows> = None;
         let mut out = Vec::with_capacity(N);
         for layer in layers {
             match layer {
                 Self::Dense(_) => out.push(layer.forward(x)?),
-                Self::Quantized { matmul, pad } => {
-                    let xp = match prepared.iter().find(|(p, _)| p == pad) {
-                        Some((_, xp)) => xp.clone(),
-                        None => {
-                            let xp = padded_f32(x, *pad)?;
-                            prepared.push((*pad, xp.clone()));
-                            xp
-                        }
+                Self::Quantized(matmul) => {
+                    let xf = match &as_f32 {
+                        Some(xf) => xf.clone(),
+                        None => as_f32.insert(contiguous_f32(x)?).clone(),
                     };
-                    out.push(matmul.forward(&xp)?.to_dtype(x.dtype())?);
+                    out.push(matmul.forward(&xf)?.to_dtype(x.dtype())?);
+                }
+                Self::Q8(w) => {
+                    let xq = match &as_q8 {
+                        Some(xq) => xq,
+                        None => &*as_q8.insert(quantize_rows(x, w.cols())?),
+                    };
+                    out.push(q8_forward(w, xq, x)?);
                 }
             }
         }
@@ -85,19 +90,31 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(w) => x.matmul(&w.t()?),
-            Self::Quantized { matmul, pad } => {
-                let dtype = x.dtype();
-                matmul.forward(&padded_f32(x, *pad)?)?.to_dtype(dtype)
-            }
+            Self::Quantized(matmul) => matmul.forward(&contiguous_f32(x)?)?.to_dtype(x.dtype()),
+            Self::Q8(w) => q8_forward(w, &quantize_rows(x, w.cols())?, x),
         }
     }
 }
 
-/// `x` in f32, contiguous, with `pad` zero columns appended (what quantized kernels take).
-fn padded_f32(x: &Tensor, pad: usize) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?;
-    match pad {
-        0 => x.contiguous(),
-        _ => x.pad_with_zeros(candle_core::D::Minus1, 0, pad),
+/// `x` in f32 and contiguous (what candle's quantized kernels take).
+fn contiguous_f32(x: &Tensor) -> Result<Tensor> {
+    x.to_dtype(DType::F32)?.contiguous()
+}
+
+/// `x` [tokens, k] quantized per 32 inputs for `q8_matmul`.
+pub fn quantize_rows(x: &Tensor, k: usize) -> Result<QuantizedRows> {
+    let (m, width) = x.dims2()?;
+    if width != k {
+        return Err(candle_core::Error::Msg(format!(
+            "a Q8_0 projection of {k} inputs got {width}"
+        )));
     }
+    let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(QuantizedRows::quantize(&values, m, k))
+}
+
+/// `xq` (the quantized `x`) times `w`: [tokens, out] in x's dtype and on its device.
+fn q8_forward(w: &Q8Matrix, xq: &QuantizedRows, x: &Tensor) -> Result<Tensor> {
+    let out = w.matmul(xq, Layout::RowMajor);
+    Tensor::from_vec(out, (xq.rows(), w.rows()), x.device())?.to_dtype(x.dtype())
 }

@@ -21,6 +21,7 @@ use super::{
     candle_error, check_stored, NormWeights, QuantizedMatrix, Slice, TensorSource, EMBED_TOKENS,
 };
 use crate::error::LoadError;
+use crate::q8_matmul::Q8Matrix;
 
 pub struct GgufFile {
     path: PathBuf,
@@ -167,9 +168,8 @@ impl TensorSource for GgufFile {
     ///
     /// Q5_0 blocks are rewritten as Q8_0 blocks holding exactly the same values (the same scale,
     /// the 5-bit codes minus 16 as int8): candle multiplies Q8_0 with SIMD and Q5_0 without.
-    /// Where the CPU has VNNI, Q8_0 rows are padded with zero blocks to a multiple of 256
-    /// columns: candle's repacked VNNI kernels (8x faster for a 512-row prefill, 3x for one row)
-    /// only take such rows, and zero blocks add exactly nothing to a dot product.
+    /// Where the CPU has AVX512-VNNI, Q8_0 goes to `Q8Matrix` (activations quantized per 32
+    /// inputs, as llama.cpp's; candle's fast path there quantizes them per 256).
     fn load_quantized(
         &self,
         name: &str,
@@ -195,23 +195,16 @@ impl TensorSource for GgufFile {
             bytes = q5_0_to_q8_0(bytemuck::cast_slice(&bytes));
             ty = GgmlType::Q8_0;
         }
-        let mut dims = slice.shape_of(shape);
-        let mut pad = 0;
-        if ty == GgmlType::Q8_0 && has_vnni() && !dims[1].is_multiple_of(256) {
-            pad = dims[1].next_multiple_of(256) - dims[1];
-            bytes = pad_rows(
-                bytemuck::cast_slice(&bytes),
-                ty.row_bytes(dims[1]),
-                ty.row_bytes(pad),
-            );
-            dims[1] += pad;
+        let dims = slice.shape_of(shape);
+        if ty == GgmlType::Q8_0 && device.is_cpu() {
+            let bytes: &[u8] = bytemuck::cast_slice(&bytes);
+            if let Some(q8) = Q8Matrix::from_gguf_blocks(&bytes[..ty.row_bytes(dims[1]) * dims[0]], dims[0], dims[1]) {
+                return Ok(Some(QuantizedMatrix::Q8(Arc::new(q8))));
+            }
         }
         let blocks = qtensor_from_ggml(candle_type(ty), bytemuck::cast_slice(&bytes), dims, device)
             .map_err(candle_error(name))?;
-        Ok(Some(QuantizedMatrix {
-            blocks: Arc::new(blocks),
-            pad,
-        }))
+        Ok(Some(QuantizedMatrix::Blocks(Arc::new(blocks))))
     }
 
     /// llama.cpp's converter adds Gemma's 1 to the norms it writes.
@@ -279,30 +272,6 @@ fn candle_type(ty: GgmlType) -> GgmlDType {
         GgmlType::Q6K => GgmlDType::Q6K,
         GgmlType::Q8K => GgmlDType::Q8K,
     }
-}
-
-/// Whether candle's x86 repacked kernels take Q8_0 here (they need VNNI for it).
-fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512vnni")
-            || std::arch::is_x86_feature_detected!("avxvnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Appends `pad` zero bytes to every row of `row` bytes.
-fn pad_rows(src: &[u8], row: usize, pad: usize) -> Vec<u64> {
-    let rows = src.len() / row.max(1);
-    let mut out = vec![0u64; (rows * (row + pad)).div_ceil(8)];
-    let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
-    for (s, d) in src.chunks_exact(row).zip(dst.chunks_exact_mut(row + pad)) {
-        d[..row].copy_from_slice(s);
-    }
-    out
 }
 
 const Q5_0_BLOCK: usize = 22;

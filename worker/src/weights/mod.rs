@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use gemma_proto::{Architecture, ModelFiles, ModelFormat};
 
 use crate::error::LoadError;
+use crate::q8_matmul::Q8Matrix;
 pub use gguf::GgufFile;
 pub use safetensors::SafetensorsFiles;
 
@@ -61,13 +62,14 @@ pub enum Matrix {
     Quantized(QuantizedMatrix),
 }
 
-/// A quantized `[out, in]` matrix whose rows may carry zero blocks after `in`.
+/// A quantized `[out, in]` matrix, in the form its kernels take.
 #[derive(Debug, Clone)]
-pub struct QuantizedMatrix {
-    /// `[out, in + pad]`.
-    pub blocks: Arc<QTensor>,
-    /// Zero columns appended to each row (inputs must be padded with as many zeros).
-    pub pad: usize,
+pub enum QuantizedMatrix {
+    /// GGUF blocks, multiplied by candle's quantized kernels.
+    Blocks(Arc<QTensor>),
+    /// Q8_0 (and Q5_0, whose values Q8_0 holds exactly) repacked for the VNNI kernel of
+    /// `q8_matmul`, which quantizes activations per 32 inputs as llama.cpp does.
+    Q8(Arc<Q8Matrix>),
 }
 
 /// How a shard keeps quantized (GGUF) weights.

@@ -8,7 +8,10 @@
 //! data plane's rows (all-reduce against raw TCP, and with mutual TLS against without);
 //! BENCH_ONLY_PREFIX=1 only the prefix cache's rows (see `prefix_cache`); BENCH_ONLY_PIPELINE=1
 //! only pp=2 with pipeline overlap against without (see `pipeline`); BENCH_ONLY_STRUCTURED=1
-//! only structured output's (see `structured`);
+//! only structured output's (see `structured`); BENCH_ONLY_LLAMA_SERVER=1 only the real model
+//! served beside llama-server and llama.cpp's RPC pair (see `beside_llama_server`);
+//! BENCH_ONLY_DECODE=1 only the real model's decode and prefill beside llama-bench;
+//! BENCH_ONLY_NUMERICS=1 only quantized numerics against llama.cpp's (see `numerics`);
 //! BENCH_THREADS=N runs every side on N
 //! cores with N compute threads in all (default: all cores), and each row says how the threads
 //! were split.
@@ -29,6 +32,9 @@ use gemma_worker::collective::Collective;
 use gemma_worker::data_plane::{DataPlane, PlaneAbort, PlaneCollective, PlaneEndpoint};
 use gemma_worker::{ModelFolder, ShardOptions};
 
+mod beside_llama_server;
+mod llama_cpp;
+mod numerics;
 mod pipeline;
 mod prefix_cache;
 mod real_model;
@@ -125,15 +131,91 @@ fn run_all() -> Result<()> {
         print_table(rows);
         return Ok(());
     }
+    if std::env::var_os("BENCH_ONLY_DECODE").is_some() {
+        rows.extend(real_model::rows(threads)?);
+        print_table(rows);
+        return Ok(());
+    }
+    if std::env::var_os("BENCH_ONLY_NUMERICS").is_some() {
+        rows.extend(numerics::rows(threads)?);
+        print_table(rows);
+        return Ok(());
+    }
+    if std::env::var_os("BENCH_ONLY_LLAMA_SERVER").is_some() {
+        let (mut serving, latency) = beside_llama_server::rows(threads)?;
+        serving.extend(beside_llama_server::long_prompt_rows(threads)?);
+        print_table(serving);
+        print_latency_table(&latency);
+        return Ok(());
+    }
     if std::env::var_os("BENCH_ONLY_REAL").is_none() {
         rows.extend(synthetic_rows(threads)?);
         rows.extend(prefix_cache::rows(threads)?);
         rows.extend(pipeline::rows(threads)?);
     }
     rows.extend(real_model::rows(threads)?);
+    rows.extend(numerics::rows(threads)?);
+    let (serving, latency) = beside_llama_server::rows(threads)?;
+    rows.extend(serving);
+    rows.extend(beside_llama_server::long_prompt_rows(threads)?);
     rows.extend(structured::rows(threads)?);
     print_table(rows);
+    print_latency_table(&latency);
     Ok(())
+}
+
+/// TTFT and ITL of one load level beside the reference's at the same level.
+struct LatencyRow {
+    what: String,
+    ours: Level,
+    reference: Option<Level>,
+    reference_name: &'static str,
+}
+
+/// The latency half of the rows measured beside llama.cpp's server: p50/p99 in ms, this
+/// cluster's then the reference's.
+fn print_latency_table(rows: &[LatencyRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "| {:<34} | {:>17} | {:>17} | {:<18} | {:>17} | {:>17} |",
+        "serving (ms, p50 / p99)", "TTFT", "ITL", "reference", "ref TTFT", "ref ITL"
+    );
+    println!("|{:-<36}|{:->19}|{:->19}|{:-<20}|{:->19}|{:->19}|", "", "", "", "", "", "");
+    let pair = |a: f64, b: f64| format!("{a:.0} / {b:.0}");
+    for r in rows {
+        let (rt, ri) = match &r.reference {
+            Some(l) => (pair(l.ttft_p50, l.ttft_p99), pair(l.itl_p50, l.itl_p99)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {:<34} | {:>17} | {:>17} | {:<18} | {:>17} | {:>17} |",
+            r.what,
+            pair(r.ours.ttft_p50, r.ours.ttft_p99),
+            pair(r.ours.itl_p50, r.ours.itl_p99),
+            r.reference_name,
+            rt,
+            ri
+        );
+    }
+}
+
+/// The status code of GET `path` on `addr` (one request, its own connection).
+fn http_get_status(addr: &str, path: &str) -> Result<u16> {
+    let mut sock = TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        sock,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut line = String::new();
+    BufReader::new(sock).read_line(&mut line)?;
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow!("not an HTTP status line: {line:?}"))
 }
 
 /// The all-reduce over the data plane against the raw TCP floor, then with mutual TLS against
@@ -660,6 +742,7 @@ impl Drop for KillOnDrop {
     }
 }
 
+#[derive(Clone)]
 struct Level {
     tokens_per_s: f64,
     ttft_p50: f64,
@@ -675,6 +758,23 @@ struct Level {
 fn load_level(addr: &str, c: usize) -> Result<Level> {
     // Each client sends requests back to back, so the concurrency holds past the ramp-up.
     let per_client = (128 / c).clamp(2, 8);
+    load_level_with(addr, c, per_client, &|i, r| {
+        let prompt = format!("Client {i} request {r}: once upon a time");
+        format!(
+            r#"{{"prompt":{},"max_tokens":32,"temperature":0,"stream":true,"stream_options":{{"include_usage":true}}}}"#,
+            serde_json_string(&prompt)
+        )
+    })
+}
+
+/// `c` clients, each streaming `per_client` `/v1/completions` requests back to back;
+/// `body(client, request)` is each request's body (streamed, with `include_usage`).
+fn load_level_with(
+    addr: &str,
+    c: usize,
+    per_client: usize,
+    body: &(dyn Fn(usize, usize) -> String + Sync),
+) -> Result<Level> {
     let started = Instant::now();
     let realtime = std::sync::atomic::AtomicBool::new(true);
     let realtime_readers = &realtime;
@@ -687,14 +787,7 @@ fn load_level(addr: &str, c: usize) -> Result<Level> {
                         std::sync::atomic::Ordering::Relaxed,
                     );
                     (0..per_client)
-                        .map(|r| {
-                            let prompt = format!("Client {i} request {r}: once upon a time");
-                            let body = format!(
-                                r#"{{"prompt":{},"max_tokens":32,"temperature":0,"stream":true,"stream_options":{{"include_usage":true}}}}"#,
-                                serde_json_string(&prompt)
-                            );
-                            stream_timing::stream(addr, "/v1/completions", &body)
-                        })
+                        .map(|r| stream_timing::stream(addr, "/v1/completions", &body(i, r)))
                         .collect::<Result<Vec<_>>>()
                 })
             })

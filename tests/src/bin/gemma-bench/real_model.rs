@@ -1,20 +1,20 @@
 //! The real gemma-3-270m (GGUF Q4_K_M, fetched by scripts/fetch-model.sh): decode and prefill
-//! tokens/s in one process and in a tp=2 cluster, beside llama.cpp (llama-cpp-python) on the
+//! tokens/s in one process and in a tp=2 cluster, beside llama.cpp's own `llama-bench` on the
 //! same file in the same run.
 //!
-//! The model is looked for in $GEMMA_REAL_MODEL, else in the fetch script's cache; llama.cpp is
-//! run by scripts/llama_cpp_bench.py with $BENCH_PYTHON, else the bench venv the README names,
-//! else python3. Either missing: its rows say so and the rest still run.
+//! The model is looked for in $GEMMA_REAL_MODEL, else in the fetch script's cache; llama.cpp's
+//! programs where scripts/llama-cpp builds them (see `llama_cpp`). Either missing: its rows say
+//! so and the rest still run.
 //!
-//! Both sides are timed the same way: a warm-up run, then `REPEATS` runs of (prefill the
-//! 512-token prompt from an empty cache, then 128 greedy decode steps from position 512), each
-//! figure the median of the runs; both sides get the same compute threads on the same cores.
+//! The same work on both sides: a prefill of 512 tokens from an empty cache, and 128 decode
+//! steps after a 512-token context (llama-bench `-p 512 -n 0` and `-p 0 -n 128 -d 512`, the
+//! mean of its 3 repetitions after its warm-up; here a warm-up run, then the median of
+//! `REPEATS` runs); both sides get the same compute threads on the same cores.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use gemma_proto::{KvBlockManager, PlanRequest, SeqLogits, SeqStep, StepBatch};
 use gemma_testkit::LocalCluster;
 use gemma_worker::{ModelFolder, ShardOptions};
@@ -35,13 +35,14 @@ pub fn rows(threads: usize) -> Result<Vec<Row>> {
     };
     let llama = llama_cpp(&model, threads);
     let (ref_decode, ref_prefill, ref_name) = match &llama {
-        Ok((d, p)) => (*d, *p, "llama.cpp (llama-cpp-python)".to_string()),
+        Ok((d, p)) => (*d, *p, "llama.cpp llama-bench".to_string()),
         Err(why) => {
             eprintln!("llama.cpp reference skipped: {why}");
             (f64::NAN, f64::NAN, "llama.cpp: skipped".to_string())
         }
     };
     let single = single_process(&model)?;
+    let batched = batched_decode(&model)?;
     let tp2 = cluster(&model, 2)?;
     let row = |figure: &str, value: f64, reference: f64, world: usize| Row {
         figure: figure.to_string(),
@@ -51,7 +52,7 @@ pub fn rows(threads: usize) -> Result<Vec<Row>> {
         ref_value: reference,
         threads: format!("{} | {threads}", super::split(threads, world)),
     };
-    Ok(vec![
+    let mut rows = vec![
         row(
             "gemma-3-270m decode, 1 process",
             single.decode,
@@ -76,7 +77,61 @@ pub fn rows(threads: usize) -> Result<Vec<Row>> {
             ref_prefill,
             2,
         ),
-    ])
+    ];
+    for (seqs, speed) in batched {
+        rows.push(Row {
+            figure: format!("gemma-3-270m decode, {seqs} seqs per step, 1 process"),
+            value: speed,
+            unit: "tok/s",
+            reference: "1 seq per step (same run)".into(),
+            ref_value: single.decode,
+            threads: format!("{t} | {t}", t = super::split(threads, 1)),
+        });
+    }
+    Ok(rows)
+}
+
+/// Decode tokens/s of steps of 16 and 64 sequences (each after its own 128-token prompt) in one
+/// process: what continuous batching gets from one step, without a server around it.
+fn batched_decode(model: &Path) -> Result<Vec<(usize, f64)>> {
+    const CONTEXT: usize = 128;
+    const STEPS: usize = 16;
+    let folder = ModelFolder::open(model)?;
+    let opts = ShardOptions {
+        kv_blocks: 64 * (CONTEXT + STEPS + 16) / 16,
+        ..ShardOptions::default()
+    };
+    let cluster = LocalCluster::load(&folder, &PlanRequest::new(1, 1), &opts)?;
+    let kv = KvBlockManager::new(opts.kv_blocks, 16);
+    let mut out = Vec::new();
+    for seqs in [16usize, 64] {
+        let allocs = (0..seqs)
+            .map(|_| kv.allocate(CONTEXT + STEPS + 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = |tokens: &dyn Fn(usize) -> Vec<u32>, start: usize| StepBatch {
+            seqs: allocs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| SeqStep {
+                    seq_id: i as u64,
+                    tokens: tokens(i),
+                    start_pos: start,
+                    block_table: a.block_table().to_vec(),
+                    top_candidates: 1,
+                    log_probs: false,
+                    sampling: None,
+                })
+                .collect(),
+        };
+        let prompt = prompt(CONTEXT);
+        cluster.step(&batch(&|i| prompt.iter().map(|&t| t + i as u32).collect(), 0))?;
+        let t = Instant::now();
+        for step in 0..STEPS {
+            cluster.step(&batch(&|i| vec![1000 + i as u32], CONTEXT + step))?;
+        }
+        out.push((seqs, (seqs * STEPS) as f64 / t.elapsed().as_secs_f64()));
+    }
+    Ok(out)
 }
 
 pub(super) fn model_path() -> Option<PathBuf> {
@@ -84,39 +139,17 @@ pub(super) fn model_path() -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
-/// Decode and prefill tokens/s of llama.cpp on `model`.
+/// Decode (after 512 tokens) and prefill (512 tokens) tokens/s of llama-bench on `model`.
 fn llama_cpp(model: &Path, threads: usize) -> Result<(f64, f64)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/llama_cpp_bench.py");
-    let venv = PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-        .join(".cache/gemma-cluster/bench-venv/bin/python");
-    let python = std::env::var_os("BENCH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            if venv.is_file() {
-                venv
-            } else {
-                PathBuf::from("python3")
-            }
-        });
+    let llama = super::llama_cpp::LlamaCpp::find()?;
     let gguf = gemma_proto::ModelFiles::locate(model)?.weights;
-    let out = Command::new(&python)
-        .arg(&script)
-        .args(["--model", &gguf.display().to_string()])
-        .args(["--threads", &threads.to_string()])
-        .args(["--prompt-tokens", &PREFILL_TOKENS.to_string()])
-        .args(["--decode-tokens", &DECODE_TOKENS.to_string()])
-        .args(["--repeats", &REPEATS.to_string()])
-        .output()
-        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr));
+    let depth = PREFILL_TOKENS.to_string();
+    let decode = llama.bench(&gguf, threads, &["-p", "0", "-n", &DECODE_TOKENS.to_string(), "-d", &depth])?;
+    let prefill = llama.bench(&gguf, threads, &["-p", &depth, "-n", "0"])?;
+    match (decode.as_slice(), prefill.as_slice()) {
+        ([d], [p]) => Ok((*d, *p)),
+        _ => bail!("llama-bench ran {} and {} tests, one each expected", decode.len(), prefill.len()),
     }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    if let Some(why) = json.get("skipped") {
-        bail!("{why}");
-    }
-    let num = |k: &str| json.get(k).and_then(|v| v.as_f64()).context(k.to_string());
-    Ok((num("decode_tok_s")?, num("prefill_tok_s")?))
 }
 
 struct Speeds {
