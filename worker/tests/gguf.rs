@@ -18,11 +18,12 @@ use gemma_worker::{ModelFolder, ShardOptions};
 const NEW_TOKENS: usize = 16;
 const VOCAB: usize = 2048;
 
-/// Shaped like gemma-3-270m but smaller: hidden 320 is not a multiple of 256, so Q8_0 rows get
-/// padded (on VNNI machines) and K-quants appear only where the input dimension allows them.
-/// With tp=2 the row-parallel inputs (512 attention, 512 MLP columns) split into 256-column
-/// halves, as gemma-3-270m's (1024, 2048) do up to tp=4: candle's VNNI kernels quantize
-/// activations in blocks of 256, so such splits quantize exactly as one process does.
+/// Shaped like gemma-3-270m but smaller: hidden 320 is not a multiple of 256, so its inputs take
+/// Q8_0 (the worker's own kernel on AVX512-VNNI machines) and K-quants appear only where the
+/// input dimension allows them. With tp=2 the row-parallel inputs (512 attention, 512 MLP
+/// columns) split into 256-column halves, as gemma-3-270m's (1024, 2048) do up to tp=4: the
+/// K-quant kernels quantize activations in blocks of 256, so such splits quantize exactly as
+/// one process does.
 fn tiny() -> TinyGemma {
     TinyGemma {
         vocab_size: VOCAB,

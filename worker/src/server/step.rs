@@ -107,9 +107,12 @@ fn select_outputs(batch: &StepBatch, values: &[f32], first_id: u32) -> Vec<SeqLo
             _ => 0,
         })
         .collect();
+    // A pass over the whole slice, only when some sequence asked for log-probabilities.
     let mut raw_top = match penalized {
-        Some(_) => candidates::top_candidates_by_column(values, seqs, &raw_wanted, first_id),
-        None => vec![Vec::new(); seqs],
+        Some(_) if raw_wanted.iter().any(|&n| n > 0) => {
+            candidates::top_candidates_by_column(values, seqs, &raw_wanted, first_id)
+        }
+        _ => vec![Vec::new(); seqs],
     };
     let temperatures: Vec<Option<f32>> = specs
         .iter()

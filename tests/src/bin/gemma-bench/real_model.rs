@@ -178,7 +178,7 @@ fn one_seq(tokens: Vec<u32>, start_pos: usize, blocks: &[u32]) -> StepBatch {
     }
 }
 
-/// As scripts/llama_cpp_bench.py measures: a warm-up run (prefill, 8 decode steps), then
+/// A warm-up run (prefill, 8 decode steps), then
 /// `REPEATS` runs of one prefill of `PREFILL_TOKENS` in one step followed by `DECODE_TOKENS`
 /// greedy steps (positions 512..640); each figure is the median over the runs. `step` returns
 /// the greedy next token.
