@@ -3,6 +3,8 @@
 use candle_core::{Result, Tensor};
 use gemma_proto::{Activation, ModelConfig, ShardSpec};
 
+use super::activation::gelu_tanh_times;
+
 use super::linear::Linear;
 use super::ShardOptions;
 use crate::error::LoadError;
@@ -52,10 +54,10 @@ impl Mlp {
     /// x: [tokens, hidden] -> this rank's partial of the MLP output.
     pub fn forward_partial(&self, x: &Tensor) -> Result<Tensor> {
         let [gate, up] = Linear::forward_shared(x, [&self.gate, &self.up])?;
-        let gate = match self.activation {
-            Activation::GeluTanh => gate.gelu()?,
-            Activation::GeluErf => gate.gelu_erf()?,
+        let hidden = match self.activation {
+            Activation::GeluTanh => gelu_tanh_times(&gate, &up)?,
+            Activation::GeluErf => (gate.gelu_erf()? * up)?,
         };
-        self.down.forward(&(gate * up)?)
+        self.down.forward(&hidden)
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! [`ShardPlan`]: gemma_proto::ShardPlan
 
+pub mod activation;
 pub mod attention;
 pub mod context;
 pub mod embedding;
