@@ -77,7 +77,11 @@ impl QuantizedRows {
         let mut q = vec![0i8; m * k];
         let mut d = vec![0f32; m * kb];
         let mut sum128 = vec![0i32; m * kb];
-        for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+        for (b, (xs, qs)) in x
+            .chunks_exact(BLOCK)
+            .zip(q.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
             let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
             let scale = amax / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
@@ -89,13 +93,7 @@ impl QuantizedRows {
             d[b] = scale;
             sum128[b] = 128 * sum;
         }
-        Self {
-            m,
-            k,
-            q,
-            d,
-            sum128,
-        }
+        Self { m, k, q, d, sum128 }
     }
 
     pub fn rows(&self) -> usize {
@@ -365,7 +363,11 @@ mod tests {
         (0..m * k)
             .map(|i| {
                 let v = (rng.next_u64() % 20001) as f32 / 10000.0 - 1.0;
-                if i % 97 == 0 { v * 40.0 } else { v }
+                if i % 97 == 0 {
+                    v * 40.0
+                } else {
+                    v
+                }
             })
             .collect()
     }
@@ -386,7 +388,9 @@ mod tests {
                     let fast = w.matmul(&x, layout);
                     let slow = reference_matmul(&w, &x, layout);
                     assert!(
-                        fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        fast.iter()
+                            .zip(&slow)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
                         "n {n} k {k} m {m} {layout:?}"
                     );
                 }
@@ -429,7 +433,11 @@ mod tests {
             for j in 0..n {
                 let mut row = vec![0f32; k];
                 w.dequantize_row(j, &mut row);
-                let exact: f32 = row.iter().zip(&xf[i * k..(i + 1) * k]).map(|(a, b)| a * b).sum();
+                let exact: f32 = row
+                    .iter()
+                    .zip(&xf[i * k..(i + 1) * k])
+                    .map(|(a, b)| a * b)
+                    .sum();
                 let bound: f32 = (0..k)
                     .map(|e| row[e].abs() * x.d[i * (k / BLOCK) + e / BLOCK] * 0.5)
                     .sum::<f32>()

@@ -38,7 +38,11 @@ impl CustomOp2 for GeluTanhTimes {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            candle_core::bail!("gelu-tanh-times: shapes {:?} and {:?}", l1.shape(), l2.shape());
+            candle_core::bail!(
+                "gelu-tanh-times: shapes {:?} and {:?}",
+                l1.shape(),
+                l2.shape()
+            );
         }
         let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else {
             candle_core::bail!("gelu-tanh-times takes f32");
@@ -87,7 +91,15 @@ fn exp_non_positive(x: f32) -> f32 {
     let n = (x * LOG2_E + 0.5).floor();
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
         p = p * r + c;
     }
     p * f32::from_bits(((n as i32 + 127) << 23) as u32)
@@ -141,8 +153,12 @@ mod tests {
     fn the_op_equals_candles_gelu_times_up_closely() -> Result<()> {
         let dev = candle_core::Device::Cpu;
         let n = 3 * CHUNK + 17;
-        let g: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 / 250.0 - 4.0).collect();
-        let u: Vec<f32> = (0..n).map(|i| ((i * 104729) % 2001) as f32 / 1000.0 - 1.0).collect();
+        let g: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 2001) as f32 / 250.0 - 4.0)
+            .collect();
+        let u: Vec<f32> = (0..n)
+            .map(|i| ((i * 104729) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
         let gate = Tensor::from_vec(g, (n,), &dev)?;
         let up = Tensor::from_vec(u, (n,), &dev)?;
         let ours = gelu_tanh_times(&gate, &up)?.to_vec1::<f32>()?;

@@ -198,7 +198,11 @@ impl TensorSource for GgufFile {
         let dims = slice.shape_of(shape);
         if ty == GgmlType::Q8_0 && device.is_cpu() {
             let bytes: &[u8] = bytemuck::cast_slice(&bytes);
-            if let Some(q8) = Q8Matrix::from_gguf_blocks(&bytes[..ty.row_bytes(dims[1]) * dims[0]], dims[0], dims[1]) {
+            if let Some(q8) = Q8Matrix::from_gguf_blocks(
+                &bytes[..ty.row_bytes(dims[1]) * dims[0]],
+                dims[0],
+                dims[1],
+            ) {
                 return Ok(Some(QuantizedMatrix::Q8(Arc::new(q8))));
             }
         }

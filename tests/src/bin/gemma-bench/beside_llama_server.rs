@@ -243,8 +243,12 @@ fn one_at_a_time(addr: &str, texts: &[String]) -> Result<Vec<(f64, f64)>> {
         for r in 0..LONG_PROMPT_REPEATS {
             let run = 1 + t * LONG_PROMPT_REPEATS + r;
             let times = super::stream_timing::stream(addr, "/v1/completions", &body(run, text))?;
-            let ttft = times.ttft().ok_or_else(|| anyhow::anyhow!("no token arrived"))?;
-            let tpot = times.tpot().ok_or_else(|| anyhow::anyhow!("one token arrived"))?;
+            let ttft = times
+                .ttft()
+                .ok_or_else(|| anyhow::anyhow!("no token arrived"))?;
+            let tpot = times
+                .tpot()
+                .ok_or_else(|| anyhow::anyhow!("one token arrived"))?;
             prefill.push(times.prompt_tokens as f64 / ttft * 1000.0);
             decode.push(1000.0 / tpot);
         }

@@ -26,10 +26,16 @@ impl LlamaCpp {
     pub fn find() -> Result<Self> {
         let bin = match std::env::var_os("BENCH_LLAMA_CPP") {
             Some(dir) => PathBuf::from(dir),
-            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(format!(".cache/gemma-cluster/llama.cpp-{VERSION}/build/bin")),
+            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(format!(
+                ".cache/gemma-cluster/llama.cpp-{VERSION}/build/bin"
+            )),
         };
-        for program in ["llama-bench", "llama-server", "ggml-rpc-server", "llama-perplexity"] {
+        for program in [
+            "llama-bench",
+            "llama-server",
+            "ggml-rpc-server",
+            "llama-perplexity",
+        ] {
             if !bin.join(program).is_file() {
                 bail!(
                     "{} has no {program}: run scripts/llama-cpp (about 15 minutes) or set \
@@ -59,11 +65,20 @@ impl LlamaCpp {
         if !out.status.success() {
             bail!("llama-bench {args:?} failed with {}", out.status);
         }
-        let tests: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("llama-bench's JSON: {}", String::from_utf8_lossy(&out.stdout)))?;
+        let tests: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).with_context(|| {
+                format!(
+                    "llama-bench's JSON: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            })?;
         tests
             .iter()
-            .map(|t| t["avg_ts"].as_f64().context("llama-bench result without avg_ts"))
+            .map(|t| {
+                t["avg_ts"]
+                    .as_f64()
+                    .context("llama-bench result without avg_ts")
+            })
             .collect()
     }
 
@@ -223,11 +238,20 @@ impl LlamaCpp {
         };
         run(
             reference,
-            &["-f".as_ref(), text.as_os_str(), "--kl-divergence-base".as_ref(), base.as_os_str()],
+            &[
+                "-f".as_ref(),
+                text.as_os_str(),
+                "--kl-divergence-base".as_ref(),
+                base.as_os_str(),
+            ],
         )?;
         let log = run(
             model,
-            &["--kl-divergence-base".as_ref(), base.as_os_str(), "--kl-divergence".as_ref()],
+            &[
+                "--kl-divergence-base".as_ref(),
+                base.as_os_str(),
+                "--kl-divergence".as_ref(),
+            ],
         )?;
         Ok(KlStats {
             mean_kl: stat(&log, "Mean    KLD:")?,
@@ -247,7 +271,8 @@ fn saved_tokens(path: &Path) -> Result<Vec<u32>> {
     if &header[..8] != b"_logits_" {
         bail!("{} is not a llama-perplexity logits file", path.display());
     }
-    let word = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     let count = word(8) as usize * word(16) as usize;
     let mut ids = vec![0u8; count * 4];
     file.read_exact(&mut ids)?;

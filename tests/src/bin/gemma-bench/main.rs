@@ -110,44 +110,38 @@ fn run_all() -> Result<()> {
     let threads = bench_threads();
     confine_to(threads)?;
     eprintln!("gemma-bench: {threads} compute threads on {threads} cores for every side");
-    let mut rows = Vec::new();
-    if std::env::var_os("BENCH_ONLY_ALLREDUCE").is_some() {
-        rows.extend(data_plane_rows()?);
+    // Each BENCH_ONLY_* runs one part alone.
+    let parts: [(&str, Part); 7] = [
+        ("BENCH_ONLY_ALLREDUCE", &|_| {
+            Ok((data_plane_rows()?, Vec::new()))
+        }),
+        ("BENCH_ONLY_PREFIX", &|t| {
+            Ok((prefix_cache::rows(t)?, Vec::new()))
+        }),
+        ("BENCH_ONLY_STRUCTURED", &|t| {
+            Ok((structured::rows(t)?, Vec::new()))
+        }),
+        ("BENCH_ONLY_PIPELINE", &|t| {
+            Ok((pipeline::rows(t)?, Vec::new()))
+        }),
+        ("BENCH_ONLY_DECODE", &|t| {
+            Ok((real_model::rows(t)?, Vec::new()))
+        }),
+        ("BENCH_ONLY_NUMERICS", &|t| {
+            Ok((numerics::rows(t)?, Vec::new()))
+        }),
+        ("BENCH_ONLY_LLAMA_SERVER", &beside_llama_server_rows),
+    ];
+    if let Some((_, part)) = parts
+        .iter()
+        .find(|(var, _)| std::env::var_os(var).is_some())
+    {
+        let (rows, latency) = part(threads)?;
         print_table(rows);
-        return Ok(());
-    }
-    if std::env::var_os("BENCH_ONLY_PREFIX").is_some() {
-        rows.extend(prefix_cache::rows(threads)?);
-        print_table(rows);
-        return Ok(());
-    }
-    if std::env::var_os("BENCH_ONLY_STRUCTURED").is_some() {
-        rows.extend(structured::rows(threads)?);
-        print_table(rows);
-        return Ok(());
-    }
-    if std::env::var_os("BENCH_ONLY_PIPELINE").is_some() {
-        rows.extend(pipeline::rows(threads)?);
-        print_table(rows);
-        return Ok(());
-    }
-    if std::env::var_os("BENCH_ONLY_DECODE").is_some() {
-        rows.extend(real_model::rows(threads)?);
-        print_table(rows);
-        return Ok(());
-    }
-    if std::env::var_os("BENCH_ONLY_NUMERICS").is_some() {
-        rows.extend(numerics::rows(threads)?);
-        print_table(rows);
-        return Ok(());
-    }
-    if std::env::var_os("BENCH_ONLY_LLAMA_SERVER").is_some() {
-        let (mut serving, latency) = beside_llama_server::rows(threads)?;
-        serving.extend(beside_llama_server::long_prompt_rows(threads)?);
-        print_table(serving);
         print_latency_table(&latency);
         return Ok(());
     }
+    let mut rows = Vec::new();
     if std::env::var_os("BENCH_ONLY_REAL").is_none() {
         rows.extend(synthetic_rows(threads)?);
         rows.extend(prefix_cache::rows(threads)?);
@@ -155,13 +149,22 @@ fn run_all() -> Result<()> {
     }
     rows.extend(real_model::rows(threads)?);
     rows.extend(numerics::rows(threads)?);
-    let (serving, latency) = beside_llama_server::rows(threads)?;
+    let (serving, latency) = beside_llama_server_rows(threads)?;
     rows.extend(serving);
-    rows.extend(beside_llama_server::long_prompt_rows(threads)?);
     rows.extend(structured::rows(threads)?);
     print_table(rows);
     print_latency_table(&latency);
     Ok(())
+}
+
+/// One part of the benchmark: its rows, and its latency rows (where it has any).
+type Part<'a> = &'a dyn Fn(usize) -> Result<(Vec<Row>, Vec<LatencyRow>)>;
+
+/// The real model served beside llama-server, then its long prompts one at a time.
+fn beside_llama_server_rows(threads: usize) -> Result<(Vec<Row>, Vec<LatencyRow>)> {
+    let (mut rows, latency) = beside_llama_server::rows(threads)?;
+    rows.extend(beside_llama_server::long_prompt_rows(threads)?);
+    Ok((rows, latency))
 }
 
 /// TTFT and ITL of one load level beside the reference's at the same level.
@@ -183,7 +186,10 @@ fn print_latency_table(rows: &[LatencyRow]) {
         "| {:<34} | {:>17} | {:>17} | {:<18} | {:>17} | {:>17} |",
         "serving (ms, p50 / p99)", "TTFT", "ITL", "reference", "ref TTFT", "ref ITL"
     );
-    println!("|{:-<36}|{:->19}|{:->19}|{:-<20}|{:->19}|{:->19}|", "", "", "", "", "", "");
+    println!(
+        "|{:-<36}|{:->19}|{:->19}|{:-<20}|{:->19}|{:->19}|",
+        "", "", "", "", "", ""
+    );
     let pair = |a: f64, b: f64| format!("{a:.0} / {b:.0}");
     for r in rows {
         let (rt, ri) = match &r.reference {

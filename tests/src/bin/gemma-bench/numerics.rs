@@ -23,8 +23,8 @@ use gemma_testkit::LocalCluster;
 use gemma_worker::weights::QuantizedWeights;
 use gemma_worker::{ModelFolder, ShardOptions};
 
-use super::Row;
 use super::llama_cpp::LlamaCpp;
+use super::Row;
 
 const CONTEXT: usize = 512;
 const CHUNKS: usize = 12;
@@ -60,22 +60,24 @@ pub fn rows(threads: usize) -> Result<Vec<Row>> {
     let llama = "llama.cpp Q4_K_M vs its F32";
     let mut rows = Vec::new();
     for (tp, stats) in [(1, &ours.tp1), (2, &ours.tp2)] {
-        rows.push(Row {
-            figure: format!("numerics tp={tp}: same top-1 as --dequantize"),
-            value: stats.same_top,
-            unit: "%",
-            reference: llama.into(),
-            ref_value: ref_top,
-            threads: format!("{} | {threads}", super::split(threads, 1)),
-        });
-        rows.push(Row {
-            figure: format!("numerics tp={tp}: mean KL from --dequantize"),
-            value: stats.mean_kl * 1000.0,
-            unit: "mnat",
-            reference: llama.into(),
-            ref_value: ref_kl * 1000.0,
-            threads: format!("{} | {threads}", super::split(threads, 1)),
-        });
+        for (what, value, unit, reference) in [
+            ("same top-1 as", stats.same_top, "%", ref_top),
+            (
+                "mean KL from",
+                stats.mean_kl * 1000.0,
+                "mnat",
+                ref_kl * 1000.0,
+            ),
+        ] {
+            rows.push(Row {
+                figure: format!("numerics tp={tp}: {what} --dequantize"),
+                value,
+                unit,
+                reference: llama.into(),
+                ref_value: reference,
+                threads: format!("{} | {threads}", super::split(threads, 1)),
+            });
+        }
     }
     rows.push(Row {
         figure: "numerics tp=2: mean KL from --dequantize".into(),
@@ -108,7 +110,8 @@ fn corpus() -> Result<Corpus> {
     for doc in ["README.md", "docs/ARCHITECTURE.md"] {
         let path = root.join(doc);
         text.push_str(
-            &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
         );
     }
     let file = tempfile::NamedTempFile::new()?;
@@ -184,7 +187,8 @@ fn cluster_numerics(model: &Path, windows: &[Vec<u32>]) -> Result<ClusterNumeric
         quantized,
         ..ShardOptions::default()
     };
-    let load = |tp, quantized| LocalCluster::load(&folder, &PlanRequest::new(tp, 1), &opts(quantized));
+    let load =
+        |tp, quantized| LocalCluster::load(&folder, &PlanRequest::new(tp, 1), &opts(quantized));
     let reference = load(1, QuantizedWeights::Dequantize)?;
     let tp1 = load(1, QuantizedWeights::Keep)?;
     let tp2 = load(2, QuantizedWeights::Keep)?;
@@ -250,8 +254,14 @@ fn llama_cpp_numerics(
     let dir = tempfile::tempdir()?;
     let f32_model = dir.path().join("f32.gguf");
     llama.dequantize(&gguf, &f32_model, threads)?;
-    let stats =
-        llama.kl_divergence(&f32_model, &gguf, corpus.file.path(), CONTEXT, CHUNKS, threads)?;
+    let stats = llama.kl_divergence(
+        &f32_model,
+        &gguf,
+        corpus.file.path(),
+        CONTEXT,
+        CHUNKS,
+        threads,
+    )?;
     eprintln!(
         "numerics: llama.cpp {:.2} % same top-1, KL {:.5}",
         stats.same_top, stats.mean_kl

@@ -124,7 +124,10 @@ fn batched_decode(model: &Path) -> Result<Vec<(usize, f64)>> {
                 .collect(),
         };
         let prompt = prompt(CONTEXT);
-        cluster.step(&batch(&|i| prompt.iter().map(|&t| t + i as u32).collect(), 0))?;
+        cluster.step(&batch(
+            &|i| prompt.iter().map(|&t| t + i as u32).collect(),
+            0,
+        ))?;
         let t = Instant::now();
         for step in 0..STEPS {
             cluster.step(&batch(&|i| vec![1000 + i as u32], CONTEXT + step))?;
@@ -144,11 +147,19 @@ fn llama_cpp(model: &Path, threads: usize) -> Result<(f64, f64)> {
     let llama = super::llama_cpp::LlamaCpp::find()?;
     let gguf = gemma_proto::ModelFiles::locate(model)?.weights;
     let depth = PREFILL_TOKENS.to_string();
-    let decode = llama.bench(&gguf, threads, &["-p", "0", "-n", &DECODE_TOKENS.to_string(), "-d", &depth])?;
+    let decode = llama.bench(
+        &gguf,
+        threads,
+        &["-p", "0", "-n", &DECODE_TOKENS.to_string(), "-d", &depth],
+    )?;
     let prefill = llama.bench(&gguf, threads, &["-p", &depth, "-n", "0"])?;
     match (decode.as_slice(), prefill.as_slice()) {
         ([d], [p]) => Ok((*d, *p)),
-        _ => bail!("llama-bench ran {} and {} tests, one each expected", decode.len(), prefill.len()),
+        _ => bail!(
+            "llama-bench ran {} and {} tests, one each expected",
+            decode.len(),
+            prefill.len()
+        ),
     }
 }
 
