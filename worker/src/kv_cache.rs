@@ -42,6 +42,19 @@ impl LayerKv {
         Ok(())
     }
 
+    /// The layer's K and V as f32 slices ([slots, kv_heads, head_dim] row-major), read in
+    /// place by `f`, where the cache is f32 on the CPU; None elsewhere. Both are views of the
+    /// one pool buffer `KvCache::new` made, so one read lock covers both.
+    pub fn with_f32<R>(&self, f: impl FnOnce(&[f32], &[f32]) -> R) -> Option<R> {
+        let (storage, k_layout) = self.k.storage_and_layout();
+        let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(pool)) = &*storage else {
+            return None;
+        };
+        let (k0, k1) = k_layout.contiguous_offsets()?;
+        let (v0, v1) = self.v.layout().contiguous_offsets()?;
+        Some(f(pool.get(k0..k1)?, pool.get(v0..v1)?))
+    }
+
     /// Keys and values of the given slots, [slots, kv_heads, head_dim].
     pub fn read(&self, slots: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((

@@ -82,7 +82,7 @@ pub fn gelu_tanh_times_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// |r| <= ln2 / 2, e^r by its Taylor series to r^7 (the remainder is below 6e-9 of the
 /// result, under half an f32 ulp), 2^n from the exponent bits.
 #[inline(always)]
-fn exp_non_positive(x: f32) -> f32 {
+pub(crate) fn exp_non_positive(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts, so n * LN2_HI is exact for the n that occur.
     const LN2_HI: f32 = 0.693_359_4;

@@ -4,7 +4,8 @@
 use candle_core::{DType, Result, Tensor};
 use gemma_proto::{LayerKind, ModelConfig, ShardSpec};
 
-use super::context::{DecodeBatch, StepContext};
+use super::context::{DecodeBatch, Keys, StepContext};
+use super::decode_attention::{self, Heads, Query};
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::rope::Rope;
@@ -103,9 +104,21 @@ impl Attention {
         }
         let mut outs = Vec::with_capacity(ctx.seqs.len() + 1);
         if let Some(d) = &ctx.decode {
-            outs.push(self.attend_decodes(&q, d, kv)?);
+            let out = match self.attend_decodes_in_place(&q, d, kv)? {
+                Some(out) => out,
+                None => self.attend_decodes(&q, d, kv)?,
+            };
+            outs.push(out);
         }
         for seq in ctx.seqs.iter().filter(|s| !s.batched) {
+            if seq.len == 1 {
+                let seen = visible(seq.keys_for(self.kind))?;
+                let q_s = q.narrow(0, seq.offset, 1)?;
+                if let Some(out) = self.attend_in_place(&q_s, &seen, kv)? {
+                    outs.push(out);
+                    continue;
+                }
+            }
             let keys_of = seq.keys_for(self.kind);
             let (keys, values) = kv.read(&keys_of.slots)?;
             let q_s = q.narrow(0, seq.offset, seq.len)?;
@@ -120,6 +133,49 @@ impl Attention {
             None => attn,
         };
         self.o.forward(&attn)
+    }
+
+    /// Single-token queries (q [n, hq, hd], each seeing `slots[i]`) read from the cache in
+    /// place (`decode_attention`), where the cache is f32 on the CPU; None elsewhere.
+    fn attend_in_place(
+        &self,
+        q: &Tensor,
+        slots: &[Vec<u32>],
+        kv: &LayerKv,
+    ) -> Result<Option<Tensor>> {
+        if q.dtype() != DType::F32 || !q.device().is_cpu() {
+            return Ok(None);
+        }
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let width = self.q_heads * self.head_dim;
+        let queries: Vec<Query> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Query {
+                q: &q[i * width..(i + 1) * width],
+                slots: s.as_slice(),
+            })
+            .collect();
+        let heads = Heads {
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale as f32,
+            softcap: self.softcap.map(|c| c as f32),
+        };
+        kv.with_f32(|k, v| decode_attention::attend(heads, &queries, k, v))
+            .transpose()
+    }
+
+    /// The batched decodes in place: each sequence's own keys, without the padding.
+    fn attend_decodes_in_place(
+        &self,
+        q: &Tensor,
+        d: &DecodeBatch,
+        kv: &LayerKv,
+    ) -> Result<Option<Tensor>> {
+        let seen = visible(d.keys_for(self.kind))?;
+        self.attend_in_place(&q.index_select(&d.rows, 0)?, &seen, kv)
     }
 
     /// All decoding sequences at once: q [n, hq, hd] against their padded contexts.
@@ -190,4 +246,27 @@ impl Attention {
             None => Ok(scores),
         }
     }
+}
+
+/// Each query's slots of `keys` that its mask lets it see (one query per row of `len` keys).
+fn visible(keys: &Keys) -> Result<Vec<Vec<u32>>> {
+    let slots = keys.slots.to_vec1::<u32>()?;
+    let mask = match &keys.mask {
+        Some(m) => m.flatten_all()?.to_vec1::<f32>()?,
+        None => vec![0.0; slots.len()],
+    };
+    if mask.len() != slots.len() {
+        candle_core::bail!("a single-token query's mask does not match its keys");
+    }
+    Ok(slots
+        .chunks_exact(keys.len.max(1))
+        .zip(mask.chunks_exact(keys.len.max(1)))
+        .map(|(s, m)| {
+            s.iter()
+                .zip(m)
+                .filter(|(_, m)| m.is_finite())
+                .map(|(&s, _)| s)
+                .collect()
+        })
+        .collect())
 }

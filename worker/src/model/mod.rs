@@ -5,6 +5,7 @@
 pub mod activation;
 pub mod attention;
 pub mod context;
+pub mod decode_attention;
 pub mod embedding;
 pub mod layer;
 pub mod linear;
