@@ -83,6 +83,8 @@ cleanup() {
     for f in "$work"/*.log; do
       [ -f "$f" ] || continue
       echo "--- last lines of $(basename "$f")" >&2
+      # A panic's message comes before its backtrace, which alone fills the last lines.
+      grep -m 3 -A 2 "panicked at" "$f" >&2 || true
       tail -n 15 "$f" >&2
     done
   fi
