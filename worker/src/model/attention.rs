@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Tensor};
 use gemma_proto::{LayerKind, ModelConfig, ShardSpec};
 
-use super::context::{DecodeBatch, Keys, StepContext};
+use super::context::{DecodeBatch, StepContext};
 use super::decode_attention::{self, Heads, Query};
 use super::linear::Linear;
 use super::norm::RmsNorm;
@@ -112,9 +112,9 @@ impl Attention {
         }
         for seq in ctx.seqs.iter().filter(|s| !s.batched) {
             if seq.len == 1 {
-                let seen = visible(seq.keys_for(self.kind))?;
                 let q_s = q.narrow(0, seq.offset, 1)?;
-                if let Some(out) = self.attend_in_place(&q_s, &seen, kv)? {
+                let seen = &seq.keys_for(self.kind).queries;
+                if let Some(out) = self.attend_in_place(&q_s, seen, kv)? {
                     outs.push(out);
                     continue;
                 }
@@ -174,8 +174,8 @@ impl Attention {
         d: &DecodeBatch,
         kv: &LayerKv,
     ) -> Result<Option<Tensor>> {
-        let seen = visible(d.keys_for(self.kind))?;
-        self.attend_in_place(&q.index_select(&d.rows, 0)?, &seen, kv)
+        let seen = &d.keys_for(self.kind).queries;
+        self.attend_in_place(&q.index_select(&d.rows, 0)?, seen, kv)
     }
 
     /// All decoding sequences at once: q [n, hq, hd] against their padded contexts.
@@ -246,27 +246,4 @@ impl Attention {
             None => Ok(scores),
         }
     }
-}
-
-/// Each query's slots of `keys` that its mask lets it see (one query per row of `len` keys).
-fn visible(keys: &Keys) -> Result<Vec<Vec<u32>>> {
-    let slots = keys.slots.to_vec1::<u32>()?;
-    let mask = match &keys.mask {
-        Some(m) => m.flatten_all()?.to_vec1::<f32>()?,
-        None => vec![0.0; slots.len()],
-    };
-    if mask.len() != slots.len() {
-        candle_core::bail!("a single-token query's mask does not match its keys");
-    }
-    Ok(slots
-        .chunks_exact(keys.len.max(1))
-        .zip(mask.chunks_exact(keys.len.max(1)))
-        .map(|(s, m)| {
-            s.iter()
-                .zip(m)
-                .filter(|(_, m)| m.is_finite())
-                .map(|(&s, _)| s)
-                .collect()
-        })
-        .collect())
 }

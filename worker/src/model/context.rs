@@ -17,6 +17,9 @@ pub struct Keys {
     pub len: usize,
     /// f32, 0 where a query may look, -inf elsewhere; None when every key is visible.
     pub mask: Option<Tensor>,
+    /// Single-token queries only: each one's visible slots, unpadded, for the attention that
+    /// reads the cache in place (made once per step, not per layer). Empty otherwise.
+    pub queries: Vec<Vec<u32>>,
 }
 
 #[derive(Debug)]
@@ -109,6 +112,13 @@ impl StepContext {
             last_rows.push((offset + len - 1) as u32);
             let slots = kv.slots_for(seq, offset, device)?;
             let end = seq.end_pos();
+            // A single token sees every key of its context (and of its window).
+            let single = |keys: &Tensor| -> Result<Vec<Vec<u32>>, StepError> {
+                Ok(match len {
+                    1 => vec![keys.to_vec1::<u32>()?],
+                    _ => Vec::new(),
+                })
+            };
             let full = Keys {
                 slots: slots.context.clone(),
                 len: end,
@@ -116,13 +126,16 @@ impl StepContext {
                     1 => None,
                     _ => Some(causal_mask(len, seq.start_pos, 0, None, device)?),
                 },
+                queries: single(&slots.context)?,
             };
             let sliding = match window {
                 Some(w) if end > w => {
                     // The first new token sees back to start + 1 - w; later ones see less.
                     let first = (seq.start_pos + 1).saturating_sub(w);
+                    let window_slots = slots.context.narrow(0, first, end - first)?;
                     Some(Keys {
-                        slots: slots.context.narrow(0, first, end - first)?,
+                        queries: single(&window_slots)?,
+                        slots: window_slots,
                         len: end - first,
                         mask: match len {
                             1 => None,
@@ -235,16 +248,20 @@ fn padded_keys<'a>(
 ) -> Result<Keys, StepError> {
     let mut slots = Vec::with_capacity(count * width);
     let mut mask = Vec::with_capacity(count * width);
+    let mut queries = Vec::with_capacity(count);
     for (seq, first) in seqs {
         let n = seq.end_pos() - first;
         let slot = |p: usize| kv.slot(&seq.block_table, first + if p < n { p } else { 0 });
+        let at = slots.len();
         slots.extend((0..width).map(slot));
+        queries.push(slots[at..at + n].to_vec());
         mask.extend((0..width).map(|p| if p < n { 0.0 } else { f32::NEG_INFINITY }));
     }
     Ok(Keys {
         slots: Tensor::from_vec(slots, count * width, device)?,
         len: width,
         mask: Some(Tensor::from_vec(mask, (count, 1, 1, width), device)?),
+        queries,
     })
 }
 
